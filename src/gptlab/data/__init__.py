@@ -1,0 +1,31 @@
+"""LightningDataModules (one file per data shape) and the tokenizers they train or load."""
+
+from gptlab.data.base import DataError, DataModule, SeededShuffleSampler
+from gptlab.data.text import TextDataModule, TokenBlocks, expand_files
+from gptlab.data.tokenizers import (
+    BPE,
+    EOS_TOKEN,
+    Char,
+    TokenizerRecipe,
+    load_tokenizer,
+    prepare_tokenizer,
+    tokenizer_cache_path,
+    tokenizer_fingerprint,
+)
+
+__all__ = [
+    "BPE",
+    "EOS_TOKEN",
+    "Char",
+    "DataError",
+    "DataModule",
+    "SeededShuffleSampler",
+    "TextDataModule",
+    "TokenBlocks",
+    "TokenizerRecipe",
+    "expand_files",
+    "load_tokenizer",
+    "prepare_tokenizer",
+    "tokenizer_cache_path",
+    "tokenizer_fingerprint",
+]

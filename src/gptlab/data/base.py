@@ -1,0 +1,254 @@
+"""What every gptlab DataModule shares: the tokenizer, the loaders and the batch contract.
+
+    prepare_data()  rank 0 only   train + cache the tokenizer  ->  prepare_datasets(tokenizer)
+    setup(stage)    every rank    load the tokenizer           ->  setup_datasets(stage)
+    *_dataloader()                SeededShuffleSampler (train) ->  collate() -> batch
+
+A subclass reads one data shape (plain text, text + label, ...). It provides the texts a tokenizer
+recipe trains on (`tokenizer_corpus`, `corpus_fingerprint`), does its expensive one-time work in
+`prepare_datasets` (cached on disk), and sets `train_dataset` / `val_dataset` / `test_dataset` in
+`setup_datasets`. Items are dicts with `input_ids` and optionally `attention_mask` and `labels`;
+`collate` turns a list of them into the batch contract (DESIGN.md §3):
+
+    input_ids       int64 (B, T)  right-padded with the pad id
+    attention_mask  int64 (B, T)  1 on real tokens
+    labels          int64 (B, T)  -100 on padding (aligned, not shifted)  or (B,) scalar labels
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import PreTrainedTokenizerFast
+
+from gptlab.data.tokenizers import BPE, TokenizerRecipe, load_tokenizer, prepare_tokenizer
+from gptlab.errors import ConfigError, GPTLabError
+
+IGNORE_INDEX = -100  # PyTorch's cross_entropy default ignore_index, and Hugging Face's convention
+# A module-level default (recipes are never mutated): jsonargparse prints it as class_path + init_args.
+DEFAULT_TOKENIZER = BPE()
+
+
+class DataError(GPTLabError, ValueError):
+    """Input data is missing, malformed or too small; the message names the file, line or key."""
+
+
+class SeededShuffleSampler(Sampler[int]):
+    """A permutation of `range(num_samples)` that depends only on (seed, epoch).
+
+    A plain shuffled DataLoader draws from a generator whose state depends on how many epochs
+    this process has run, so a restarted job replays other samples (DESIGN.md §6). Lightning
+    calls `set_epoch` before every epoch (and forwards it through its distributed wrapper).
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        # SeedSequence mixes (seed, epoch) properly: seed + epoch would give seed 1 / epoch 1 the
+        # same order as seed 2 / epoch 0.
+        generator = torch.Generator()
+        generator.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        yield from torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class DataModule(L.LightningDataModule):
+    """Base of gptlab's DataModules; subclass it for a new data shape."""
+
+    def __init__(
+        self,
+        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 1337,
+        cache_dir: str = "~/.cache/gptlab",
+    ) -> None:
+        """
+        Args:
+            tokenizer: A recipe trained on this data's corpus and cached (`BPE`, `Char`), or a
+                tokenizer directory / hub name loaded with `AutoTokenizer.from_pretrained`.
+            batch_size: Sequences per training batch (per device).
+            eval_batch_size: Sequences per validation / test batch; defaults to `batch_size`.
+            num_workers: DataLoader worker processes; 0 loads in the main process.
+            seed: Seeds the training order (a function of seed and epoch) and any seeded split.
+            cache_dir: Root of gptlab's on-disk cache (trained tokenizers, tokenized data).
+        """
+        super().__init__()
+        problems = [
+            f"{name}={value} must be at least {low}"
+            for name, value, low in [
+                ("batch_size", batch_size, 1),
+                ("eval_batch_size", eval_batch_size, 1),
+                ("num_workers", num_workers, 0),
+            ]
+            if value is not None and value < low
+        ]
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.tokenizer_source = tokenizer
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = Path(cache_dir).expanduser()
+        self._tokenizer: PreTrainedTokenizerFast | None = None
+        # Set by `setup_datasets`; a None validation / test set means "no such loader".
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+
+    # ----------------------------------------------------------------- subclass hooks
+    def tokenizer_corpus(self) -> Iterator[str]:
+        """Texts a tokenizer recipe trains on; iterated only when the tokenizer is not cached."""
+        raise NotImplementedError(f"{type(self).__name__} must implement tokenizer_corpus()")
+
+    def corpus_fingerprint(self) -> str:
+        """A cheap identity of `tokenizer_corpus()` (paths, sizes, mtimes...): the tokenizer cache key."""
+        raise NotImplementedError(f"{type(self).__name__} must implement corpus_fingerprint()")
+
+    def prepare_datasets(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        """Expensive one-time preprocessing (rank 0), cached on disk for `setup_datasets`."""
+
+    def setup_datasets(self, stage: str) -> None:
+        """Set `train_dataset`, `val_dataset` and `test_dataset` (every rank; tokenizer loaded)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement setup_datasets()")
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node (rank 0) before setup on every rank.
+        if isinstance(self.tokenizer_source, TokenizerRecipe):
+            prepare_tokenizer(
+                self.tokenizer_source, self.cache_dir, self.tokenizer_corpus(), self.corpus_fingerprint()
+            )
+        else:
+            prepare_tokenizer(self.tokenizer_source, self.cache_dir, (), "")
+        self.prepare_datasets(self._load_tokenizer())
+
+    def setup(self, stage: str) -> None:
+        if self._tokenizer is None:
+            self._tokenizer = self._load_tokenizer()
+        self.setup_datasets(stage)
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerFast:
+        # No corpus: on the ranks that did not run prepare_data, a missing entry is an error.
+        if isinstance(self.tokenizer_source, TokenizerRecipe):
+            return load_tokenizer(
+                self.tokenizer_source, self.cache_dir, corpus_fingerprint=self.corpus_fingerprint()
+            )
+        return load_tokenizer(self.tokenizer_source)
+
+    # ----------------------------------------------------------------- facts for the model
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        """The tokenizer (after `setup`)."""
+        if self._tokenizer is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.tokenizer is available after setup(): call prepare_data() then "
+                f"setup('fit') (the Trainer does both)"
+            )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model must embed, added tokens included (after `setup`)."""
+        return len(self.tokenizer)
+
+    @property
+    def pad_token_id(self) -> int:
+        # Any id would do (padding is masked); fall back to eos, then 0, for tokenizers without pad.
+        tokenizer = self.tokenizer
+        for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+            if token_id is not None:
+                return token_id
+        return 0
+
+    def save_tokenizer(self, directory: str | Path) -> None:
+        """Save the tokenizer where `AutoTokenizer.from_pretrained(directory)` loads it back."""
+        self.tokenizer.save_pretrained(str(directory))
+
+    # ----------------------------------------------------------------- batches
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-pad a list of items into the batch contract.
+
+        Items hold `input_ids` (a sequence) and optionally `attention_mask` (same length) and
+        `labels`: a sequence (padded with -100) or a scalar (stacked to (B,)). Without `labels`,
+        labels are the input ids (causal language modeling), -100 where the mask is 0.
+        """
+        if not features:
+            raise ValueError("collate() needs at least one item")
+        pad_id = self.pad_token_id
+        rows = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
+        batch_size, length = len(rows), max(len(r) for r in rows)
+        input_ids = torch.full((batch_size, length), pad_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)  # (B, T)
+        for i, (row, feature) in enumerate(zip(rows, features, strict=True)):
+            input_ids[i, : len(row)] = row
+            mask = feature.get("attention_mask")
+            attention_mask[i, : len(row)] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long)
+
+        if "labels" not in features[0]:
+            labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        elif torch.as_tensor(features[0]["labels"]).dim() == 0:
+            labels = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)  # (B,)
+        else:
+            labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+            for i, feature in enumerate(features):
+                row_labels = torch.as_tensor(feature["labels"], dtype=torch.long)
+                labels[i, : len(row_labels)] = row_labels
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    # ----------------------------------------------------------------- loaders
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler[int] | None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            drop_last=False,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            # Workers outlive epochs instead of re-forking (and re-opening memmaps) every epoch.
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            # Seeds the workers' base seed, so any randomness inside them follows `seed` too.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: no training set; call setup('fit') first")
+        sampler = SeededShuffleSampler(len(self.train_dataset), self.seed)
+        return self._loader(self.train_dataset, self.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # An empty list tells Lightning there is nothing to validate (e.g. val_fraction=0).
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, self.eval_batch_size, None)
+
+    def test_dataloader(self) -> DataLoader | list:
+        if self.test_dataset is None:
+            return []
+        return self._loader(self.test_dataset, self.eval_batch_size, None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes started by spawn/forkserver pickle `collate_fn`, i.e. this object:
+        # they need the tokenizer's pad id, not the Trainer it is attached to.
+        state = self.__dict__.copy()
+        state["trainer"] = None
+        return state

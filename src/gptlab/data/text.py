@@ -1,0 +1,736 @@
+"""Plain text for causal-LM pretraining: files or a dataset -> token streams -> fixed-size blocks.
+
+    documents   d0            d1            d2   ...   a .txt file, or a row of .jsonl/.json/.parquet
+    tokens      d0 <eos>      d1 <eos>      d2 <eos>   one stream per split, saved as .npy
+    train       [0, B) [S, S+B) [2S, 2S+B) ...         B = block_size, S = stride (default B)
+    val / test  [0, B) [B, 2B) ...                     non-overlapping: every token scored once
+
+The last block of a split may be shorter than B; `collate` pads it, so no token is lost. Labels
+are the input ids (the task shifts them). Validation comes from `val_files`, a dataset's
+validation split, or `val_fraction` of the training documents: `tail` keeps the first (1 - f) of
+the token stream for training and the last f for validation (nanoGPT's shakespeare_char split),
+`documents` holds out a seeded random f of the documents.
+
+The token streams are cached in `cache_dir/text/<key>/`, the key hashing the sources (paths, sizes,
+mtimes, or dataset fingerprints), the tokenizer and the split settings; a second run memory-maps
+them and reads no text. Block size and stride are not in the key: windows are cut at load time.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterator
+from glob import glob
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerFast
+
+from gptlab.data.base import DEFAULT_TOKENIZER, DataError, DataModule
+from gptlab.data.tokenizers import TokenizerRecipe, tokenizer_fingerprint
+from gptlab.errors import ConfigError
+
+# Bump when the cached layout or the way streams are built changes: old entries are then ignored.
+CACHE_FORMAT = 1
+TEXT = "text"  # the one column every loaded source is reduced to
+# Names under which Hugging Face datasets usually publish their validation split.
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
+MAX_PROBLEMS = 20  # listed in one error; the rest are counted
+
+
+def expand_files(patterns: str | list[str], what: str) -> list[Path]:
+    """Files named by `patterns`: paths or globs (`**` recurses), each sorted, duplicates dropped.
+
+    A pattern may start with `{stdlib}`, the directory of the Python standard library's source
+    (`sysconfig.get_paths()["stdlib"]`), which every Python installation ships: a corpus found on
+    any machine with no download. `what` names the argument in error messages.
+    """
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files: dict[Path, None] = {}  # an ordered set
+    problems = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(
+            pattern.replace("{stdlib}", stdlib, 1) if pattern.startswith("{stdlib}") else pattern
+        )
+        if not any(c in expanded for c in "*?[") and Path(expanded).is_dir():
+            problems.append(f"{what}: {pattern!r} is a directory; name its files, e.g. '{pattern}/**/*.txt'")
+            continue
+        matches = [Path(p) for p in sorted(glob(expanded, recursive=True)) if Path(p).is_file()]
+        if not matches:
+            where = "" if Path(expanded).is_absolute() else f" (relative to {os.getcwd()})"
+            problems.append(f"{what}: no file matches {pattern!r}{where}; check the path or glob")
+        files.update(dict.fromkeys(p.resolve() for p in matches))
+    if problems:
+        raise DataError("\n".join(problems))
+    return list(files)
+
+
+# ----------------------------------------------------------------------------- file checks
+def _kind(path: Path) -> Literal["text", "json", "parquet"]:
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        return "json"
+    return "parquet" if suffix == ".parquet" else "text"
+
+
+def _check_utf8(path: Path) -> tuple[str | None, bool]:
+    """(problem or None, whether the file holds any non-whitespace text)."""
+    # Incremental decoding in 16 MiB chunks: constant memory, and the byte offset of a bad byte.
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, content = 0, False
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 24)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                byte = offset - pending + err.start
+                return (
+                    f"{path}: not UTF-8 at byte {byte} ({err.reason}); re-encode it as UTF-8, "
+                    f"e.g. `iconv -f latin1 -t utf-8`",
+                    content,
+                )
+            content = content or bool(text.strip())
+            if not chunk:
+                return None, content
+            offset += len(chunk)
+
+
+def _check_json_records(
+    records: Iterator[tuple[str, Any]], path: Path, column: str
+) -> tuple[list[str], bool]:
+    problems, content = [], False
+    for where, record in records:
+        if len(problems) >= 3:  # the first few say what is wrong with the whole file
+            problems.append(f"{path}: (further problems in this file not listed)")
+            break
+        if not isinstance(record, dict):
+            problems.append(f"{path} {where}: expected a JSON object, got {type(record).__name__}")
+        elif column not in record:
+            keys = ", ".join(map(repr, record)) or "none"
+            problems.append(
+                f"{path} {where}: no key {column!r} (keys: {keys}); set text_column to the text's key"
+            )
+        elif not isinstance(record[column], str | None):
+            problems.append(f"{path} {where}: {column!r} is a {type(record[column]).__name__}, not a string")
+        else:
+            content = content or bool((record[column] or "").strip())
+    return problems, content
+
+
+def _check_json(path: Path, column: str) -> tuple[list[str], bool]:
+    """Every record of a JSON-lines file (or a JSON array) is an object with a string `column`."""
+    if path.suffix.lower() == ".json":
+        # A .json file may be one array of records rather than JSON lines; datasets reads both.
+        try:
+            whole = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, list):
+            return _check_json_records(((f"item {i}", r) for i, r in enumerate(whole)), path, column)
+        if isinstance(whole, dict) and "\n" in path.read_text(encoding="utf-8").strip():
+            # One pretty-printed object: as JSON lines, its first line would be reported as broken.
+            return [f"{path}: one JSON object; expected JSON lines or an array of records"], False
+
+    def lines() -> Iterator[tuple[str, Any]]:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {number}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(
+                        f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})"
+                    ) from None
+
+    try:
+        return _check_json_records(lines(), path, column)
+    except DataError as err:
+        return [str(err)], False
+
+
+def _check_parquet(path: Path, column: str) -> tuple[list[str], bool]:
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        return [f"{path}: not a readable Parquet file ({err})"], False
+    if column not in schema.names:
+        names = ", ".join(map(repr, schema.names))
+        return [
+            f"{path}: no column {column!r} (columns: {names}); set text_column to the text's column"
+        ], False
+    if not (
+        pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)
+    ):
+        return [f"{path}: column {column!r} has type {schema.field(column).type}, not string"], False
+    values = pq.read_table(path, columns=[column]).column(column)
+    lengths = pc.utf8_length(pc.utf8_trim_whitespace(values))
+    return [], bool(pc.max(lengths).as_py() or 0)
+
+
+def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
+    """The files of `files` that hold text, after checking all of them; one DataError lists every problem.
+
+    A file with nothing but whitespace is skipped (a corpus of source code has many empty
+    `__init__.py`); it is an error only when no file holds text.
+    """
+    problems, kept, empty = [], [], []
+    for path in files:
+        kind = _kind(path)
+        if kind == "parquet":
+            found, content = _check_parquet(path, text_column)
+        else:
+            problem, content = _check_utf8(path)
+            found = [problem] if problem else []
+            if kind == "json" and not found:
+                found, content = _check_json(path, text_column)
+        problems.extend(found)
+        if not found:
+            (kept if content else empty).append(path)
+    if not problems and not kept:
+        reasons = [f"{p} ({'0 bytes' if p.stat().st_size == 0 else 'whitespace only'})" for p in empty]
+        names = ", ".join(reasons[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        problems.append(f"{what}: no text in {names}; point {what} at files with text")
+    if problems:
+        more = len(problems) - MAX_PROBLEMS
+        listed = problems[:MAX_PROBLEMS] + ([f"... and {more} more problems"] if more > 0 else [])
+        raise DataError(f"{what}: {len(problems)} problem(s) with the input files:\n  " + "\n  ".join(listed))
+    if empty:
+        rank_zero_info(f"gptlab: {what}: skipped {len(empty)} empty file(s), e.g. {empty[0]}")
+    return kept
+
+
+def _files_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
+    # Size and mtime stand in for the contents: cheap on every rank and for large corpora.
+    return [(str(p), (s := p.stat()).st_size, s.st_mtime_ns) for p in files]
+
+
+def load_files(files: list[Path], text_column: str, cache_dir: Path) -> datasets.Dataset:
+    """The documents of checked `files` as a Dataset with one `text` column, in file order."""
+    parts = []
+    # Consecutive files of one kind load together (datasets needs one builder per call).
+    for kind, group in itertools.groupby(files, key=_kind):
+        data_files = [str(p) for p in group]
+        if kind == "text":
+            # sample_by="document": each file is one document, its text exactly as written.
+            part = datasets.load_dataset(
+                "text", data_files=data_files, sample_by="document", split="train", cache_dir=str(cache_dir)
+            )
+        elif kind == "json":
+            part = datasets.load_dataset(
+                "json", data_files=data_files, split="train", cache_dir=str(cache_dir)
+            )
+        else:
+            part = datasets.load_dataset(
+                "parquet",
+                data_files=data_files,
+                columns=[text_column],
+                split="train",
+                cache_dir=str(cache_dir),
+            )
+        column = TEXT if kind == "text" else text_column
+        part = part.select_columns([column])
+        if column != TEXT:
+            part = part.rename_column(column, TEXT)
+        # concatenate_datasets needs one type; JSON may give large_string (cast only then: a full pass).
+        if part.features[TEXT] != datasets.Value("string"):
+            part = part.cast_column(TEXT, datasets.Value("string"))
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+# ----------------------------------------------------------------------------- tokenizing
+def _tokenize_batch(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerFast, eos_id: int
+) -> dict[str, list]:
+    # Empty or missing documents would add a lone <eos>: leave them out.
+    texts = [t for t in batch[TEXT] if t]
+    try:
+        # split_special_tokens: a literal "<|endoftext|>" in the data is text, not a separator.
+        ids = tokenizer(
+            texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False
+        )["input_ids"]
+    except Exception as err:  # the Rust tokenizers raise a bare Exception
+        unknown = sorted(set("".join(texts)) - set(tokenizer.get_vocab()))
+        hint = (
+            f"; characters missing from its vocabulary: {''.join(unknown[:40])!r} (a Char tokenizer "
+            f"knows only the characters of the training files: add them there, or use BPE)"
+            if unknown and len(unknown) < len(set("".join(texts)))
+            else ""
+        )
+        raise DataError(f"the tokenizer cannot encode this text ({err}){hint}") from None
+    ids = [seq + [eos_id] for seq in ids]  # <eos> after every document, the last one included
+    return {"input_ids": ids, "length": [len(seq) for seq in ids]}
+
+
+def _num_proc(documents: datasets.Dataset) -> int | None:
+    # Worker processes only pay off on large inputs: each starts up and unpickles the tokenizer.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    procs = min(cores, len(documents), 1 + documents.data.nbytes // (32 << 20))
+    return procs if procs > 1 else None
+
+
+def _token_chunks(tokenized: datasets.Dataset) -> Iterator[np.ndarray]:
+    # Arrow batches flatten to numpy without building a Python list per token.
+    for table in tokenized.with_format("arrow").iter(batch_size=1024):
+        yield pc.list_flatten(table["input_ids"]).to_numpy(zero_copy_only=False)
+
+
+def _write_streams(chunks: Iterator[np.ndarray], targets: list[tuple[Path, int]], dtype: type) -> None:
+    """Spill a stream of token chunks into consecutive .npy files of the given lengths."""
+    chunks = iter(chunks)
+    pending = np.empty(0, dtype=np.int64)
+    for path, size in targets:
+        # open_memmap writes a standard .npy without holding the whole split in memory.
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(size,)) if size else None
+        filled = 0
+        while filled < size:
+            if not len(pending):
+                pending = next(chunks)
+            take = min(size - filled, len(pending))
+            out[filled : filled + take] = pending[:take]
+            pending, filled = pending[take:], filled + take
+        if out is None:
+            np.save(path, np.empty(0, dtype=dtype))
+        else:
+            out.flush()
+            del out
+
+
+# ----------------------------------------------------------------------------- blocks
+class TokenBlocks(Dataset):
+    """Windows of `block_size` tokens every `stride` tokens over a 1-D token stream in a .npy file.
+
+    Windows cover the whole stream: the last one ends at its last token and may be shorter. The
+    file is memory-mapped lazily in each process (worker processes open their own map).
+    """
+
+    def __init__(self, path: str | Path, block_size: int, stride: int | None = None) -> None:
+        self.path = Path(path)
+        self.block_size = block_size
+        self.stride = stride or block_size
+        self._tokens: np.ndarray | None = None
+        self.num_tokens = int(self.tokens.shape[0])
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The token stream (memory-mapped, read-only)."""
+        if self._tokens is None:
+            self._tokens = np.load(self.path, mmap_mode="r")
+        return self._tokens
+
+    def __len__(self) -> int:
+        if self.num_tokens <= self.block_size:
+            return 1 if self.num_tokens else 0
+        # Enough windows that the last one reaches the end of the stream.
+        return -(-(self.num_tokens - self.block_size) // self.stride) + 1
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"block {index} out of range for {len(self)} blocks")
+        start = index * self.stride
+        window = self.tokens[start : start + self.block_size]  # (<= block_size,)
+        # No "labels": collate copies input_ids, with -100 on padding.
+        return {"input_ids": torch.from_numpy(window.astype(np.int64))}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickle the path, not the mapped array (which would copy the whole stream).
+        return {**self.__dict__, "_tokens": None}
+
+
+# ----------------------------------------------------------------------------- the DataModule
+class TextDataModule(DataModule):
+    """Causal-LM pretraining on plain text from local files or a Hugging Face dataset."""
+
+    def __init__(
+        self,
+        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        train_files: str | list[str] | None = None,
+        val_files: str | list[str] | None = None,
+        test_files: str | list[str] | None = None,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        text_column: str = "text",
+        val_fraction: float = 0.1,
+        val_split: Literal["tail", "documents"] = "tail",
+        block_size: int = 256,
+        stride: int | None = None,
+        max_documents: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 1337,
+        cache_dir: str = "~/.cache/gptlab",
+    ) -> None:
+        """
+        Args:
+            tokenizer: A recipe trained on the training documents and cached (`BPE`, `Char`), or a
+                tokenizer directory / hub name.
+            train_files: Training text: paths or globs (`**` recurses), sorted. A .txt (or any
+                other) file is one document; .jsonl / .json / .parquet hold one document per
+                record, in `text_column`. `{stdlib}/*.py` is the Python standard library's source.
+            val_files: Validation text, as `train_files`; then `val_fraction` is not used.
+            test_files: Test text, as `train_files`; by default the test set is the validation set.
+            dataset: Instead of `train_files`: a Hugging Face hub dataset name, or a directory
+                written by `save_to_disk`. Its "train" split trains; its "validation" and "test"
+                splits, if any, validate and test.
+            dataset_config: The hub dataset's configuration (subset) name.
+            text_column: Key / column holding the text in .jsonl, .json, .parquet and datasets.
+            val_fraction: Share of the training documents held out for validation when there are
+                no validation files or split; 0 disables validation.
+            val_split: How `val_fraction` is held out: "tail" = the last fraction of the token
+                stream (nanoGPT's shakespeare_char split), "documents" = a seeded random fraction
+                of the documents.
+            block_size: Tokens per training sequence; at most the model's block_size.
+            stride: Step between training windows; defaults to `block_size` (no overlap). Smaller
+                values give overlapping windows (1 = every offset, like nanoGPT's random batches).
+                Validation and test blocks never overlap.
+            max_documents: Use only the first N documents of each source (quick experiments).
+            batch_size: Sequences per training batch (per device).
+            eval_batch_size: Sequences per validation / test batch; defaults to `batch_size`.
+            num_workers: DataLoader worker processes; 0 loads in the main process.
+            seed: Seeds the training order and the "documents" split.
+            cache_dir: Root of gptlab's cache (trained tokenizers, tokenized text, datasets' files).
+        """
+        super().__init__(
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            cache_dir=cache_dir,
+        )
+        problems = []
+        if (train_files is None) == (dataset is None):
+            problems.append(
+                "give exactly one of train_files (paths or globs) and dataset (hub name or saved dir)"
+            )
+        if not 0 <= val_fraction < 1:
+            problems.append(f"val_fraction={val_fraction} must be in [0, 1)")
+        if val_split not in ("tail", "documents"):
+            problems.append(f"val_split={val_split!r} must be 'tail' or 'documents'")
+        if block_size < 2:
+            problems.append(f"block_size={block_size} must be at least 2 (one input and one target)")
+        if stride is not None and not 1 <= stride <= block_size:
+            problems.append(f"stride={stride} must be between 1 and block_size={block_size}")
+        if max_documents is not None and max_documents < 1:
+            problems.append(f"max_documents={max_documents} must be at least 1")
+        if problems:
+            raise ConfigError("TextDataModule: " + "; ".join(problems))
+        self.patterns = {"train": train_files, "val": val_files, "test": test_files}
+        self.dataset = dataset
+        self.dataset_config = dataset_config
+        self.text_column = text_column
+        self.val_fraction = val_fraction
+        self.val_split = val_split
+        self.block_size = block_size
+        self.stride = stride or block_size
+        self.max_documents = max_documents
+        # Memoized per instance. `_files` is what the patterns match (the cache keys hash it);
+        # `_texts` is the subset holding text, known once the files are checked (rank 0 only).
+        self._files: dict[str, list[Path]] | None = None
+        self._texts: dict[str, list[Path]] | None = None
+        self._splits: dict[str, datasets.Dataset] | None = None
+
+    # ----------------------------------------------------------------- sources
+    def files(self) -> dict[str, list[Path]]:
+        """The files of each role that has files (globs expanded; every bad pattern in one error)."""
+        if self._files is None:
+            found, problems = {}, []
+            for role, patterns in self.patterns.items():
+                if patterns is not None:
+                    try:
+                        found[role] = expand_files(patterns, f"{role}_files")
+                    except DataError as err:
+                        problems.append(str(err))
+            if problems:
+                raise DataError("\n".join(problems))
+            self._files = found
+        return self._files
+
+    def _dataset_fingerprint(self) -> str | dict[str, str] | None:
+        if self.dataset is None:
+            return None
+        path = Path(self.dataset).expanduser()
+        if _is_saved_dataset(path):
+            # Saved datasets carry a content fingerprint; reading it maps the files, nothing more.
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                return {split: ds._fingerprint for split, ds in loaded.items()}
+            return loaded._fingerprint
+        # A hub dataset is named by (name, config); clear cache_dir/text to pick up a new revision.
+        return f"hub:{self.dataset}:{self.dataset_config}"
+
+    def _sources_fingerprint(self) -> dict[str, Any]:
+        return {
+            "files": {role: _files_fingerprint(files) for role, files in self.files().items()},
+            "dataset": self._dataset_fingerprint(),
+            "text_column": self.text_column,
+            "max_documents": self.max_documents,
+        }
+
+    def _dataset_splits(self) -> dict[str, datasets.Dataset]:
+        """`dataset`'s splits by role (train, and val / test when it has them)."""
+        if self._splits is None:
+            path = Path(self.dataset).expanduser()
+            # A path-like name that does not exist is a typo, not a hub name (spares the hub's retries).
+            if self.dataset.startswith(("/", ".", "~")) and not path.exists():
+                raise DataError(f"dataset={self.dataset!r}: no such directory; give a save_to_disk directory")
+            try:
+                if _is_saved_dataset(path):
+                    loaded = datasets.load_from_disk(str(path))
+                else:
+                    loaded = datasets.load_dataset(self.dataset, self.dataset_config)
+            except (OSError, ValueError) as err:
+                raise DataError(f"dataset={self.dataset!r}: cannot load it ({err})") from None
+            if not isinstance(loaded, datasets.DatasetDict):
+                loaded = datasets.DatasetDict({"train": loaded})
+            if "train" not in loaded:
+                raise DataError(
+                    f"dataset={self.dataset!r} has no 'train' split (splits: {', '.join(loaded)})"
+                )
+            splits = {"train": loaded["train"]}
+            for role, names in (("val", VALIDATION_SPLITS), ("test", ("test",))):
+                name = next((n for n in names if n in loaded), None)
+                if name is not None:
+                    splits[role] = loaded[name]
+            for role, ds in splits.items():
+                if self.text_column not in ds.column_names:
+                    raise DataError(
+                        f"dataset={self.dataset!r} ({role} split) has no column {self.text_column!r} "
+                        f"(columns: {', '.join(ds.column_names)}); set text_column"
+                    )
+            self._splits = splits
+        return self._splits
+
+    def _roles(self) -> dict[str, str]:
+        """role -> where its documents come from ("files" or "dataset"), for roles with their own."""
+        # Files win over a dataset's split of the same role (e.g. val_files with a hub dataset).
+        roles = {role: "files" for role in self.files()}
+        if self.dataset is not None:
+            roles.update({role: "dataset" for role in self._dataset_splits() if role not in roles})
+        return roles
+
+    def documents(self, role: str) -> datasets.Dataset:
+        """The documents of `role` ("train", "val" or "test"), with one `text` column."""
+        if self._texts is None:
+            # Check every role's files before any slow work (tokenizer training), in one error.
+            texts, problems = {}, []
+            for name, files in self.files().items():
+                try:
+                    texts[name] = check_files(files, self.text_column, f"{name}_files")
+                except DataError as err:
+                    problems.append(str(err))
+            if problems:
+                raise DataError("\n".join(problems))
+            self._texts = texts
+        if role in self._texts:
+            docs = load_files(self._texts[role], self.text_column, self.cache_dir / "datasets")
+        else:
+            docs = self._dataset_splits()[role].select_columns([self.text_column])
+            if self.text_column != TEXT:
+                docs = docs.rename_column(self.text_column, TEXT)
+        if self.max_documents is not None and len(docs) > self.max_documents:
+            # The first N, not a sample: the same N documents on every run, and cheap on big datasets.
+            docs = docs.select(range(self.max_documents))
+        return docs
+
+    def _describe(self, role: str) -> str:
+        if role in self.files():
+            files = self.files()[role]
+            return f"{role}_files ({files[0]}{f' and {len(files) - 1} more' if len(files) > 1 else ''})"
+        return f"dataset={self.dataset!r}, {role} split"
+
+    # ----------------------------------------------------------------- DataModule hooks
+    def corpus_fingerprint(self) -> str:
+        # The tokenizer trains on the training documents only: other roles' files are left out.
+        sources = self._sources_fingerprint()
+        sources["files"] = sources["files"].get("train")
+        return json.dumps(sources, sort_keys=True)
+
+    def tokenizer_corpus(self) -> Iterator[str]:
+        # The whole training source, before any validation split: the split is made in tokens.
+        for batch in self.documents("train").iter(batch_size=256):
+            yield from (text for text in batch[TEXT] if text)
+
+    def cache_path(self, tokenizer: PreTrainedTokenizerFast) -> Path:
+        """Directory of the cached token streams for these settings and this tokenizer."""
+        key = {
+            "format": CACHE_FORMAT,
+            "sources": self._sources_fingerprint(),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "val_fraction": self.val_fraction,
+            "val_split": self.val_split,
+            # The seed only matters where it chooses documents.
+            "seed": self.seed if self.val_split == "documents" else None,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        return self.cache_dir / "text" / digest
+
+    def prepare_datasets(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        path = self.cache_path(tokenizer)
+        if (path / "meta.json").is_file():
+            rank_zero_info(f"gptlab: tokenized text cached at {path}; reading no text")
+            return
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(
+                f"tokenizer {self.tokenizer_source!r} has no eos token, which separates documents"
+            )
+        start = time.perf_counter()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Build in a private directory and rename it into place: no half-written cache entry.
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+        try:
+            dtype, splits = self._build(tokenizer, tmp)
+            # meta.json is written last: its presence marks a complete entry (checked by setup).
+            meta = {
+                "format": CACHE_FORMAT,
+                "dtype": dtype,
+                "splits": splits,
+                "sources": {role: self._describe(role) for role in self._roles()},
+                "tokenizer": repr(self.tokenizer_source),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            # The intermediate Arrow files are not needed once the streams are written.
+            shutil.rmtree(tmp / "arrow", ignore_errors=True)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if not path.is_dir():  # else another process finished the same entry first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._splits = None  # release the loaded documents
+        counts = ", ".join(
+            f"{role} {s['tokens']:,} tokens / {s['documents']:,} docs" for role, s in splits.items()
+        )
+        rank_zero_info(f"gptlab: tokenized {counts} in {time.perf_counter() - start:.1f}s; cached at {path}")
+
+    def _build(self, tokenizer: PreTrainedTokenizerFast, tmp: Path) -> tuple[str, dict[str, dict[str, int]]]:
+        """Tokenize every source and write each split's stream to tmp/<split>.npy.
+
+        Returns the dtype's name and, per split, its number of tokens and documents.
+        """
+        # uint16 halves the cache for vocabularies up to 65536 ids (nanoGPT does the same).
+        dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+        tokenized = {role: self._tokenize(role, tokenizer, tmp) for role in self._roles()}
+        counts: dict[str, dict[str, int]] = {}
+
+        def write(split: str, tokens: datasets.Dataset, lengths: np.ndarray) -> None:
+            _write_streams(_token_chunks(tokens), [(tmp / f"{split}.npy", int(lengths.sum()))], dtype)
+            counts[split] = {"tokens": int(lengths.sum()), "documents": len(lengths)}
+
+        for role, tokens in tokenized.items():
+            # A fresh map() output has no indices mapping: its table rows are its documents.
+            lengths = tokens.data.column("length").to_numpy()
+            if role != "train" or "val" in tokenized or self.val_fraction == 0:
+                write(role, tokens, lengths)
+            elif self.val_split == "tail":
+                # nanoGPT: train on data[:int(n * 0.9)], validate on the rest; n counted in tokens.
+                total = int(lengths.sum())
+                cut = int(total * (1 - self.val_fraction))
+                _write_streams(
+                    _token_chunks(tokens), [(tmp / "train.npy", cut), (tmp / "val.npy", total - cut)], dtype
+                )
+                # Documents with a token on each side of the cut count in both splits.
+                ends = np.cumsum(lengths)
+                counts["train"] = {"tokens": cut, "documents": int((ends - lengths < cut).sum())}
+                counts["val"] = {"tokens": total - cut, "documents": int((ends > cut).sum())}
+            else:
+                n = len(lengths)
+                if n < 2:
+                    raise DataError(
+                        f"val_split='documents' needs at least 2 documents, {self._describe('train')} has "
+                        f"{n}: use val_split='tail' or give val_files"
+                    )
+                n_val = min(n - 1, max(1, round(n * self.val_fraction)))
+                order = np.random.default_rng(self.seed).permutation(n)
+                # Sorted back into corpus order: neighbouring documents stay neighbours on disk.
+                for split, chosen in (("train", order[: n - n_val]), ("val", order[n - n_val :])):
+                    chosen = np.sort(chosen)
+                    write(split, tokens.select(chosen), lengths[chosen])
+        return np.dtype(dtype).name, counts
+
+    def _tokenize(self, role: str, tokenizer: PreTrainedTokenizerFast, tmp: Path) -> datasets.Dataset:
+        documents = self.documents(role)
+        try:
+            return documents.map(
+                _tokenize_batch,
+                batched=True,
+                batch_size=256,
+                fn_kwargs={"tokenizer": tokenizer, "eos_id": tokenizer.eos_token_id},
+                remove_columns=documents.column_names,
+                num_proc=_num_proc(documents),
+                # Inside the build directory: removed with it, never mixed with datasets' cache.
+                cache_file_name=str(tmp / "arrow" / f"{role}.arrow"),
+                # A fingerprint of our own spares datasets hashing the tokenizer.
+                new_fingerprint=hashlib.sha256(f"{tmp}/{role}".encode()).hexdigest()[:16],
+                desc=f"tokenizing {role}",
+            )
+        except DataError as err:
+            raise DataError(f"{self._describe(role)}: {err}") from None
+
+    def setup_datasets(self, stage: str) -> None:
+        path = self.cache_path(self.tokenizer)
+        if not (path / "meta.json").is_file():
+            raise DataError(
+                f"no tokenized text in {path}: prepare_data() builds it on rank 0 before setup() (the "
+                f"Trainer calls both); under multi-node training, cache_dir must be on a filesystem every "
+                f"node sees"
+            )
+        splits = json.loads((path / "meta.json").read_text())["splits"]
+        problems = []
+        train_tokens = splits["train"]["tokens"]
+        if train_tokens < self.block_size:
+            problems.append(
+                f"the training split has {train_tokens} tokens, fewer than block_size={self.block_size}: "
+                f"lower block_size (e.g. --data.init_args.block_size {max(2, train_tokens // 2)}), "
+                f"lower val_fraction, or add training text"
+            )
+        for role in ("val", "test"):
+            if role in splits and splits[role]["tokens"] < 2:
+                problems.append(
+                    f"the {role} split has {splits[role]['tokens']} token(s); it needs at least 2 (an input "
+                    f"and a target): raise val_fraction or give more {role} text"
+                )
+        if problems:
+            raise DataError("TextDataModule: " + "; ".join(problems))
+        # Checked here rather than when caching: the cache does not depend on block_size, so a
+        # cache hit with a larger block_size must still be refused.
+        self.train_dataset = TokenBlocks(path / "train.npy", self.block_size, self.stride)
+        # Evaluation blocks never overlap: each token is scored once, as with nanoGPT's estimate.
+        self.val_dataset = TokenBlocks(path / "val.npy", self.block_size) if "val" in splits else None
+        self.test_dataset = (
+            TokenBlocks(path / "test.npy", self.block_size) if "test" in splits else self.val_dataset
+        )
+        sizes = ", ".join(
+            f"{role} {len(ds):,} blocks"
+            for role, ds in [("train", self.train_dataset), ("val", self.val_dataset)]
+            if ds is not None
+        )
+        rank_zero_info(
+            f"gptlab: {sizes} of {self.block_size} tokens (train stride {self.stride}) from {path}"
+        )

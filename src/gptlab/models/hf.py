@@ -1,0 +1,164 @@
+"""Any Hugging Face causal language model behind the Backbone interface.
+
+``HFBackbone`` loads a pretrained model (local directory or hub name) or builds a randomly
+initialised one from a model type and a few config fields, with no download: the way tests and
+from-scratch experiments get a Llama- or GPT-2-shaped model without network access.
+
+The task never calls the HF model's own ``forward`` with labels: the loss lives in tasks/, so this
+wrapper returns the base model's final hidden states and applies the LM head separately, exactly
+like our GPT.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from gptlab.models.backbone import Backbone, transformer_flops_per_token
+
+
+class HFBackbone(Backbone):
+    """A Hugging Face causal LM (``AutoModelForCausalLM``) used as a backbone.
+
+    Give exactly one of ``name_or_path`` (load pretrained weights) or ``model_type`` (random
+    weights, built from ``AutoConfig.for_model(model_type, **config_overrides)``).
+
+    Args:
+        name_or_path: Local directory (from ``save_pretrained``) or hub name (e.g. "gpt2") of a
+            pretrained causal LM. Hub names need network access on first use.
+        model_type: A transformers model type (e.g. "gpt2", "llama") to build with random weights,
+            offline. Use ``config_overrides`` to make it small.
+        config_overrides: Config fields to set, e.g. {"n_layer": 2, "n_embd": 64}. With
+            ``model_type`` they define the model; with ``name_or_path`` they override the saved
+            config (e.g. dropout).
+        trust_remote_code: Allow models whose code lives in the checkpoint directory / hub repo.
+            Only enable for sources you trust: it executes that code.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        model_type: str | None = None,
+        config_overrides: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if (name_or_path is None) == (model_type is None):
+            raise ValueError(
+                "HFBackbone needs exactly one of name_or_path (load pretrained weights) or model_type "
+                "(random weights from a config), got "
+                f"name_or_path={name_or_path!r}, model_type={model_type!r}."
+            )
+        overrides = dict(config_overrides or {})
+        if name_or_path is not None:
+            # dtype=float32: transformers 5 defaults to dtype="auto" (the checkpoint's, often bf16),
+            # but Lightning's precision plugins expect fp32 master weights and cast for compute;
+            # training bf16 weights directly with AdamW loses small updates.
+            self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code, **overrides
+            )
+        else:
+            config = AutoConfig.for_model(model_type, **overrides)
+            self.model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+        # Ask the base model which optional inputs it takes, once, instead of failing per batch:
+        # ALiBi models (BLOOM, MPT) take no position_ids.
+        params = inspect.signature(self.model.base_model.forward).parameters
+        self._takes_position_ids = "position_ids" in params
+        self._takes_use_cache = "use_cache" in params
+        self._block_class = _find_block_class(self.model)
+
+    # -- Backbone interface ------------------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        # the output embedding's rows, not config.vocab_size: they differ after resize_token_embeddings
+        # on some models, and it is the logits' width that tasks rely on
+        return self.model.get_output_embeddings().weight.size(0)
+
+    @property
+    def block_size(self) -> int | None:
+        config = self.model.config
+        # GPT-2 calls it n_positions (aliased as max_position_embeddings), most others
+        # max_position_embeddings; RoPE models can stretch beyond it, but quality is not promised.
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, key, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    @property
+    def block_class(self) -> type[nn.Module]:
+        return self._block_class
+
+    def num_flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token, ``6 N + 12 L H T`` (PaLM appendix B).
+
+        N counts the parameters used in matmuls: everything except embedding lookups (token and
+        position tables), plus the output projection, which a tied model shares with the token table.
+        """
+        embedding_params = {
+            id(p) for m in self.model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+        }
+        n_params = sum(p.numel() for p in self.model.parameters() if id(p) not in embedding_params)
+        out = self.model.get_output_embeddings().weight
+        if id(out) in embedding_params:  # tied: the lm_head matmul still costs 6 V H per token
+            n_params += out.numel()
+        n_layer = sum(isinstance(m, self._block_class) for m in self.model.modules())
+        return transformer_flops_per_token(n_params, n_layer, self.hidden_size, seq_len)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, H) of the base model (already final-normed for GPT-2, Llama).
+
+        With an ``attention_mask``, position ids count real tokens only (cumsum - 1), as
+        ``generate`` does, so a left-padded row gets the same positions it would have alone; HF
+        base models otherwise number positions 0..T-1 regardless of padding.
+        """
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if attention_mask is not None and self._takes_position_ids:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        if self._takes_use_cache:
+            kwargs["use_cache"] = False  # no KV cache during training: it would only cost memory
+        return self.model.base_model(**kwargs).last_hidden_state  # (B, T, H)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply the model's output embedding (lm_head) to hidden states: (B, T, H) -> (B, T, V).
+
+        Models that post-process logits inside their own forward (Gemma 2's soft-capping, Cohere's
+        logit_scale) are not reproduced here; GPT-2, Llama, Mistral, Qwen need nothing more.
+        """
+        return self.model.get_output_embeddings()(hidden)
+
+
+def _find_block_class(model: PreTrainedModel) -> type[nn.Module]:
+    """The class of the model's repeated transformer block.
+
+    transformers lists it in ``_no_split_modules`` (the unit ``device_map`` must not split, which is
+    the unit FSDP should wrap). Names are resolved to the classes actually present in the model;
+    with several, the most frequent wins. Without that hint, fall back to the element class of the
+    longest ModuleList of identical modules (the layer stack).
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    counts = Counter(type(m) for m in model.modules() if type(m).__name__ in names)
+    if counts:
+        return counts.most_common(1)[0][0]
+    stacks = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
+    ]
+    if stacks:
+        return type(max(stacks, key=len)[0])
+    raise ValueError(
+        f"Cannot find the transformer block class of {type(model).__name__}: it declares no "
+        "_no_split_modules and has no ModuleList of identical layers."
+    )

@@ -1,0 +1,6 @@
+"""LightningModules: one file per task on top of `TaskModule`."""
+
+from gptlab.tasks.base import TaskModule
+from gptlab.tasks.causal_lm import CausalLM
+
+__all__ = ["CausalLM", "TaskModule"]

@@ -1,0 +1,226 @@
+"""TaskModule: what every gptlab task shares.
+
+    batch ─> encode() ─> hidden (B, T, H) ─> head ─> outputs ─> loss()
+                                                       └──> metric_inputs() ─> {stage}_metrics
+
+A task is a small subclass: it builds its head and metrics in `__init__` and overrides `loss()`,
+and where needed `forward()`, `metric_inputs()`, `predict_step()` and `report()`. The base class
+owns the backbone, hyperparameters, the one `shared_step` behind train/val/test, `"{stage}/{name}"`
+log keys, a token-weighted loss metric per evaluation stage, optimizer and scheduler injection
+(weight decay on matrices only), and initialising the backbone from a pretrained run (`init_from`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torchmetrics import MeanMetric, MetricCollection
+
+from gptlab.errors import CheckpointError, ConfigError
+from gptlab.models import Backbone
+from gptlab.optim import WarmupCosine, no_decay_names, param_groups
+from gptlab.reports import Report
+
+STAGES = ("train", "val", "test")
+
+
+class TaskModule(L.LightningModule):
+    """Base class of gptlab's LightningModules (causal LM, SFT, classification, NER, ...)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = WarmupCosine,
+        init_from: str | None = None,
+    ) -> None:
+        """
+        Args:
+            backbone: the Transformer (`gptlab.models.GPT` or `gptlab.models.HFBackbone`).
+            optimizer: called with the parameter groups (decay / no decay); e.g. `torch.optim.AdamW`
+                with lr, betas and weight_decay in YAML. Its weight_decay applies to matrices only.
+            scheduler: called with the optimizer and stepped every optimizer step; None for a
+                constant learning rate. Default: linear warmup then cosine decay.
+            init_from: initialise the backbone weights from a gptlab checkpoint (`.ckpt`) or a
+                Hugging Face model directory before training. Only used by `fit`.
+        """
+        super().__init__()
+        # Under LightningCLI the hyperparameters are the parsed config (class paths and plain values),
+        # so `load_from_checkpoint(path)` rebuilds backbone and task with no other argument. Built
+        # directly in Python, the objects are not pickled into the checkpoint (it must load with
+        # weights_only=True): pass them again to `load_from_checkpoint`.
+        from_config = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=[] if from_config else ["backbone", "optimizer", "scheduler"])
+        self.backbone = backbone
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.init_from = init_from
+        # Decided now, before any strategy wraps (and possibly flattens) the parameters.
+        self.no_decay = no_decay_names(self)
+        # Set from the datamodule in `setup`; used for decoding samples and reports.
+        self.tokenizer = None
+        # Persistent so that a resumed run keeps counting from where it stopped.
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        # Loss averaged over the items it is computed on (tokens, examples), across batches and ranks.
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    # ----------------------------------------------------------------- what subclasses override
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Backbone hidden states (B, T, H) for a batch.
+
+        Batches are right-padded (batch contract) and our backbones are causal, so no real token
+        ever attends to padding: passing no mask keeps the fast `is_causal` attention path.
+        """
+        return self.backbone(batch["input_ids"])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Task outputs (usually logits) for a batch."""
+        return self.head(self.encode(batch))
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean loss over the items that count (labels != -100)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement loss(outputs, batch)")
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many items the mean loss of this batch averages over, to weight it across batches."""
+        return (batch["labels"] != -100).sum()
+
+    def metric_inputs(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple:
+        """Arguments for `{stage}_metrics.update(...)`: by default (outputs, labels)."""
+        return outputs, batch["labels"]
+
+    def report(self) -> Report:
+        """The test report; called at the end of the test epoch, before metrics are reset."""
+        return Report(
+            title=f"{type(self).__name__} test report", metrics={"loss": self.test_loss.compute().item()}
+        )
+
+    # ----------------------------------------------------------------- helpers for subclasses
+    def set_metrics(self, metrics: MetricCollection, stages: tuple[str, ...] = STAGES) -> None:
+        """One independent copy of `metrics` per stage, as attributes `{stage}_metrics`.
+
+        Attributes rather than a ModuleDict: the key "train" would clash with nn.Module.train.
+        """
+        for stage in stages:
+            setattr(self, f"{stage}_metrics", metrics.clone(prefix=f"{stage}/"))
+
+    # ----------------------------------------------------------------- the one step funnel
+    def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        outputs = self(batch)
+        loss = self.loss(outputs, batch)
+        batch_size = batch["input_ids"].shape[0]
+        if stage == "train":
+            # Tokens are counted on device (no host sync); each rank counts its own share.
+            self.tokens_seen += batch["attention_mask"].sum()
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            self.log(
+                "train/tokens", self.tokens_seen.float() * self.trainer.world_size, batch_size=batch_size
+            )
+        else:
+            stage_loss = getattr(self, f"{stage}_loss")
+            stage_loss.update(loss.detach(), weight=self.loss_weight(batch))
+            self.log(f"{stage}/loss", stage_loss, prog_bar=True, batch_size=batch_size)
+        metrics = getattr(self, f"{stage}_metrics", None)
+        if metrics is not None:
+            metrics.update(*self.metric_inputs(outputs, batch))
+            # Epoch-level values computed from summed states, never an average of per-batch values.
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        # Built here because Lightning resets logged metric objects right after this hook.
+        self.test_report = self.report()
+
+    # ----------------------------------------------------------------- setup and checks
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None:
+            self.tokenizer = getattr(datamodule, "tokenizer", None)
+            self.check_data(datamodule)
+        if stage == "fit" and self.init_from and not self.trainer.ckpt_path:
+            load_backbone_weights(self.backbone, self.init_from)
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """Fail before training when the data does not fit the model (one message, what to do)."""
+        problems = []
+        vocab = getattr(datamodule, "vocab_size", None)
+        if vocab is not None and vocab > self.backbone.vocab_size:
+            problems.append(
+                f"the tokenizer has {vocab} tokens but the model's vocab_size is {self.backbone.vocab_size}: "
+                f"set model.init_args.backbone.init_args.vocab_size to at least {vocab} "
+                f"(or use a smaller tokenizer)"
+            )
+        block = getattr(datamodule, "block_size", None)
+        model_block = getattr(self.backbone, "block_size", None)
+        if block is not None and model_block is not None and block > model_block:
+            problems.append(
+                f"data.init_args.block_size={block} exceeds the model's block_size={model_block}: "
+                f"lower the data block_size or raise model.init_args.backbone.init_args.block_size"
+            )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(param_groups(self, self.no_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosine) and scheduler.max_steps is None:
+            scheduler.max_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Which task wrote this checkpoint, so that loading it into another task fails clearly.
+        checkpoint["gptlab"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a gptlab checkpoint safely (`weights_only=True`: no code runs while unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist: check the path (runs live in logs/<experiment>/)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, foreign pickle, ...
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded safely "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"it may be truncated or not a gptlab checkpoint: use another checkpoint of the run"
+        ) from None
+
+
+def load_backbone_weights(backbone: Backbone, source: str | Path) -> None:
+    """Copy pretrained weights into `backbone` from a gptlab `.ckpt` or a Hugging Face model directory."""
+    source = Path(source)
+    if source.is_dir():
+        from gptlab.models.convert import load_hf_weights
+
+        load_hf_weights(backbone, source)
+        return
+    state = load_checkpoint(source).get("state_dict", {})
+    weights = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not weights:
+        raise CheckpointError(f"init_from={source}: the checkpoint holds no backbone weights")
+    missing, unexpected = backbone.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"init_from={source}: backbone does not match the checkpoint (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}); use the same backbone config as the pretraining run"
+        )

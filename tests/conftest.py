@@ -1,0 +1,112 @@
+"""Shared fixtures: the repository root, the shared datasets and a tiny experiment config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# `data` is a link to ../shared/data on our machines (.ci/run makes it); fall back to the target.
+DATA = REPO / "data" if (REPO / "data").exists() else REPO.parent / "shared" / "data"
+
+
+def shared_data(relative: str) -> Path:
+    """Path of a shared dataset file; missing data fails in CI and skips elsewhere."""
+    path = DATA / relative
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"shared dataset {path} is missing in CI")
+        pytest.skip(f"shared dataset {path} not available")
+    return path
+
+
+def run_main(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python main.py ...` as a user would, in a subprocess."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 20,
+    "def add(a, b):\n    return a + b\n\n" * 30,
+    "Language models predict the next token from the previous ones. " * 20,
+    "import os\nimport sys\nprint(os.getcwd(), sys.argv)\n" * 25,
+]
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    """A directory of four small text documents."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(TINY_CORPUS):
+        (corpus / f"doc{i}.txt").write_text(text)
+    return corpus
+
+
+def tiny_config(tmp_path: Path, corpus: Path, **overrides) -> Path:
+    """A complete fit config for a 1-layer GPT on `corpus`, with a cache inside tmp_path."""
+    config = {
+        "experiment": "tiny",
+        "logs": str(tmp_path / "logs"),
+        "seed_everything": 7,
+        "model": {
+            "class_path": "gptlab.tasks.CausalLM",
+            "init_args": {
+                "backbone": {
+                    "class_path": "gptlab.models.GPT",
+                    "init_args": {
+                        "vocab_size": 320,
+                        "block_size": 32,
+                        "n_layer": 1,
+                        "n_head": 2,
+                        "n_embd": 32,
+                    },
+                },
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}},
+                "scheduler": {"class_path": "gptlab.optim.WarmupCosine", "init_args": {"warmup_steps": 2}},
+            },
+        },
+        "data": {
+            "class_path": "gptlab.data.TextDataModule",
+            "init_args": {
+                "train_files": str(corpus / "*.txt"),
+                "tokenizer": {"class_path": "gptlab.data.BPE", "init_args": {"vocab_size": 300}},
+                "block_size": 32,
+                "val_fraction": 0.25,
+                "val_split": "documents",
+                "batch_size": 4,
+                "cache_dir": str(tmp_path / "cache"),
+            },
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 6,
+            "val_check_interval": 3,
+            "check_val_every_n_epoch": None,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+        },
+    }
+    for dotted, value in overrides.items():
+        node = config
+        keys = dotted.split(".")
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

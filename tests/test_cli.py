@@ -1,0 +1,130 @@
+"""The real CLI in a subprocess: fit -> run directory -> test from the checkpoint alone -> reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_main, tiny_config
+from gptlab.tasks import CausalLM
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory) -> Path:
+    """One tiny `main.py fit` shared by the tests of this module; returns its run directory."""
+    from conftest import TINY_CORPUS
+
+    tmp = tmp_path_factory.mktemp("fit")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(TINY_CORPUS):
+        (corpus / f"doc{i}.txt").write_text(text)
+    result = run_main("fit", "--config", str(tiny_config(tmp, corpus)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp / "logs" / "tiny").glob("version_*"))
+    assert [r.name for r in runs] == ["version_0"]
+    return runs[0]
+
+
+def test_fit_writes_the_run_directory(fitted_run: Path):
+    assert (fitted_run / "config.yaml").is_file()
+    assert (fitted_run / "checkpoints" / "last.ckpt").is_file()
+    assert (fitted_run / "checkpoints" / "best.ckpt").is_file()
+    assert list(fitted_run.glob("events.out.tfevents.*")), "no TensorBoard events"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fitted_run / "tokenizer")
+    assert tokenizer.decode(tokenizer("def add(a, b):")["input_ids"]) == "def add(a, b):"
+    # The best checkpoint is chosen by val/loss and the last one is at max_steps.
+    last = torch.load(fitted_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+    assert last["gptlab"]["task"] == "gptlab.tasks.causal_lm.CausalLM"
+
+
+def test_load_from_checkpoint_needs_no_arguments(fitted_run: Path):
+    model = CausalLM.load_from_checkpoint(fitted_run / "checkpoints" / "last.ckpt")
+    assert model.backbone.config.n_layer == 1 and model.backbone.vocab_size == 320
+    state = torch.load(fitted_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    loaded = model.state_dict()
+    assert set(state) == set(loaded)
+    assert all(torch.equal(state[k], loaded[k]) for k in state)
+
+
+def test_test_from_checkpoint_alone_writes_reports(fitted_run: Path):
+    before = (fitted_run / "config.yaml").read_text()
+    result = run_main("test", "--ckpt_path", str(fitted_run / "checkpoints" / "last.ckpt"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = fitted_run / "reports"
+    report = json.loads((reports / "test_report.json").read_text())
+    assert {"loss", "perplexity", "tokens_evaluated"} <= set(report["metrics"])
+    assert report["metrics"]["perplexity"] == pytest.approx(
+        torch.tensor(report["metrics"]["loss"]).exp().item(), rel=1e-5
+    )
+    assert report["metrics"]["tokens_evaluated"] > 0
+    assert report["meta"]["checkpoint"].endswith("last.ckpt")
+    assert "perplexity" in (reports / "test_report.md").read_text()
+    assert "perplexity" in result.stdout and "perplexity" in (reports / "test_report.txt").read_text()
+    # Evaluation writes into the same run and leaves its config alone; no new version appears.
+    assert (fitted_run / "config.yaml").read_text() == before
+    assert sorted(p.name for p in fitted_run.parent.iterdir()) == ["version_0"]
+
+
+def test_test_with_explicit_config(fitted_run: Path):
+    result = run_main(
+        "test",
+        "--config",
+        str(fitted_run / "config.yaml"),
+        "--ckpt_path",
+        str(fitted_run / "checkpoints" / "best.ckpt"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((fitted_run / "reports" / "test_report.json").read_text())
+    assert report["meta"]["checkpoint"].endswith("best.ckpt")
+
+
+def _assert_clean_failure(result, *needles: str):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr[-3000:])
+
+
+def test_unknown_yaml_key_is_named(tmp_path, tiny_corpus):
+    config = tiny_config(tmp_path, tiny_corpus, **{"model.init_args.backbone.init_args.n_layers": 2})
+    _assert_clean_failure(run_main("fit", "--config", str(config)), "n_layers")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_missing_corpus_is_named(tmp_path, tiny_corpus):
+    missing = str(tmp_path / "nowhere" / "*.txt")
+    config = tiny_config(tmp_path, tiny_corpus, **{"data.init_args.train_files": missing})
+    _assert_clean_failure(run_main("fit", "--config", str(config)), "nowhere")
+
+
+def test_block_size_above_the_model_is_refused(tmp_path, tiny_corpus):
+    config = tiny_config(tmp_path, tiny_corpus, **{"data.init_args.block_size": 64})
+    _assert_clean_failure(run_main("fit", "--config", str(config)), "block_size=64", "block_size=32")
+
+
+def test_tokenizer_larger_than_vocab_is_refused(tmp_path, tiny_corpus):
+    config = tiny_config(tmp_path, tiny_corpus, **{"model.init_args.backbone.init_args.vocab_size": 100})
+    _assert_clean_failure(run_main("fit", "--config", str(config)), "vocab_size", "100")
+
+
+def test_bad_input_leaves_existing_runs_intact(fitted_run: Path):
+    ckpt = fitted_run / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    config = fitted_run / "config.yaml"
+    bad = run_main("fit", "--config", str(config), "--data.init_args.block_size", "999")
+    assert bad.returncode != 0
+    assert ckpt.read_bytes() == before
+    assert (fitted_run / "config.yaml").is_file()
+
+
+def test_eval_without_run_config_says_what_to_do(tmp_path):
+    stray = tmp_path / "model.ckpt"
+    stray.write_bytes(b"")
+    _assert_clean_failure(run_main("test", "--ckpt_path", str(stray)), "--config")

@@ -1,0 +1,295 @@
+"""Tests for gptlab.models: our GPT against Hugging Face GPT-2, the KV cache, padding, HFBackbone.
+
+Everything is tiny, random-weight and offline (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2LMHeadModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from gptlab.models import GPT, Backbone, HFBackbone, KVCache
+from gptlab.models.convert import from_gpt2_state_dict, gpt2_config, gpt_to_gpt2_state_dict
+from gptlab.models.gpt import Block
+
+# "debugmodel"-sized configs (torchtitan): big enough to have several heads and layers.
+TINY_GPT = dict(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=32)
+TINY_GPT2_OVERRIDES = dict(
+    vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+)
+TINY_LLAMA_OVERRIDES = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # exercise grouped-query attention
+    max_position_embeddings=64,
+)
+ATOL = 1e-5
+
+
+def tiny_gpt(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(**{**TINY_GPT, **overrides}).eval()
+
+
+def gpt_logits(gpt: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return gpt.logits(gpt(input_ids, attention_mask))
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D id tensors into (B, T) ids and attention mask."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r) :] = r
+        mask[i, T - len(r) :] = 1
+    return ids, mask
+
+
+# -- GPT vs Hugging Face GPT-2 -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpt_matches_hf_gpt2(bias: bool) -> None:
+    gpt = tiny_gpt(bias=bias)
+    config = gpt2_config(gpt)
+    # eager attention: compare against GPT-2's own attention code, not the same SDPA call we make
+    config._attn_implementation = "eager"
+    assert (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) == (0.0, 0.0, 0.0)
+    assert config.activation_function == "gelu_new" and config.layer_norm_epsilon == 1e-5
+    hf = GPT2LMHeadModel(config).eval()
+    hf.load_state_dict(gpt_to_gpt2_state_dict(gpt), strict=True)
+
+    input_ids = torch.randint(0, TINY_GPT["vocab_size"], (2, TINY_GPT["block_size"]))
+    with torch.no_grad():
+        expected = hf(input_ids).logits
+    torch.testing.assert_close(gpt_logits(gpt, input_ids), expected, atol=ATOL, rtol=0)
+
+
+def test_gpt2_state_dict_round_trip() -> None:
+    gpt = tiny_gpt()
+    hf = GPT2LMHeadModel(gpt2_config(gpt))
+    hf.load_state_dict(gpt_to_gpt2_state_dict(gpt), strict=True)
+    back = from_gpt2_state_dict(hf.state_dict(), hf.config)
+    assert back.config == gpt.config
+    for name, tensor in gpt.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], tensor, atol=0, rtol=0)
+    assert back.lm_head.weight is back.transformer.wte.weight  # still tied after loading
+
+
+def test_bias_free_export_has_zero_biases() -> None:
+    sd = gpt_to_gpt2_state_dict(tiny_gpt(bias=False))
+    assert torch.count_nonzero(sd["transformer.h.1.mlp.c_fc.bias"]) == 0
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D layout: (in, out)
+
+
+def test_from_gpt2_rejects_unsupported_config() -> None:
+    config = gpt2_config(tiny_gpt())
+    config.activation_function = "relu"
+    with pytest.raises(ValueError, match="activation_function='relu'"):
+        from_gpt2_state_dict({}, config)
+
+
+# -- GPT construction --------------------------------------------------------------------------
+
+
+def test_gpt_backbone_interface() -> None:
+    gpt = tiny_gpt()
+    assert isinstance(gpt, Backbone)
+    assert (gpt.hidden_size, gpt.vocab_size, gpt.block_size, gpt.block_class) == (32, 96, 32, Block)
+    assert gpt.config.n_layer == 2 and gpt.config.bias is True
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight  # tied embeddings
+    hidden = gpt(torch.randint(0, 96, (3, 7)))
+    assert hidden.shape == (3, 7, 32)
+    assert gpt.logits(hidden).shape == (3, 7, 96)
+    # GPT-2 init: zero biases, residual projections narrower than the other matrices
+    assert torch.count_nonzero(gpt.transformer.h[0].mlp.c_fc.bias) == 0
+    assert gpt.transformer.h[0].mlp.c_proj.weight.std() < gpt.transformer.h[0].mlp.c_fc.weight.std()
+
+
+def test_backbone_is_abstract() -> None:
+    with pytest.raises(TypeError):
+        Backbone()
+
+
+def test_num_flops_per_token() -> None:
+    gpt = tiny_gpt()
+    n = sum(p.numel() for p in gpt.parameters()) - gpt.transformer.wpe.weight.numel()
+    assert gpt.num_flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
+
+
+def test_gpt_help_comes_from_docstrings() -> None:
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_class_arguments(GPT, "model")
+    help_text = parser.format_help()
+    assert "Maximum context length" in help_text and "Attention heads per block" in help_text
+
+
+def test_training_step_with_dropout_has_finite_grads() -> None:
+    gpt = tiny_gpt(dropout=0.1).train()
+    ids = torch.randint(0, 96, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding exercises the explicit-mask path under dropout
+    logits = gpt.logits(gpt(ids, mask))
+    nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in gpt.parameters())
+
+
+# -- padding and attention masks ---------------------------------------------------------------
+
+
+def test_left_padded_batch_matches_rows_alone() -> None:
+    gpt = tiny_gpt()
+    torch.manual_seed(1)
+    rows = [torch.randint(1, 96, (n,)) for n in (9, 4, 6)]
+    ids, mask = left_pad(rows)
+    batched = gpt_logits(gpt, ids, mask)
+    assert torch.isfinite(batched).all()  # padded query rows attend to themselves, no NaN
+    for i, row in enumerate(rows):
+        alone = gpt_logits(gpt, row[None])
+        torch.testing.assert_close(batched[i, -len(row) :], alone[0], atol=ATOL, rtol=0)
+
+
+def test_right_padding_fast_path_matches_explicit_mask() -> None:
+    # Documented contract: for right-padded batches, attention_mask=None (is_causal) is exact.
+    gpt = tiny_gpt()
+    ids = torch.randint(1, 96, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    fast, masked = gpt_logits(gpt, ids), gpt_logits(gpt, ids, mask)
+    torch.testing.assert_close(fast[0], masked[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(fast[1, :6], masked[1, :6], atol=ATOL, rtol=0)
+
+
+# -- KV cache ----------------------------------------------------------------------------------
+
+
+def test_cached_decoding_matches_full_forward() -> None:
+    gpt = tiny_gpt()
+    ids = torch.randint(0, 96, (2, 12))
+    full = gpt_logits(gpt, ids)
+    cache = gpt.new_cache(batch_size=2, max_len=12)
+    assert isinstance(cache, KVCache) and cache.pos == 0
+    with torch.no_grad():
+        steps = [gpt.logits(gpt(ids[:, :5], cache=cache))]  # prefill
+        assert cache.pos == 5
+        for t in range(5, 12):  # then one token at a time
+            steps.append(gpt.logits(gpt(ids[:, t : t + 1], cache=cache)))
+    assert cache.pos == 12
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+
+
+def test_cached_decoding_with_left_padding() -> None:
+    gpt = tiny_gpt()
+    torch.manual_seed(2)
+    rows = [torch.randint(1, 96, (n,)) for n in (10, 6)]
+    ids, mask = left_pad(rows)  # (2, 10)
+    full = gpt_logits(gpt, ids, mask)
+    cache = gpt.new_cache(batch_size=2, max_len=10)
+    with torch.no_grad():
+        steps = [gpt.logits(gpt(ids[:, :7], mask[:, :7], cache=cache))]
+        for t in range(7, 10):
+            # the mask covers every position so far: (B, cache.pos + 1)
+            steps.append(gpt.logits(gpt(ids[:, t : t + 1], mask[:, : t + 1], cache=cache)))
+    cached = torch.cat(steps, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(cached[real], full[real], atol=ATOL, rtol=0)
+    # and the short row decodes exactly as it would alone
+    alone = gpt_logits(gpt, rows[1][None])
+    torch.testing.assert_close(cached[1, -6:], alone[0], atol=ATOL, rtol=0)
+
+
+def test_block_size_exceeded_raises() -> None:
+    gpt = tiny_gpt()
+    with pytest.raises(ValueError, match="Sequence length 33 exceeds block_size=32"):
+        gpt(torch.zeros(1, 33, dtype=torch.long))
+    cache = gpt.new_cache(batch_size=1, max_len=32)
+    with torch.no_grad():
+        gpt(torch.zeros(1, 30, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"30 \+ 3 new tokens = 33 exceeds block_size=32"):
+        gpt(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="max_len=64 exceeds block_size=32"):
+        gpt.new_cache(batch_size=1, max_len=64)
+
+
+def test_cache_misuse_raises() -> None:
+    gpt = tiny_gpt()
+    cache = gpt.new_cache(batch_size=2, max_len=4)
+    with pytest.raises(ValueError, match="max_len=4"):
+        gpt(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="batch size 2, got 1"):
+        gpt(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        gpt(torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+
+
+# -- HFBackbone --------------------------------------------------------------------------------
+
+
+def test_hf_backbone_from_model_type() -> None:
+    torch.manual_seed(0)
+    backbone = HFBackbone(model_type="gpt2", config_overrides=TINY_GPT2_OVERRIDES).eval()
+    assert isinstance(backbone, Backbone) and isinstance(backbone.model, GPT2LMHeadModel)
+    assert (backbone.hidden_size, backbone.vocab_size, backbone.block_size) == (32, 96, 32)
+    assert backbone.block_class is GPT2Block
+    hidden = backbone(torch.randint(0, 96, (2, 9)))
+    assert hidden.shape == (2, 9, 32)
+    assert backbone.logits(hidden).shape == (2, 9, 96)
+    assert backbone.num_flops_per_token(32) > 0
+
+
+def test_hf_backbone_from_saved_dir_matches_hf_and_our_gpt(tmp_path) -> None:
+    # Export our GPT as a GPT-2 directory, load it back through HFBackbone: three implementations agree.
+    gpt = tiny_gpt()
+    hf = GPT2LMHeadModel(gpt2_config(gpt)).eval()
+    hf.load_state_dict(gpt_to_gpt2_state_dict(gpt), strict=True)
+    hf.save_pretrained(tmp_path)
+    backbone = HFBackbone(name_or_path=str(tmp_path)).eval()
+    ids = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        logits = backbone.logits(backbone(ids))
+        torch.testing.assert_close(logits, hf(ids).logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits, gpt_logits(gpt, ids), atol=ATOL, rtol=0)
+    # and the FLOP count agrees with our GPT's for the same architecture
+    assert backbone.num_flops_per_token(16) == gpt.num_flops_per_token(16)
+
+
+def test_hf_backbone_left_padding_uses_real_positions() -> None:
+    torch.manual_seed(0)
+    backbone = HFBackbone(model_type="gpt2", config_overrides=TINY_GPT2_OVERRIDES).eval()
+    rows = [torch.randint(1, 96, (n,)) for n in (8, 5)]
+    ids, mask = left_pad(rows)
+    with torch.no_grad():
+        batched = backbone.logits(backbone(ids, mask))
+        alone = backbone.logits(backbone(rows[1][None]))
+    torch.testing.assert_close(batched[1, -5:], alone[0], atol=ATOL, rtol=0)
+
+
+def test_hf_backbone_tiny_llama() -> None:
+    torch.manual_seed(0)
+    backbone = HFBackbone(model_type="llama", config_overrides=TINY_LLAMA_OVERRIDES).eval()
+    assert backbone.block_class is LlamaDecoderLayer
+    assert (backbone.hidden_size, backbone.vocab_size, backbone.block_size) == (32, 96, 64)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        logits = backbone.logits(backbone(ids, torch.ones_like(ids)))
+        expected = backbone.model(ids).logits
+    assert logits.shape == (2, 12, 96)
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"name_or_path": "some/dir", "model_type": "gpt2"}], ids=["neither", "both"]
+)
+def test_hf_backbone_needs_exactly_one_source(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="exactly one of name_or_path"):
+        HFBackbone(**kwargs)

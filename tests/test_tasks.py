@@ -1,0 +1,117 @@
+"""CausalLM and the TaskModule base: loss, optimisation groups, schedule, overfitting."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from gptlab.models import GPT
+from gptlab.optim import WarmupCosine, no_decay_names, param_groups
+from gptlab.tasks import CausalLM
+
+
+def tiny_gpt(**overrides) -> GPT:
+    return GPT(**{"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, **overrides})
+
+
+def lm_batch(
+    batch_size: int = 4, length: int = 16, vocab: int = 64, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def test_loss_is_shifted_next_token_cross_entropy():
+    model = CausalLM(backbone=tiny_gpt())
+    batch = lm_batch()
+    logits = model(batch)
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 64), batch["input_ids"][:, 1:].reshape(-1)
+    )
+    assert torch.allclose(model.loss(logits, batch), expected, atol=1e-6)
+
+
+def test_padding_is_ignored_and_all_ignored_batch_is_not_nan():
+    model = CausalLM(backbone=tiny_gpt())
+    batch = lm_batch()
+    batch["labels"][:, 8:] = -100
+    logits = model(batch)
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :7].reshape(-1, 64), batch["input_ids"][:, 1:8].reshape(-1)
+    )
+    assert torch.allclose(model.loss(logits, batch), expected, atol=1e-6)
+    batch["labels"][:] = -100
+    assert model.loss(model(batch), batch).item() == 0.0
+
+
+def test_weight_decay_only_on_matrices():
+    model = CausalLM(backbone=tiny_gpt())
+    no_decay = no_decay_names(model)
+    assert no_decay and all(n.endswith(("bias", "weight")) for n in no_decay)
+    assert not any(".wte." in n or "c_attn.weight" in n for n in no_decay)
+    groups = param_groups(model, no_decay)
+    assert all(p.dim() >= 2 for p in groups[0]["params"])
+    assert all(p.dim() < 2 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+    # Tied embeddings are one parameter, counted once.
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_weight_decay_groups_survive_flattened_parameters():
+    # FSDP may present parameters flattened to 1-D; the groups were decided by name before wrapping.
+    model = CausalLM(backbone=tiny_gpt())
+    no_decay = no_decay_names(model)
+    for _, p in model.named_parameters():
+        p.data = p.data.reshape(-1)
+    groups = param_groups(model, no_decay)
+    assert len(groups[0]["params"]) == len(list(model.parameters())) - len(no_decay)
+
+
+def test_warmup_cosine_matches_nanogpt():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = WarmupCosine(opt, warmup_steps=100, max_steps=2000, min_lr_ratio=0.1)
+
+    def nanogpt_lr(it, lr=1e-3, min_lr=1e-4, warmup=100, decay=2000):
+        if it < warmup:
+            return lr * (it + 1) / (warmup + 1)
+        if it > decay:
+            return min_lr
+        ratio = (it - warmup) / (decay - warmup)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+    for step in range(2100):
+        assert opt.param_groups[0]["lr"] == pytest.approx(nanogpt_lr(step), rel=1e-9, abs=1e-12), step
+        opt.step()
+        sched.step()
+    restored = WarmupCosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3))
+    restored.load_state_dict(sched.state_dict())
+    assert restored.max_steps == 2000 and restored.last_epoch == sched.last_epoch
+
+
+def test_overfits_one_batch():
+    L.seed_everything(0)
+    model = CausalLM(
+        backbone=tiny_gpt(),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+        scheduler=None,
+    )
+    batch = lm_batch(batch_size=2)
+    loader = DataLoader([batch], batch_size=None)
+    trainer = L.Trainer(
+        max_steps=150,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    model.eval()
+    with torch.no_grad():
+        final = model.loss(model(batch), batch).item()
+    assert final < 0.05, final
+    assert int(model.tokens_seen) == 150 * batch["input_ids"].numel()
