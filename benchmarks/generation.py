@@ -13,7 +13,7 @@ what `main.py export` writes) and gptlab loads its GPT back from that directory
 Runs alternate (gptlab, transformers, gptlab, ...) so that load on a shared machine hits both
 alike; the median of `--repeats` runs is reported, with the ratio gptlab / transformers and
 whether both produced the same tokens. `--profile` prints where the time goes (torch.profiler,
-top operators by self time) for one run of each at batch 8.
+top operators by self time) for one more run of each side at each batch size.
 """
 
 from __future__ import annotations
@@ -123,8 +123,12 @@ def profile(name: str, fn, *args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpt2", help="model shape (random weights)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="gpt2", help="model shape (random weights)"
+    )
     parser.add_argument("--ckpt", help="a gptlab checkpoint to benchmark instead of a preset")
     parser.add_argument("--new_tokens", type=int, default=128, help="tokens generated per row")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (median reported)")
@@ -168,16 +172,23 @@ def main() -> None:
         }
         results.append(row)
         print(
-            f"batch {batch}: gptlab {row['gptlab_tok_s']:8.1f} tok/s   transformers {row['transformers_tok_s']:8.1f} "
-            f"tok/s   ratio {row['ratio']:.2f}x   same tokens: {row['same_tokens']}",
+            f"batch {batch}: gptlab {row['gptlab_tok_s']:8.1f} tok/s   transformers "
+            f"{row['transformers_tok_s']:8.1f} tok/s   ratio {row['ratio']:.2f}x   "
+            f"same tokens: {row['same_tokens']}",
             flush=True,
         )
     if args.profile:
-        prompts = prompts_for(max(args.batches), gpt.vocab_size)
-        profile("gptlab generate_batch", run_gptlab, gpt, prompts, args.new_tokens)
-        profile("transformers generate", run_hf, hf, prompts, args.new_tokens)
+        for batch in args.batches:
+            prompts = prompts_for(batch, gpt.vocab_size)
+            profile(f"gptlab generate_batch, batch {batch}", run_gptlab, gpt, prompts, args.new_tokens)
+            profile(f"transformers generate, batch {batch}", run_hf, hf, prompts, args.new_tokens)
     if args.json:
-        meta = {"source": source, "device": args.device, "threads": torch.get_num_threads(), "new_tokens": args.new_tokens}
+        meta = {
+            "source": source,
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "new_tokens": args.new_tokens,
+        }
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
 
 

@@ -98,7 +98,16 @@ def test_shipped_config_instantiates_on_the_real_data():
 
 
 def test_test_report_scores_the_generations(sft_run: Path):
-    main(["test", "--ckpt_path", str(sft_run / "checkpoints" / "last.ckpt")])
+    # A decoding option given on the command line wins over the checkpoint's hyperparameters.
+    main(
+        [
+            "test",
+            "--ckpt_path",
+            str(sft_run / "checkpoints" / "last.ckpt"),
+            "--model.init_args.max_new_tokens",
+            "10",
+        ]
+    )
     report = json.loads((sft_run / "reports" / "test_report.json").read_text())
     metrics = report["metrics"]
     assert metrics["examples_generated"] == 6 and len(report["samples"]) == 6
@@ -113,12 +122,20 @@ def test_test_report_scores_the_generations(sft_run: Path):
     assert metrics["exact_match"] == pytest.approx(exact.compute().item())
     assert metrics["bleu"] == pytest.approx(BLEUScore()(completions, [[r] for r in references]).item())
     assert 0 <= metrics["rougeL_f"] <= 1
-    assert "temperature=0.0" in report["meta"]["decoding"] and report["meta"]["checkpoint"].endswith(
-        "last.ckpt"
-    )
+    assert "max_new_tokens=10, temperature=0.0" in report["meta"]["decoding"] and report["meta"][
+        "checkpoint"
+    ].endswith("last.ckpt")
     assert "exact_match" in (sft_run / "reports" / "test_report.md").read_text()
     # predict writes the same greedy completions for the same prompts
-    main(["predict", "--ckpt_path", str(sft_run / "checkpoints" / "last.ckpt")])
+    main(
+        [
+            "predict",
+            "--ckpt_path",
+            str(sft_run / "checkpoints" / "last.ckpt"),
+            "--model.init_args.max_new_tokens",
+            "10",
+        ]
+    )
     lines = (sft_run / "predictions.jsonl").read_text().splitlines()
     predictions = [json.loads(line) for line in lines]
     assert [p["prompt"] for p in predictions] == [s["prompt"] for s in report["samples"]]
@@ -194,3 +211,23 @@ def test_export_refuses_bad_input_and_writes_nothing(sft_run: Path, tmp_path: Pa
     with pytest.raises(SystemExit):
         main(["export", "--ckpt_path", str(tmp_path / "foreign.ckpt"), "--out", str(tmp_path / "b")])
     assert "not written by gptlab" in capsys.readouterr().err
+
+
+def test_export_of_a_hugging_face_backbone(tmp_path: Path):
+    """An HFBackbone (here a tiny Llama) exports as itself, with the tokenizer's special ids."""
+    from gptlab.data import BPE
+    from gptlab.export import check_export, to_hf_model
+    from gptlab.models import HFBackbone
+
+    tokenizer = BPE(vocab_size=300).train(["some text to train on"] * 10)
+    torch.manual_seed(0)
+    backbone = HFBackbone(
+        model_type="llama",
+        config_overrides=dict(
+            vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        ),
+    ).eval()
+    model = to_hf_model(backbone, tokenizer)
+    model.save_pretrained(tmp_path)
+    assert check_export(backbone, tmp_path) <= 1e-5
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.eos_token_id == tokenizer.eos_token_id

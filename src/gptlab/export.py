@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -82,6 +83,10 @@ def export(
     model = to_hf_model(backbone, tok)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # mkdtemp makes the directory private (0700); the export is a normal directory (umask applies).
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         model.save_pretrained(tmp)  # safetensors; tied lm_head stored once
         tok.save_pretrained(tmp)

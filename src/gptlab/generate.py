@@ -148,8 +148,8 @@ def generate_batch(
     backbone.eval()
     new: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
-    # Only the cached paths run long enough for a weight-layout change to pay off.
-    layout = _decoding_layout(backbone) if use_cache else contextlib.nullcontext()
+    # A weight-layout change pays off only for several rows per matmul (see _decoding_layout).
+    layout = _decoding_layout(backbone) if use_cache and B > 1 else contextlib.nullcontext()
     try:
         with layout:
             logits = stepper.prefill(ids, None if full_mask is None else full_mask[:, :P])  # (B, V)
@@ -321,8 +321,10 @@ def _decoding_layout(backbone: Backbone) -> Iterator[None]:
     (in, out) as GPT-2's Conv1D does: measured 1.3-2.6x per matmul at 8 rows on our 2-core AVX2
     CPU, and the whole gap to transformers at batch 8 (benchmarks/generation.py --profile). The
     weights are swapped for contiguous transposed copies seen through a transposed view (same
-    shape and values, only the strides differ) and restored afterwards. GPUs (cuBLAS) do not
-    care; sharded or wrapped parameters (DTensor under FSDP) are left alone.
+    shape and values, only the strides differ) and restored afterwards. The copy costs about
+    0.75 s for GPT-2 small (124M) on that CPU, more than it saves at batch 1, where every matmul
+    is a matrix-vector product that both layouts run alike: generate_batch uses it for B > 1.
+    GPUs (cuBLAS) do not care; sharded or wrapped parameters (DTensor under FSDP) are left alone.
     """
     linears = [m for m in backbone.modules() if isinstance(m, nn.Linear)]
     swap = (
