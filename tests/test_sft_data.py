@@ -9,6 +9,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
 
 from gptlab.data import BPE, DEFAULT_CHAT_TEMPLATE, DataError, SFTDataModule
 from gptlab.data.sft import pack
@@ -132,11 +133,10 @@ def test_chat_trains_assistant_turns_only(tmp_path, tokenizer_dir):
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    dm = SFTDataModule(tokenizer=tokenizer_dir, train_files=files, format="chat", val_fraction=0.0)
-    dm.prepare_data()
-    dm._tokenizer = dm._load_tokenizer()
-    dm._tokenizer.chat_template = chatml
-    dm.setup("fit")
+    with_template = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with_template.chat_template = chatml
+    with_template.save_pretrained(str(tmp_path / "chatml"))
+    dm = setup_dm(tokenizer=str(tmp_path / "chatml"), train_files=files, format="chat")
     item = dm.train_dataset.items[0]
     assert trained_spans(dm, item) == ["Hello<|im_end|>\n", "4<|im_end|>\n<|endoftext|>"]
 

@@ -198,7 +198,8 @@ class Generation(CausalLM):
         if self.tokenizer is None:
             raise ConfigError("Generation needs the datamodule's tokenizer to decode generations")
         ids, lengths = batch["input_ids"], batch["prompt_length"].tolist()
-        prompts = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
+        # A prompt truncated away entirely (its completion alone filled block_size) starts from EOS.
+        prompts = [ids[i, :n].tolist() or [self.tokenizer.eos_token_id] for i, n in enumerate(lengths)]
         if self._generator is None or self._generator.device != self.device:
             self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
         rows = generate_batch(
