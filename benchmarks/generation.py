@@ -111,13 +111,14 @@ def timed(fn, *args) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - start, result
 
 
-def profile(name: str, fn, *args) -> None:
+def profile(name: str, device: str, fn, *args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         fn(*args)
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(f"\n--- where the time goes: {name} (top operators by {key})")
     print(prof.key_averages().table(sort_by=key, row_limit=12))
 
@@ -180,8 +181,9 @@ def main() -> None:
     if args.profile:
         for batch in args.batches:
             prompts = prompts_for(batch, gpt.vocab_size)
-            profile(f"gptlab generate_batch, batch {batch}", run_gptlab, gpt, prompts, args.new_tokens)
-            profile(f"transformers generate, batch {batch}", run_hf, hf, prompts, args.new_tokens)
+            sides = (("gptlab generate_batch", run_gptlab, gpt), ("transformers generate", run_hf, hf))
+            for name, fn, model in sides:
+                profile(f"{name}, batch {batch}", args.device, fn, model, prompts, args.new_tokens)
     if args.json:
         meta = {
             "source": source,
