@@ -145,6 +145,29 @@ class TaskModule(L.LightningModule):
         # Built here because Lightning resets logged metric objects right after this hook.
         self.test_report = self.report()
 
+    def on_validation_epoch_end(self) -> None:
+        # A sanity check over the whole validation set (trainer.num_sanity_val_steps: -1) is the
+        # validation at step 0. Lightning discards what it logs, so write it to the loggers
+        # directly: the curves then start from the untrained model.
+        trainer = self.trainer
+        if trainer.sanity_checking and trainer.num_sanity_val_batches == trainer.num_val_batches:
+            metrics = {k: v.item() for k, v in self.epoch_end_metrics("val").items()}
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=0)
+            if metrics:
+                self.print("validation at step 0: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def epoch_end_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        """Loss and metrics of an evaluation stage computed from this epoch's states."""
+        stage_loss = getattr(self, f"{stage}_loss")
+        if not stage_loss.update_called:
+            return {}
+        out = {f"{stage}/loss": stage_loss.compute()}
+        metrics = getattr(self, f"{stage}_metrics", None)
+        if metrics is not None:
+            out.update(metrics.compute())
+        return out
+
     # ----------------------------------------------------------------- setup and checks
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
