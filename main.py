@@ -1,4 +1,4 @@
-"""gptlab entry point: `python main.py {fit,validate,test,predict} --config configs/...yaml`."""
+"""gptlab entry point: `python main.py {fit,validate,test,predict} --config configs/...yaml` (and `export`)."""
 
 from gptlab.cli import main
 

@@ -1,4 +1,4 @@
-"""gptlab's LightningCLI: `python main.py {fit,validate,test,predict} --config ...`.
+"""gptlab's LightningCLI: `python main.py {fit,validate,test,predict} --config ...` (and `export`).
 
 What it adds to LightningCLI:
 
@@ -176,8 +176,18 @@ class GPTLabCLI(LightningCLI):
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of `main.py`: user errors exit 2 with one line, not a traceback."""
+    """Entry point of `main.py`: user errors exit 2 with one line, not a traceback.
+
+    `main.py export --ckpt_path ... --out DIR` is not a Trainer method, so it is dispatched here
+    rather than through LightningCLI's subcommands (see gptlab.export).
+    """
     try:
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, list) and argv[:1] == ["export"]:
+            from gptlab.export import main as export_main
+
+            export_main(argv[1:])
+            return
         GPTLabCLI(args=args)
     except GPTLabError as err:
         print(f"gptlab: error: {err}", file=sys.stderr)

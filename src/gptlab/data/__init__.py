@@ -1,6 +1,7 @@
 """LightningDataModules (one file per data shape) and the tokenizers they train or load."""
 
 from gptlab.data.base import DataError, DataModule, SeededShuffleSampler
+from gptlab.data.sft import DEFAULT_CHAT_TEMPLATE, SFTDataModule
 from gptlab.data.text import TextDataModule, TokenBlocks, expand_files
 from gptlab.data.tokenizers import (
     BPE,
@@ -17,8 +18,10 @@ __all__ = [
     "BPE",
     "EOS_TOKEN",
     "Char",
+    "DEFAULT_CHAT_TEMPLATE",
     "DataError",
     "DataModule",
+    "SFTDataModule",
     "SeededShuffleSampler",
     "TextDataModule",
     "TokenBlocks",

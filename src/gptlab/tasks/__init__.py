@@ -2,5 +2,6 @@
 
 from gptlab.tasks.base import TaskModule
 from gptlab.tasks.causal_lm import CausalLM
+from gptlab.tasks.generation import Generation
 
-__all__ = ["CausalLM", "TaskModule"]
+__all__ = ["CausalLM", "Generation", "TaskModule"]

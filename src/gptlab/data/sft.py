@@ -1,0 +1,696 @@
+"""Supervised fine-tuning data: prompt -> completion pairs (or chat conversations) as token sequences.
+
+    record       {"question": "2+2?", "answer": "4"}            a .jsonl/.json/.parquet row or a
+                                                                 `datasets` row
+    segments     "Question: 2+2?\\nAnswer: "  |  "4"             prompt_template / prompt_field,
+                 (not trained)                 (trained)          completion_field
+    tokens       p0 p1 ... pk                  c0 c1 <eos>      each segment tokenized alone, EOS
+    labels       -100 ... -100                 c0 c1 <eos>      appended; aligned, not shifted
+
+A chat record holds `messages` ([{"role": ..., "content": ...}, ...]); it is rendered with the
+tokenizer's chat template (or gptlab's plain `DEFAULT_CHAT_TEMPLATE` when the tokenizer has none,
+which is then saved with the run's tokenizer), and every assistant turn is trained, everything else
+masked.
+
+Length. A sequence longer than `block_size` is truncated from the left (the start of the prompt
+goes first; the completion and its EOS are kept), with one warning per split counting them.
+
+Packing (`packing: true`, training only) is plain concatenation: whole examples, in a seeded
+order, are appended to a block until the next one would overflow `block_size`; no example is split
+across blocks, and blocks are right-padded as usual. Inside a block an example attends to the
+examples before it (positions continue, nothing is reset), exactly as documents separated by EOS
+do in pretraining; it never sees the examples after it (causal). No loss crosses an example
+boundary: the token after each EOS is the next prompt's first token, labelled -100. Validation
+and test sequences are never packed, so their loss is the per-example loss.
+
+Evaluation and prediction batches carry, beside the batch contract, what generation needs:
+`prompt_length` (B,) int64 (the prompt is `input_ids[i, :prompt_length[i]]`), `prompt` and
+`reference` (lists of B strings: the prompt text and the final completion text). Prediction items
+hold only the prompt (no labels, no EOS); a `.txt` prediction file holds one prompt per line.
+
+SFT sets are small, so records are read, checked and tokenized in memory at `setup` (seconds for
+GSM8K's 7.5k examples); nothing but a trained tokenizer is cached.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerFast
+
+from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule
+from gptlab.data.text import VALIDATION_SPLITS, _files_fingerprint, _is_saved_dataset, expand_files
+from gptlab.data.tokenizers import TokenizerRecipe
+from gptlab.errors import ConfigError
+
+# Used when `format: chat` meets a tokenizer without a chat template (e.g. one gptlab trained).
+# Plain text, no special tokens: "user: ...\nassistant: ...\n"; the generation prompt is "assistant: ".
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+MAX_PROBLEMS = 20  # listed in one error; the rest are counted
+PROBLEMS_PER_SOURCE = 3  # the first few say what is wrong with a whole file
+ROLES = ("train", "val", "test", "predict")
+
+
+@dataclass
+class Example:
+    """One record turned into text segments; `trained` segments get labels, the others -100."""
+
+    segments: list[tuple[str, bool]]  # (text, trained)
+    location: str  # "file line N", for messages
+
+    @property
+    def prompt(self) -> str:
+        """Everything before the last trained segment (the whole text for a prediction prompt)."""
+        last = self._last_trained()
+        return "".join(text for text, _ in self.segments[: last if last is not None else None])
+
+    @property
+    def reference(self) -> str:
+        """The last trained segment: the completion a generation is compared with ("" if none)."""
+        last = self._last_trained()
+        return self.segments[last][0] if last is not None else ""
+
+    def _last_trained(self) -> int | None:
+        return max((i for i, (_, trained) in enumerate(self.segments) if trained), default=None)
+
+
+class SFTSequences(Dataset):
+    """Tokenized examples (or packed blocks of them): items with input_ids and labels.
+
+    Evaluation / prediction items also carry `prompt_length`, `prompt` and `reference`.
+    """
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+class SFTDataModule(DataModule):
+    """Prompt -> completion (or chat) fine-tuning data from local files or a Hugging Face dataset."""
+
+    def __init__(
+        self,
+        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        train_files: str | list[str] | None = None,
+        val_files: str | list[str] | None = None,
+        test_files: str | list[str] | None = None,
+        predict_files: str | list[str] | None = None,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        format: Literal["prompt_completion", "chat"] = "prompt_completion",
+        prompt_field: str = "prompt",
+        completion_field: str = "completion",
+        prompt_template: str = "",
+        messages_field: str = "messages",
+        block_size: int = 512,
+        packing: bool = False,
+        val_fraction: float = 0.05,
+        max_examples: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 1337,
+        cache_dir: str = "~/.cache/gptlab",
+    ) -> None:
+        """
+        Args:
+            tokenizer: The pretrained run's tokenizer directory (`<run>/tokenizer`), an exported
+                model directory or a hub name; or a recipe (`BPE`, `Char`) trained on the training
+                examples and cached.
+            train_files: Training records: paths or globs of .jsonl / .json / .parquet files.
+            val_files: Validation records, as `train_files`; then `val_fraction` is not used.
+            test_files: Test records, as `train_files`; by default the test set is the validation set.
+            predict_files: Prompts to complete with `predict`: records as above (only the prompt
+                is needed), or .txt files with one prompt per line.
+            dataset: Instead of files: a Hugging Face hub dataset name or a `save_to_disk`
+                directory; its train / validation / test splits are used.
+            dataset_config: The hub dataset's configuration (subset) name.
+            format: "prompt_completion" (a prompt and a completion per record) or "chat" (a list of
+                messages per record, rendered with the tokenizer's chat template).
+            prompt_field: Key / column of the prompt text (when no `prompt_template` is given).
+            completion_field: Key / column of the completion (the text trained on).
+            prompt_template: Builds the prompt from several columns with Python's str.format, e.g.
+                "Question: {question}\\nAnswer: "; literal braces are written {{ and }}. Empty:
+                the prompt is `prompt_field`. (A str, not str | None: jsonargparse reads an optional
+                string starting with "#" as a YAML comment, i.e. None.)
+            messages_field: Key / column of the messages list in the chat format.
+            block_size: Longest sequence in tokens (at most the model's block_size); longer ones
+                are truncated from the left with a warning. With packing, the block length.
+            packing: Concatenate whole training examples into blocks of up to `block_size` tokens
+                (fewer, fuller batches). Examples in a block attend to the ones before them; see
+                the module docstring for the exact semantics.
+            val_fraction: Share of the training examples held out (seeded) for validation when
+                there are no validation files or split; 0 disables validation.
+            max_examples: Use only the first N examples of each split (quick experiments).
+            batch_size: Sequences per training batch (per device).
+            eval_batch_size: Sequences per validation / test / predict batch; defaults to `batch_size`.
+            num_workers: DataLoader worker processes; 0 loads in the main process.
+            seed: Seeds the validation hold-out, the packing order and the training order.
+            cache_dir: Root of gptlab's cache (trained tokenizers).
+        """
+        super().__init__(
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            cache_dir=cache_dir,
+        )
+        problems = []
+        if train_files is not None and dataset is not None:
+            problems.append("give train_files or dataset, not both")
+        if train_files is None and dataset is None and test_files is None and predict_files is None:
+            problems.append("give train_files (or dataset), test_files or predict_files")
+        if format not in ("prompt_completion", "chat"):
+            problems.append(f"format={format!r} must be 'prompt_completion' or 'chat'")
+        if block_size < 2:
+            problems.append(f"block_size={block_size} must be at least 2 (one input and one target)")
+        if not 0 <= val_fraction < 1:
+            problems.append(f"val_fraction={val_fraction} must be in [0, 1)")
+        if max_examples is not None and max_examples < 1:
+            problems.append(f"max_examples={max_examples} must be at least 1")
+        self.template_fields: list[str] = []
+        if prompt_template:
+            try:
+                self.template_fields = template_fields(prompt_template)
+            except ValueError as err:
+                problems.append(f"prompt_template={prompt_template!r}: {err}")
+        if problems:
+            raise ConfigError("SFTDataModule: " + "; ".join(problems))
+        self.patterns = {"train": train_files, "val": val_files, "test": test_files, "predict": predict_files}
+        self.dataset = dataset
+        self.dataset_config = dataset_config
+        self.format = format
+        self.prompt_field = prompt_field
+        self.completion_field = completion_field
+        self.prompt_template = prompt_template or None
+        self.messages_field = messages_field
+        self.block_size = block_size
+        self.packing = packing
+        self.val_fraction = val_fraction
+        self.max_examples = max_examples
+        self.predict_dataset: Dataset | None = None
+        self._files: dict[str, list[Path]] | None = None
+        self._splits: dict[str, datasets.Dataset] | None = None
+
+    # ----------------------------------------------------------------- sources
+    def files(self) -> dict[str, list[Path]]:
+        """The files of each role that has files (globs expanded; every bad pattern in one error)."""
+        if self._files is None:
+            found, problems = {}, []
+            for role, patterns in self.patterns.items():
+                if patterns is None:
+                    continue
+                try:
+                    found[role] = expand_files(patterns, f"{role}_files")
+                except DataError as err:
+                    problems.append(str(err))
+                    continue
+                allowed = (".jsonl", ".json", ".parquet") + ((".txt",) if role == "predict" else ())
+                problems += [
+                    f"{role}_files: {p} is not {' / '.join(allowed)}; SFT records are JSON lines, JSON "
+                    f"arrays or Parquet" + (" (or one prompt per line in .txt)" if role == "predict" else "")
+                    for p in found[role]
+                    if p.suffix.lower() not in allowed
+                ]
+            if problems:
+                raise DataError("\n".join(problems))
+            self._files = found
+        return self._files
+
+    def _dataset_splits(self) -> dict[str, datasets.Dataset]:
+        """`dataset`'s splits by role (train, and val / test when it has them)."""
+        if self._splits is None:
+            path = Path(self.dataset).expanduser()
+            if self.dataset.startswith(("/", ".", "~")) and not path.exists():
+                raise DataError(f"dataset={self.dataset!r}: no such directory; give a save_to_disk directory")
+            try:
+                if _is_saved_dataset(path):
+                    loaded = datasets.load_from_disk(str(path))
+                else:
+                    loaded = datasets.load_dataset(self.dataset, self.dataset_config)
+            except (OSError, ValueError) as err:
+                raise DataError(f"dataset={self.dataset!r}: cannot load it ({err})") from None
+            if not isinstance(loaded, datasets.DatasetDict):
+                loaded = datasets.DatasetDict({"train": loaded})
+            splits = {"train": loaded["train"]} if "train" in loaded else {}
+            for role, names in (("val", VALIDATION_SPLITS), ("test", ("test",))):
+                name = next((n for n in names if n in loaded), None)
+                if name is not None:
+                    splits[role] = loaded[name]
+            if not splits:
+                raise DataError(f"dataset={self.dataset!r} has no train, validation or test split")
+            self._splits = splits
+        return self._splits
+
+    def records(self, role: str) -> Iterator[tuple[str, str, Any]]:
+        """(source, location, record) of every record of `role`; files win over a dataset's split."""
+        files = self.files()
+        if role in files:
+            for path in files[role]:
+                for location, record in _read_records(path):
+                    yield str(path), location, record
+        elif self.dataset is not None and role in self._dataset_splits():
+            source = f"dataset {self.dataset!r} ({role} split)"
+            for i, row in enumerate(self._dataset_splits()[role]):
+                yield source, f"{source} row {i}", row
+
+    def has_role(self, role: str) -> bool:
+        if role in self.files():
+            return True
+        return self.dataset is not None and role in self._dataset_splits()
+
+    # ----------------------------------------------------------------- DataModule hooks
+    def tokenizer_corpus(self) -> Iterator[str]:
+        # Every text of the training records; chat turns as "role: content" lines (the template's
+        # own markup is not known before a tokenizer exists).
+        for example in self.examples("train", render=_plain_chat):
+            yield "".join(text for text, _ in example.segments)
+
+    def corpus_fingerprint(self) -> str:
+        sources = {
+            "files": {
+                role: _files_fingerprint(files) for role, files in self.files().items() if role == "train"
+            },
+            "dataset": f"{self.dataset}:{self.dataset_config}",
+            "format": [self.format, self.prompt_field, self.completion_field, self.prompt_template],
+            "messages_field": self.messages_field,
+            "max_examples": self.max_examples,
+        }
+        return json.dumps(sources, sort_keys=True)
+
+    def setup_datasets(self, stage: str) -> None:
+        tokenizer = self.tokenizer
+        render = None
+        if self.format == "chat":
+            if not getattr(tokenizer, "chat_template", None):
+                # Set on the tokenizer itself so the run's saved tokenizer (and an export) carry it.
+                tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+                rank_zero_info(
+                    "gptlab: the tokenizer has no chat template; using gptlab's DEFAULT_CHAT_TEMPLATE"
+                )
+            render = _template_renderer(tokenizer)
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        splits = self._split_examples(wanted.get(stage, ("train", "val", "test")), render)
+
+        self.train_dataset = self.val_dataset = self.test_dataset = self.predict_dataset = None
+        for role, examples in splits.items():
+            if examples is None:
+                continue
+            if role == "predict":
+                self.predict_dataset = SFTSequences(self._prompt_items(examples, tokenizer))
+                continue
+            items = self._sequence_items(examples, tokenizer, role, with_text=role != "train")
+            if role == "train" and self.packing:
+                items = pack(items, self.block_size, self.seed)
+            setattr(self, f"{role}_dataset", SFTSequences(items))
+        sizes = ", ".join(
+            f"{role} {len(ds):,}" for role in ROLES if (ds := getattr(self, f"{role}_dataset")) is not None
+        )
+        rank_zero_info(f"gptlab: SFT sequences ({self.format}, block_size {self.block_size}): {sizes}")
+
+    def _split_examples(self, wanted: tuple[str, ...], render) -> dict[str, list[Example] | None]:
+        """The examples of each wanted role; every problem of every source in one DataError.
+
+        Validation is `val_files` / the dataset's validation split, else a seeded `val_fraction` of
+        the training examples; test is `test_files` / the test split, else the validation set.
+        """
+        problems: list[str] = []
+
+        def load(role: str) -> list[Example] | None:
+            try:
+                return self.examples(role, render)
+            except DataError as err:
+                problems.append(str(err))
+                return None
+
+        need_val = "val" in wanted or ("test" in wanted and not self.has_role("test"))
+        need_train = "train" in wanted or (need_val and not self.has_role("val"))
+        train = load("train") if need_train and self.has_role("train") else None
+        val = load("val") if need_val and self.has_role("val") else None
+        if need_val and train is not None and not self.has_role("val") and self.val_fraction > 0:
+            train, val = self._hold_out(train)
+        test = (load("test") if self.has_role("test") else val) if "test" in wanted else None
+        predict = load("predict") if "predict" in wanted and self.has_role("predict") else None
+        if "test" in wanted and test is None and not problems:
+            problems.append("no test examples: set test_files (or val_files, or a val_fraction > 0 of train)")
+        if problems:
+            raise DataError("\n".join(problems))
+        return {
+            "train": train if "train" in wanted else None,
+            "val": val if "val" in wanted else None,
+            "test": test,
+            "predict": predict,
+        }
+
+    def _hold_out(self, train: list[Example]) -> tuple[list[Example], list[Example]]:
+        """(train, validation): a seeded `val_fraction` of the examples, at least one, held out."""
+        held = max(1, int(round(len(train) * self.val_fraction)))
+        if held >= len(train):
+            raise DataError(
+                f"val_fraction={self.val_fraction} of {len(train)} training examples leaves none to train "
+                f"on: lower val_fraction (0 disables validation) or add examples"
+            )
+        order = np.random.default_rng(self.seed).permutation(len(train))
+        held_out = set(order[:held].tolist())
+        # Both keep file order: the held-out set is the same at fit and at test time.
+        return (
+            [ex for i, ex in enumerate(train) if i not in held_out],
+            [ex for i, ex in enumerate(train) if i in held_out],
+        )
+
+    # ----------------------------------------------------------------- records -> examples
+    def examples(self, role: str, render=None) -> list[Example]:
+        """Every record of `role` as an Example; one DataError lists every problem found."""
+        examples: list[Example] = []
+        problems: list[str] = []
+        per_source: dict[str, int] = {}
+        checked_sources: set[str] = set()
+        for source, location, record in self.records(role):
+            if per_source.get(source, 0) >= PROBLEMS_PER_SOURCE:
+                continue
+            # The first record of each source decides whether the template's columns exist at all.
+            if (
+                source not in checked_sources
+                and self.prompt_template is not None
+                and isinstance(record, dict)
+            ):
+                checked_sources.add(source)
+                missing = [f for f in self.template_fields if f not in record]
+                if missing:
+                    problems.append(
+                        f"{source}: prompt_template {self.prompt_template!r} names column(s) "
+                        f"{', '.join(map(repr, missing))}, which the records do not have (columns: "
+                        f"{', '.join(map(repr, record))}); fix the template or the data"
+                    )
+                    per_source[source] = PROBLEMS_PER_SOURCE
+                    continue
+            try:
+                examples.append(self._example(location, record, role, render))
+            except DataError as err:
+                problems.append(str(err))
+                per_source[source] = per_source.get(source, 0) + 1
+                if per_source[source] == PROBLEMS_PER_SOURCE:
+                    problems.append(f"{source}: (further problems in this source not listed)")
+            if self.max_examples is not None and len(examples) >= self.max_examples and not problems:
+                break
+        if not problems and not examples:
+            problems.append(f"{role}: no records found; check the {role} files or dataset split")
+        if problems:
+            more = len(problems) - MAX_PROBLEMS
+            listed = problems[:MAX_PROBLEMS] + ([f"... and {more} more problems"] if more > 0 else [])
+            raise DataError(f"SFTDataModule ({role}): {len(problems)} problem(s):\n  " + "\n  ".join(listed))
+        return examples
+
+    def _example(self, location: str, record: Any, role: str, render) -> Example:
+        need_completion = role != "predict"
+        if isinstance(record, str):  # a line of a .txt prompts file
+            return Example([(record, False)], location)
+        if not isinstance(record, dict):
+            raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
+        if self.format == "chat":
+            return self._chat_example(location, record, need_completion, render or _plain_chat)
+        if self.prompt_template is not None:
+            missing = [f for f in self.template_fields if f not in record]
+            if missing:
+                raise DataError(
+                    f"{location}: no column {', '.join(map(repr, missing))} for prompt_template (keys: "
+                    f"{', '.join(map(repr, record))})"
+                )
+            prompt = self.prompt_template.format_map(record)
+        else:
+            prompt = _text_field(record, self.prompt_field, location, "prompt_field (or set prompt_template)")
+        segments = [(prompt, False)]
+        if need_completion or self.completion_field in record:
+            completion = _text_field(record, self.completion_field, location, "completion_field")
+            segments.append((completion, True))
+        return Example(segments, location)
+
+    def _chat_example(self, location: str, record: dict, need_completion: bool, render) -> Example:
+        messages = record.get(self.messages_field)
+        if not isinstance(messages, list) or not messages:
+            keys = ", ".join(map(repr, record))
+            raise DataError(
+                f"{location}: no non-empty list {self.messages_field!r} (keys: {keys}); format: chat needs "
+                f"messages [{{role, content}}, ...] (set messages_field)"
+            )
+        for i, m in enumerate(messages):
+            if not (
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            ):
+                raise DataError(
+                    f"{location}: message {i} is not {{'role': str, 'content': str}}: {m!r}"[:300]
+                )
+        if need_completion and messages[-1]["role"] != "assistant":
+            raise DataError(
+                f"{location}: the conversation ends with a {messages[-1]['role']!r} turn; training and "
+                f"evaluation need it to end with an 'assistant' turn"
+            )
+        segments, done = [], ""
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = render(messages[:i], True)
+            full = render(messages[: i + 1], False)
+            if not (prefix.startswith(done) and full.startswith(prefix)):
+                raise DataError(
+                    f"{location}: the chat template does not render turn {i} as an extension of the turns "
+                    f"before it, so the assistant's text cannot be located; use a prefix-stable template"
+                )
+            segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
+            done = full
+        if messages[-1]["role"] != "assistant":  # a prompt to complete (predict)
+            segments.append((render(messages, True)[len(done) :], False))
+        return Example([(t, trained) for t, trained in segments if t], location)
+
+    # ----------------------------------------------------------------- examples -> tokens
+    def _tokenize(self, texts: list[str], tokenizer: PreTrainedTokenizerFast) -> list[list[int]]:
+        if not texts:
+            return []
+        # Data text is text: a literal "<|endoftext|>" in a completion must not end it. Chat
+        # templates, on the other hand, write their special tokens as text on purpose.
+        split_special = self.format != "chat"
+        try:
+            return tokenizer(
+                texts,
+                add_special_tokens=False,
+                split_special_tokens=split_special,
+                return_attention_mask=False,
+            )["input_ids"]
+        except Exception as err:  # the Rust tokenizers raise a bare Exception
+            raise DataError(
+                f"the tokenizer cannot encode the SFT text ({err}); a Char tokenizer knows only the "
+                f"characters it was trained on: use BPE or the pretrained run's tokenizer"
+            ) from None
+
+    def _sequence_items(
+        self, examples: list[Example], tokenizer: PreTrainedTokenizerFast, role: str, with_text: bool
+    ) -> list[dict[str, Any]]:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ConfigError("the tokenizer has no EOS token; SFT appends one to every completion")
+        flat = [text for ex in examples for text, _ in ex.segments]
+        ids_flat = iter(self._tokenize(flat, tokenizer))
+        items, truncated = [], 0
+        for ex in examples:
+            ids: list[int] = []
+            labels: list[int] = []
+            prompt_length = 0
+            last = ex._last_trained()
+            for i, (_, trained) in enumerate(ex.segments):
+                seg = next(ids_flat)
+                if i == last:
+                    prompt_length = len(ids)
+                ids += seg
+                labels += seg if trained else [IGNORE_INDEX] * len(seg)
+            ids.append(eos)  # the model learns to stop
+            labels.append(eos)
+            if len(ids) > self.block_size:
+                # Left truncation keeps the completion and its EOS (what is trained and scored).
+                cut = len(ids) - self.block_size
+                ids, labels, prompt_length = ids[cut:], labels[cut:], max(prompt_length - cut, 0)
+                truncated += 1
+            item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+            if with_text:
+                item.update(prompt_length=prompt_length, prompt=ex.prompt, reference=ex.reference)
+            items.append(item)
+        if truncated:
+            rank_zero_warn(
+                f"SFTDataModule: {truncated} of {len(examples)} {role} examples are longer than "
+                f"block_size={self.block_size} tokens and were truncated from the left (the start of the "
+                f"prompt is dropped, the completion kept); raise block_size to keep them whole"
+            )
+        return items
+
+    def _prompt_items(self, examples: list[Example], tokenizer: PreTrainedTokenizerFast) -> list[dict]:
+        prompts = [ex.prompt if ex.reference else "".join(t for t, _ in ex.segments) for ex in examples]
+        ids = self._tokenize(prompts, tokenizer)
+        empty = [ex.location for ex, seq in zip(examples, ids, strict=True) if not seq]
+        if empty:
+            raise DataError(f"predict: empty prompt at {', '.join(empty[:5])}; every prompt needs some text")
+        # Generation truncates prompts that do not fit beside max_new_tokens (with a warning).
+        return [
+            {
+                "input_ids": torch.tensor(seq),
+                "prompt_length": len(seq),
+                "prompt": text,
+                "reference": ex.reference,
+            }
+            for ex, seq, text in zip(examples, ids, prompts, strict=True)
+        ]
+
+    # ----------------------------------------------------------------- batches
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        """The batch contract, plus `prompt_length`, `prompt` and `reference` on evaluation items."""
+        plain = [{k: f[k] for k in ("input_ids", "labels") if k in f} for f in features]
+        batch = super().collate(plain)
+        if "prompt_length" in features[0]:
+            batch["prompt_length"] = torch.tensor([f["prompt_length"] for f in features], dtype=torch.long)
+            batch["prompt"] = [f["prompt"] for f in features]
+            batch["reference"] = [f["reference"] for f in features]
+        return batch
+
+    def predict_dataloader(self):
+        if self.predict_dataset is None:
+            raise DataError(
+                "no prompts to predict: set data.init_args.predict_files (records with the prompt, or "
+                ".txt with one prompt per line)"
+            )
+        return self._loader(self.predict_dataset, self.eval_batch_size, None)
+
+
+# ----------------------------------------------------------------------------- packing
+def pack(items: list[dict[str, Any]], block_size: int, seed: int) -> list[dict[str, Any]]:
+    """Concatenate whole examples into blocks of at most `block_size` tokens (see module docstring).
+
+    The examples are shuffled with `seed` first, so a block mixes examples from all over the data
+    and the packing is the same on every rank and every restart.
+    """
+    order = np.random.default_rng(seed).permutation(len(items))
+    blocks: list[dict[str, Any]] = []
+    ids: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    length = 0
+
+    def close() -> None:
+        if ids:
+            blocks.append({"input_ids": torch.cat(ids), "labels": torch.cat(labels)})
+
+    for index in order.tolist():
+        item = items[index]
+        n = len(item["input_ids"])
+        if length + n > block_size:
+            close()
+            ids, labels, length = [], [], 0
+        ids.append(item["input_ids"])
+        labels.append(item["labels"])
+        length += n
+    close()
+    return blocks
+
+
+# ----------------------------------------------------------------------------- helpers
+def template_fields(template: str) -> list[str]:
+    """The column names a str.format template uses; ValueError for positional or malformed fields."""
+    fields = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise ValueError("fields must be named after columns, e.g. {question} (not {} or {0})")
+        base = name.split(".")[0].split("[")[0]
+        if base != name:
+            raise ValueError(f"field {{{name}}} must be a plain column name")
+        if name not in fields:
+            fields.append(name)
+    return fields
+
+
+def _text_field(record: dict, key: str, location: str, setting: str) -> str:
+    if key not in record:
+        keys = ", ".join(map(repr, record)) or "none"
+        raise DataError(f"{location}: no key {key!r} (keys: {keys}); set {setting}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{location}: {key!r} is a {type(value).__name__}, not a string")
+    return value
+
+
+def _plain_chat(messages: list[dict], add_generation_prompt: bool) -> str:
+    """DEFAULT_CHAT_TEMPLATE in Python, for the tokenizer corpus (before a tokenizer exists)."""
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant: " if add_generation_prompt else "")
+
+
+def _template_renderer(tokenizer: PreTrainedTokenizerFast):
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as err:  # jinja2 errors (e.g. a template that requires alternating roles)
+            raise DataError(f"the tokenizer's chat template cannot render these messages ({err})") from None
+
+    return render
+
+
+def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, record) for each record of a .jsonl / .json / .parquet file, or each line of a .txt."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    yield f"{path} line {number}", line.rstrip("\r\n")
+        return
+    if suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path} row {i}", row
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    if suffix == ".json":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # not one document: read it as JSON lines below
+        if isinstance(whole, list):
+            for i, record in enumerate(whole):
+                yield f"{path} item {i}", record
+            return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})"
+            ) from None
+        yield f"{path} line {number}", record

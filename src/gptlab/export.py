@@ -1,0 +1,160 @@
+"""`python main.py export`: a gptlab checkpoint -> a Hugging Face model directory.
+
+    <run>/checkpoints/best.ckpt --+--> backbone --> GPT2LMHeadModel (our GPT; gptlab.models.convert)
+                                  |                 or the HFBackbone's own model
+    <run>/tokenizer/ -------------+--> tokenizer
+                                  v
+    OUT/  config.json  generation_config.json  model.safetensors  tokenizer.json  tokenizer_config.json ...
+
+The directory loads with `AutoModelForCausalLM.from_pretrained(OUT)` and
+`AutoTokenizer.from_pretrained(OUT)` and gives gptlab's logits (checked before anything is
+written, tolerance 1e-5). gptlab starts from it too: `init_from: OUT` (and `tokenizer: OUT`).
+It is written into a temporary directory and renamed into place, so a failed export leaves
+nothing behind and an existing OUT is never touched without `--overwrite true`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedModel
+
+from gptlab.errors import CheckpointError, ConfigError
+from gptlab.models import GPT, HFBackbone
+from gptlab.models.convert import gpt2_config, gpt_to_gpt2_state_dict
+
+# Written beside the model: where it came from (ignored by transformers).
+EXPORT_INFO = "gptlab_export.json"
+LOGITS_ATOL = 1e-5
+
+
+def export(
+    ckpt_path: str,
+    out: str,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export a gptlab checkpoint as a Hugging Face model directory (safetensors + config + tokenizer).
+
+    Args:
+        ckpt_path: a gptlab checkpoint, e.g. logs/<experiment>/version_0/checkpoints/best.ckpt.
+        out: the directory to write; it must not exist (or be empty) unless overwrite is true.
+        tokenizer: the tokenizer directory or hub name to ship with the model; default: the run's
+            own `<run>/tokenizer`, saved beside the checkpoints by `fit`.
+        overwrite: replace an existing non-empty `out`.
+    """
+    from gptlab.cli import run_dir_of  # not at import time: cli.py imports this module lazily too
+
+    out_dir = Path(out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ConfigError(
+            f"--out {out_dir} already exists and is not empty: choose another directory or pass "
+            f"--overwrite true"
+        )
+    task = _load_task(Path(ckpt_path))
+    source = tokenizer
+    if source is None:
+        run = run_dir_of(ckpt_path)
+        candidate = run / "tokenizer" if run is not None else None
+        if candidate is None or not candidate.is_dir():
+            raise CheckpointError(
+                f"{ckpt_path}: no tokenizer beside this checkpoint (expected "
+                f"{candidate or '<run>/tokenizer'}); pass --tokenizer DIR with the tokenizer the model "
+                f"was trained with"
+            )
+        source = str(candidate)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"--tokenizer {source}: cannot load it ({err})") from None
+    backbone = task.backbone.eval()
+    if len(tok) > backbone.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer {source} has {len(tok)} tokens but the model only {backbone.vocab_size}: "
+            f"pass the tokenizer the model was trained with (--tokenizer)"
+        )
+
+    model = to_hf_model(backbone, tok)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)  # safetensors; tied lm_head stored once
+        tok.save_pretrained(tmp)
+        info = {"checkpoint": str(ckpt_path), "task": type(task).__name__, "tokenizer": str(source)}
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        diff = check_export(backbone, tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exported {ckpt_path} to {out_dir} (transformers logits match gptlab's: max |diff| {diff:.1e})")
+    return out_dir
+
+
+def to_hf_model(backbone: torch.nn.Module, tokenizer) -> PreTrainedModel:
+    """The transformers model computing what `backbone` computes, with the tokenizer's special ids."""
+    if isinstance(backbone, GPT):
+        config = gpt2_config(backbone)
+        model = GPT2LMHeadModel(config)
+        model.load_state_dict(gpt_to_gpt2_state_dict(backbone), strict=True)
+    elif isinstance(backbone, HFBackbone):
+        model = backbone.model
+    else:
+        raise CheckpointError(f"cannot export a {type(backbone).__name__} backbone (GPT or HFBackbone only)")
+    # generate() stops and pads with the tokenizer's ids (gpt2_config only knows GPT-2's 50256).
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, key, None)
+        if key == "bos_token_id" and value is None:
+            value = tokenizer.eos_token_id  # GPT-2's convention: <|endoftext|> starts and ends
+        setattr(model.config, key, value)
+        setattr(model.generation_config, key, value)
+    return model.eval()
+
+
+def check_export(backbone: torch.nn.Module, directory: Path) -> float:
+    """Load `directory` with transformers and compare its logits with the backbone's; max |diff|."""
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    length = min(16, backbone.block_size or 16)
+    ids = torch.arange(length).remainder(backbone.vocab_size)[None]  # (1, T): a fixed probe
+    param = next(backbone.parameters())
+    with torch.no_grad():
+        ours = backbone.logits(backbone(ids.to(param.device))).float().cpu()
+        theirs = hf(ids).logits.float()
+    diff = (ours - theirs).abs().max().item()
+    if diff > LOGITS_ATOL:
+        raise CheckpointError(
+            f"the exported model's logits differ from gptlab's by {diff:.2e} (> {LOGITS_ATOL}); "
+            f"nothing written"
+        )
+    return diff
+
+
+def _load_task(ckpt_path: Path):
+    from gptlab.tasks.base import load_checkpoint
+
+    checkpoint = load_checkpoint(ckpt_path)  # safe load; clear errors for missing / broken files
+    task_path = checkpoint.get("gptlab", {}).get("task")
+    if task_path is None or "hyper_parameters" not in checkpoint:
+        raise CheckpointError(
+            f"{ckpt_path} was not written by gptlab's `fit` (no task or hyperparameters inside); "
+            f"export a checkpoint from logs/<experiment>/version_N/checkpoints/"
+        )
+    module, _, name = task_path.rpartition(".")
+    try:
+        task_class = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise CheckpointError(f"{ckpt_path}: its task {task_path} is not available in this gptlab") from None
+    return task_class.load_from_checkpoint(ckpt_path, map_location="cpu")
+
+
+def main(argv: list[str]) -> Path:
+    """`python main.py export --ckpt_path ... --out DIR` (options and --help from `export`'s signature)."""
+    from jsonargparse import auto_cli
+
+    return auto_cli(export, args=argv, as_positional=False)

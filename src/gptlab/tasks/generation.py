@@ -1,0 +1,285 @@
+"""Generation: supervised fine-tuning on completions, and evaluation by what the model generates.
+
+    fit      SFT batches (prompt labelled -100) -> CausalLM's shifted cross entropy on completions
+    test     the same loss and perplexity on completions, then for every example:
+               prompt -> generate_batch -> completion text -> exact match of the final answer,
+                                                              BLEU, ROUGE-L against the reference
+             -> reports/test_report.{txt,md,json} with metrics and sample generations
+    predict  prompts -> generated completions -> <run>/predictions.jsonl  {prompt, completion}
+
+Test and predict batches come from `gptlab.data.SFTDataModule`, which adds `prompt_length`,
+`prompt` and `reference` to the batch contract.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.text import BLEUScore, ROUGEScore
+
+from gptlab.errors import ConfigError
+from gptlab.generate import decode_completion, generate_batch
+from gptlab.models import Backbone
+from gptlab.optim import WarmupCosine
+from gptlab.reports import Report
+from gptlab.tasks.causal_lm import CausalLM
+
+# lm-evaluation-harness's GSM8K "strict-match" filter: the number after "#### ".
+GSM8K_ANSWER = r"#### (\-?[0-9\.\,]+)"
+
+
+class AnswerExactMatch(Metric):
+    """Share of generations whose final answer equals the reference's final answer.
+
+    The answer is the first group (or the whole match) of `pattern`'s first match; without a
+    pattern, the whole stripped text. Answers are compared after stripping whitespace, removing
+    thousands separators and a trailing period ("1,000." == "1000"). A reference the pattern does
+    not match is compared whole; a generation it does not match counts as wrong.
+    """
+
+    full_state_update = False
+
+    def __init__(self, pattern: str | None = GSM8K_ANSWER) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern) if pattern is not None else None
+        self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("found", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
+
+    def extract(self, text: str) -> str | None:
+        """The normalised final answer in `text`, or None when the pattern finds none."""
+        if self.pattern is None:
+            answer = text
+        else:
+            match = self.pattern.search(text)
+            if match is None:
+                return None
+            answer = match.group(1) if match.groups() else match.group(0)
+        return answer.strip().replace(",", "").rstrip(".")
+
+    def update(self, preds: list[str], target: list[str]) -> None:
+        for pred, ref in zip(preds, target, strict=True):
+            answer = self.extract(pred)
+            expected = self.extract(ref)
+            expected = expected if expected is not None else ref.strip()
+            self.found += int(answer is not None)
+            self.correct += int(answer is not None and answer == expected)
+            self.total += 1
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.clamp(min=1)
+
+
+class BLEU(BLEUScore):
+    """Corpus BLEU-4 (torchmetrics) with one reference string per prediction."""
+
+    def update(self, preds: list[str], target: list[str]) -> None:
+        # BLEUScore reads each target as a list of references; a bare string would be read as a
+        # list of one-character references and score 0.
+        super().update(preds, [[ref] for ref in target])
+
+
+class RougeL(ROUGEScore):
+    """ROUGE-L F-measure (torchmetrics), averaged over examples, as one number."""
+
+    def __init__(self) -> None:
+        super().__init__(rouge_keys="rougeL")
+
+    def compute(self) -> torch.Tensor:
+        return super().compute()["rougeL_fmeasure"]
+
+
+class Generation(CausalLM):
+    """Prompt -> completion fine-tuning (SFT) with generation-based evaluation and prediction.
+
+    Training is CausalLM's loss on the labelled (completion) tokens. `test` also generates a
+    completion for every test prompt and reports exact match of the final answer, BLEU and
+    ROUGE-L against the references, with sample generations; `predict` writes
+    `<run>/predictions.jsonl`. Decoding settings apply to both.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = WarmupCosine,
+        init_from: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int = 0,
+        answer_pattern: str = GSM8K_ANSWER,
+        num_samples: int = 5,
+    ) -> None:
+        """
+        Args:
+            backbone: the Transformer (`gptlab.models.GPT` or `gptlab.models.HFBackbone`).
+            optimizer: called with the parameter groups (decay / no decay), e.g. `torch.optim.AdamW`.
+            scheduler: called with the optimizer, stepped every optimizer step; None: constant lr.
+            init_from: start from a pretrained gptlab checkpoint (`.ckpt`) or a Hugging Face model
+                directory (e.g. one written by `main.py export`). Only used by `fit`.
+            max_new_tokens: tokens generated per prompt at most (test and predict).
+            temperature: 0 decodes greedily (reproducible evaluation); > 0 samples.
+            top_k: sample among the k most likely tokens only (None: all).
+            top_p: nucleus sampling threshold in (0, 1] (None: no nucleus filtering).
+            repetition_penalty: > 1 discourages repeating tokens already in the sequence.
+            stop: strings that end a completion (it is cut before them), beside the EOS token.
+            seed: seed of sampling, so that sampled evaluations repeat exactly.
+            answer_pattern: regex of the final answer for exact match; its first group (or the
+                whole match) is compared. Default: GSM8K's "#### <number>". Empty: whole
+                completions are compared. (A str, not str | None: jsonargparse reads an optional
+                string starting with "#" as a YAML comment, i.e. None.)
+            num_samples: test generations shown in the report.
+        """
+        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, init_from=init_from)
+        problems = []
+        if max_new_tokens < 1:
+            problems.append(f"max_new_tokens={max_new_tokens} must be at least 1")
+        if temperature < 0:
+            problems.append(f"temperature={temperature} must be >= 0 (0 = greedy)")
+        if top_k is not None and top_k < 1:
+            problems.append(f"top_k={top_k} must be at least 1")
+        if top_p is not None and not 0 < top_p <= 1:
+            problems.append(f"top_p={top_p} must be in (0, 1]")
+        if repetition_penalty <= 0:
+            problems.append(f"repetition_penalty={repetition_penalty} must be > 0 (1 = none)")
+        if num_samples < 0:
+            problems.append(f"num_samples={num_samples} must be >= 0")
+        if answer_pattern:
+            try:
+                re.compile(answer_pattern)
+            except re.error as err:
+                problems.append(f"answer_pattern={answer_pattern!r} is not a valid regex ({err})")
+        if problems:
+            raise ConfigError("Generation: " + "; ".join(problems))
+        self.decoding = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            stop=list(stop) if stop else None,
+        )
+        self.seed = seed
+        self.num_samples = num_samples
+        # Generation-based metrics are computed in `test` only: generating is far slower than a
+        # forward pass, so validation reports the loss alone.
+        self.set_metrics(
+            MetricCollection(
+                {"exact_match": AnswerExactMatch(answer_pattern or None), "bleu": BLEU(), "rougeL": RougeL()}
+            ),
+            stages=("test",),
+        )
+        self.samples: list[dict[str, str]] = []
+        self.predictions: list[dict[str, str]] = []
+        self._generator: torch.Generator | None = None
+
+    # ----------------------------------------------------------------- generating
+    def generate_completions(self, batch: dict[str, Any]) -> list[str]:
+        """Generate a completion for each prompt of an SFT evaluation / prediction batch."""
+        if "prompt_length" not in batch:
+            raise ConfigError(
+                "Generation needs batches from gptlab.data.SFTDataModule (they carry prompt_length, "
+                "prompt and reference); set data.class_path: gptlab.data.SFTDataModule"
+            )
+        if self.tokenizer is None:
+            raise ConfigError("Generation needs the datamodule's tokenizer to decode generations")
+        ids, lengths = batch["input_ids"], batch["prompt_length"].tolist()
+        prompts = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        rows = generate_batch(
+            self.backbone,
+            prompts,
+            eos_token_id=self.tokenizer.eos_token_id,
+            tokenizer=self.tokenizer,
+            generator=self._generator,
+            pad_token_id=self.tokenizer.pad_token_id or 0,
+            **self.decoding,
+        )
+        return [decode_completion(self.tokenizer, row, self.decoding["stop"]) for row in rows]
+
+    def metric_inputs(self, outputs: torch.Tensor, batch: dict[str, Any]) -> tuple[list[str], list[str]]:
+        # Called by shared_step for the stages that have metrics, i.e. test only.
+        completions = self.generate_completions(batch)
+        for prompt, completion, reference in zip(
+            batch["prompt"], completions, batch["reference"], strict=True
+        ):
+            if len(self.samples) < self.num_samples:
+                self.samples.append({"prompt": prompt, "completion": completion, "reference": reference})
+        return completions, batch["reference"]
+
+    def on_test_epoch_start(self) -> None:
+        self.samples = []
+        self._generator = None  # every test run samples the same way
+
+    def on_predict_epoch_start(self) -> None:
+        self.predictions = []
+        self._generator = None
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        completions = self.generate_completions(batch)
+        records = [{"prompt": p, "completion": c} for p, c in zip(batch["prompt"], completions, strict=True)]
+        self.predictions.extend(records)
+        return records
+
+    def on_predict_epoch_end(self) -> None:
+        run = Path(self.trainer.log_dir or ".")
+        rank = self.trainer.global_rank
+        # One file per process under several devices (each holds its share of the prompts).
+        name = "predictions.jsonl" if self.trainer.world_size == 1 else f"predictions.rank{rank}.jsonl"
+        path = run / name
+        run.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=run, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                for record in self.predictions:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)  # whole or not at all
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        rank_zero_info(f"gptlab: {len(self.predictions)} completions written to {path}")
+
+    # ----------------------------------------------------------------- the report
+    def report(self) -> Report:
+        base = super().report()
+        values = {name: float(m.compute().item()) for name, m in self.test_metrics.items(keep_base=True)}
+        exact = self.test_metrics["exact_match"]
+        # The metric's own states count this rank's examples; sum them over ranks.
+        total, found = (
+            int(self.trainer.strategy.reduce(state, reduce_op="sum").item())
+            for state in (exact.total, exact.found)
+        )
+        loss = base.metrics["loss"]
+        return Report(
+            title="Generation: test report",
+            metrics={
+                "loss": loss,
+                "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+                "tokens_evaluated": base.metrics["tokens_evaluated"],
+                "examples_generated": total,
+                "exact_match": values["exact_match"],
+                "answer_found": found / max(total, 1),
+                "bleu": values["bleu"],
+                "rougeL_f": values["rougeL"],
+            },
+            samples=self.samples,
+            # How the completions were produced, next to the checkpoint and config the CLI adds.
+            meta={
+                "decoding": ", ".join(f"{k}={v!r}" for k, v in {**self.decoding, "seed": self.seed}.items())
+            },
+        )
