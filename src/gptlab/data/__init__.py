@@ -1,7 +1,9 @@
 """LightningDataModules (one file per data shape) and the tokenizers they train or load."""
 
 from gptlab.data.base import DataError, DataModule, SeededShuffleSampler
+from gptlab.data.classification import ClassificationDataModule
 from gptlab.data.text import TextDataModule, TokenBlocks, expand_files
+from gptlab.data.token_classification import TokenClassificationDataModule
 from gptlab.data.tokenizers import (
     BPE,
     EOS_TOKEN,
@@ -17,10 +19,12 @@ __all__ = [
     "BPE",
     "EOS_TOKEN",
     "Char",
+    "ClassificationDataModule",
     "DataError",
     "DataModule",
     "SeededShuffleSampler",
     "TextDataModule",
+    "TokenClassificationDataModule",
     "TokenBlocks",
     "TokenizerRecipe",
     "expand_files",

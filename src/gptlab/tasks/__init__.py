@@ -2,5 +2,7 @@
 
 from gptlab.tasks.base import TaskModule
 from gptlab.tasks.causal_lm import CausalLM
+from gptlab.tasks.sequence_classification import SequenceClassification
+from gptlab.tasks.token_classification import TokenClassification
 
-__all__ = ["CausalLM", "TaskModule"]
+__all__ = ["CausalLM", "SequenceClassification", "TaskModule", "TokenClassification"]
