@@ -98,6 +98,7 @@ def tiny_config(tmp_path: Path, corpus: Path, **overrides) -> Path:
             "val_check_interval": 3,
             "check_val_every_n_epoch": None,
             "log_every_n_steps": 1,
+            "num_sanity_val_steps": -1,
             "enable_progress_bar": False,
         },
     }

@@ -34,6 +34,14 @@ def test_fit_writes_the_run_directory(fitted_run: Path):
     assert (fitted_run / "checkpoints" / "last.ckpt").is_file()
     assert (fitted_run / "checkpoints" / "best.ckpt").is_file()
     assert list(fitted_run.glob("events.out.tfevents.*")), "no TensorBoard events"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(fitted_run))
+    events.Reload()
+    val_steps = [e.step for e in events.Scalars("val/loss")]
+    # Step 0 is the full sanity check (the untrained model), then every val_check_interval=3 steps.
+    assert val_steps == [0, 2, 5], val_steps
+    assert {"train/loss", "train/tokens", "val/ppl"} <= set(events.Tags()["scalars"])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(fitted_run / "tokenizer")

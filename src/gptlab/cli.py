@@ -8,22 +8,29 @@ What it adds to LightningCLI:
   `config.yaml` and `tokenizer/` are used, and outputs go back into that run directory;
 - `fit --ckpt_path last` resumes the newest run of the experiment in place;
 - `test` writes `reports/test_report.{txt,md,json}` and prints the report;
+- fine-tuning: a task's `label_names` come from the data module (`data.label_names`), and with
+  `init_from` the backbone config and the tokenizer come from the pretraining run when the YAML
+  does not give them; evaluating a checkpoint reuses its backbone config and label names;
 - user errors (`GPTLabError`) print one line and exit 2 instead of a traceback.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 from gptlab.data import DataModule
 from gptlab.errors import ConfigError, GPTLabError
 from gptlab.reports import write_report
 from gptlab.tasks import TaskModule
+from gptlab.tasks.base import load_checkpoint
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 
@@ -69,6 +76,56 @@ def with_run_config(argv: list[str]) -> list[str]:
             f"pass the experiment's --config explicitly"
         )
     return [argv[0], "--config", str(config), *argv[1:]]
+
+
+# config.json keys that describe the file, not the model (left out when rebuilding the config).
+_HF_META_KEYS = (
+    "architectures", "transformers_version", "model_type", "_name_or_path", "torch_dtype", "dtype"
+)
+
+
+def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
+    """The hyperparameters a gptlab checkpoint was built with (its `hyper_parameters`)."""
+    return load_checkpoint(path).get("hyper_parameters", {}) or {}
+
+
+def pretrained_backbone(source: str | Path) -> dict[str, Any]:
+    """The backbone config (class_path + init_args) of a gptlab checkpoint or a Hugging Face directory."""
+    source = Path(source)
+    if source.is_dir():
+        config_file = source / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"init_from={source}: not a Hugging Face model directory (no config.json)")
+        config = json.loads(config_file.read_text())
+        overrides = {k: v for k, v in config.items() if k not in _HF_META_KEYS}
+        # Random weights from the config (offline, like any HFBackbone), then init_from loads the
+        # weights at fit start: the fine-tuned checkpoint stays loadable without this directory.
+        return {
+            "class_path": "gptlab.models.HFBackbone",
+            "init_args": {"model_type": config["model_type"], "config_overrides": overrides},
+        }
+    backbone = checkpoint_hparams(source).get("backbone")
+    if not isinstance(backbone, dict) or "class_path" not in backbone:
+        raise ConfigError(
+            f"{source} does not record its backbone config (it was not written by `main.py fit`): "
+            f"give model.init_args.backbone, the same as the pretraining run's"
+        )
+    return backbone
+
+
+def pretrained_tokenizer(source: str | Path) -> Path | None:
+    """The tokenizer that goes with a gptlab checkpoint (`<run>/tokenizer`) or a Hugging Face directory."""
+    source = Path(source)
+    if source.is_dir():
+        found = any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        return source if found else None
+    run = run_dir_of(source)
+    return run / "tokenizer" if run is not None and (run / "tokenizer").is_dir() else None
+
+
+def _label_names_of(datamodule: Any) -> list[str] | None:
+    # Data modules of labelled data (classification, token classification) expose `label_names`.
+    return getattr(datamodule, "label_names", None)
 
 
 class RunDirectory(SaveConfigCallback):
@@ -134,6 +191,12 @@ class GPTLabCLI(LightningCLI):
         parser.add_argument("--logs", type=str, default="logs", help="Root directory of all runs.")
         # Always present and configurable as `checkpoint.*`: best by the monitored metric, and last.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # The data module knows the labels (given, or read cheaply from the training labels); the
+        # task needs them to size its head. jsonargparse skips the link for a model without a
+        # `label_names` argument (TaskModule drops the recorded value from its hparams).
+        parser.link_arguments(
+            "data", "model.init_args.label_names", compute_fn=_label_names_of, apply_on="instantiate"
+        )
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -165,11 +228,59 @@ class GPTLabCLI(LightningCLI):
                     save_dir=str(save_dir), name=name, version=version, default_hp_metric=False
                 ),
             )
+        self._fill_from_checkpoints(cfg, ckpt)
         # Evaluate with the tokenizer the run trained with, unless one is given explicitly.
         explicit = any("tokenizer" in a for a in self._argv)
         if self.subcommand in EVAL_SUBCOMMANDS and run and (run / "tokenizer").is_dir() and not explicit:
             if "tokenizer" in cfg.data.get("init_args", {}):
                 cfg.data.init_args.tokenizer = str(run / "tokenizer")
+
+    def _fill_from_checkpoints(self, cfg: Namespace, ckpt: str | None) -> None:
+        """Fill in what the config leaves to the checkpoints: backbone, tokenizer, label names.
+
+        - no backbone: the one recorded by `--ckpt_path` (evaluating or resuming a run), else by
+          `init_from` (a gptlab checkpoint's run config, or a Hugging Face config.json);
+        - `init_from` and a tokenizer *recipe*: the pretraining tokenizer instead (a recipe would
+          train a new vocabulary that the pretrained embeddings do not know);
+        - evaluating a checkpoint with no label_names given: the checkpoint's, so that its output
+          ids keep their meaning.
+        """
+        model = cfg.model.get("init_args") if isinstance(cfg.get("model"), Namespace) else None
+        data = cfg.data.get("init_args") if isinstance(cfg.get("data"), Namespace) else None
+        if model is None:
+            return
+        ckpt = ckpt if ckpt and Path(ckpt).is_file() else None
+        init_from = model.get("init_from")
+        if "backbone" in model and model.backbone is None and (ckpt or init_from):
+            source = ckpt or init_from
+            backbone = pretrained_backbone(source)
+            # init_args stay plain values (a dict-typed argument such as config_overrides must not
+            # become a Namespace).
+            model.backbone = Namespace(
+                class_path=backbone["class_path"], init_args=Namespace(**backbone.get("init_args", {}))
+            )
+            rank_zero_info(f"gptlab: backbone {model.backbone.class_path} configured as in {source}")
+        if init_from and data is not None and "tokenizer" in data and not isinstance(data.tokenizer, str):
+            tokenizer = pretrained_tokenizer(init_from)
+            if tokenizer is None:
+                raise ConfigError(
+                    f"init_from={init_from}: no tokenizer found with it (expected <run>/tokenizer next to "
+                    f"a gptlab checkpoint, or tokenizer files in a Hugging Face directory), and a tokenizer "
+                    f"recipe would not match the pretrained embeddings: set data.init_args.tokenizer to "
+                    f"the pretraining tokenizer's directory"
+                )
+            data.tokenizer = str(tokenizer)
+            rank_zero_info(f"gptlab: tokenizer {tokenizer} (from init_from)")
+        if (
+            self.subcommand in EVAL_SUBCOMMANDS
+            and ckpt
+            and data is not None
+            and "label_names" in data
+            and data.label_names is None
+        ):
+            names = checkpoint_hparams(ckpt).get("label_names")
+            if names:
+                data.label_names = list(names)
 
     def after_test(self) -> None:
         report = getattr(self.model, "test_report", None)

@@ -30,17 +30,40 @@ def no_decay_names(module: nn.Module) -> set[str]:
     return {canonical_name(n) for n, p in module.named_parameters() if p.dim() < 2}
 
 
-def param_groups(module: nn.Module, no_decay: set[str]) -> list[dict]:
-    """Two AdamW groups; the decay group inherits the optimizer's configured weight_decay."""
-    decay, keep = [], []
+def param_groups(
+    module: nn.Module, no_decay: set[str], lr_scales: dict[str, float] | None = None
+) -> list[dict]:
+    """AdamW groups: decay / no decay, times one learning-rate scale per name prefix.
+
+    The decay groups inherit the optimizer's configured weight_decay. `lr_scales` maps a parameter
+    name prefix to a learning-rate multiplier (e.g. {"backbone.": 0.1} when fine-tuning: the
+    pretrained body moves slower than the fresh head); such groups carry `"lr_scale"`, which
+    `apply_lr_scales` multiplies into their lr once the optimizer has filled in its default.
+    """
+    scales = {prefix: s for prefix, s in (lr_scales or {}).items() if s != 1.0}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        (keep if canonical_name(name) in no_decay else decay).append(param)
-    groups = [{"params": decay}]
-    if keep:
-        groups.append({"params": keep, "weight_decay": 0.0})
-    return groups
+        name = canonical_name(name)
+        scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((scale, name in no_decay), []).append(param)
+    result = []
+    # Unscaled decay group first (possibly empty), as optimizers expect at least one group.
+    for scale, keep in sorted(groups, key=lambda k: (k[0] != 1.0, k[0], k[1])) or [(1.0, False)]:
+        group: dict = {"params": groups.get((scale, keep), [])}
+        if keep:
+            group["weight_decay"] = 0.0
+        if scale != 1.0:
+            group["lr_scale"] = scale
+        result.append(group)
+    return result
+
+
+def apply_lr_scales(optimizer: torch.optim.Optimizer) -> None:
+    """Multiply each group's lr by its `lr_scale` (before a scheduler records the base lrs)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
 
 
 class WarmupCosine(LambdaLR):

@@ -98,6 +98,14 @@ def write_report(report: Report, directory: str | os.PathLike, stem: str = "test
     return paths
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` (parents created) atomically: the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, text)
+    return path
+
+
 def _atomic_write(path: Path, text: str) -> None:
     # Stage next to the target (same filesystem) and rename: a crash leaves the old file or the new one.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -1,8 +1,10 @@
 """LightningDataModules (one file per data shape) and the tokenizers they train or load."""
 
 from gptlab.data.base import DataError, DataModule, SeededShuffleSampler
+from gptlab.data.classification import ClassificationDataModule
 from gptlab.data.sft import DEFAULT_CHAT_TEMPLATE, SFTDataModule
 from gptlab.data.text import TextDataModule, TokenBlocks, expand_files
+from gptlab.data.token_classification import TokenClassificationDataModule
 from gptlab.data.tokenizers import (
     BPE,
     EOS_TOKEN,
@@ -18,12 +20,14 @@ __all__ = [
     "BPE",
     "EOS_TOKEN",
     "Char",
+    "ClassificationDataModule",
     "DEFAULT_CHAT_TEMPLATE",
     "DataError",
     "DataModule",
     "SFTDataModule",
     "SeededShuffleSampler",
     "TextDataModule",
+    "TokenClassificationDataModule",
     "TokenBlocks",
     "TokenizerRecipe",
     "expand_files",

@@ -204,7 +204,8 @@ class DataModule(L.LightningDataModule):
         if "labels" not in features[0]:
             labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         elif torch.as_tensor(features[0]["labels"]).dim() == 0:
-            labels = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)  # (B,)
+            # (B,) int64 class ids; float targets (regression) keep their float dtype.
+            labels = torch.tensor([f["labels"] for f in features])  # (B,)
         else:
             labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)  # (B, T)
             for i, feature in enumerate(features):

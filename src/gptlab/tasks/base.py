@@ -12,6 +12,7 @@ log keys, a token-weighted loss metric per evaluation stage, optimizer and sched
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +23,7 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import Backbone
-from gptlab.optim import WarmupCosine, no_decay_names, param_groups
+from gptlab.optim import WarmupCosine, apply_lr_scales, no_decay_names, param_groups
 from gptlab.reports import Report
 
 STAGES = ("train", "val", "test")
@@ -33,32 +34,58 @@ class TaskModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: Backbone,
+        backbone: Backbone | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = WarmupCosine,
         init_from: str | None = None,
+        freeze_backbone: bool = False,
+        backbone_lr_scale: float = 1.0,
     ) -> None:
         """
         Args:
-            backbone: the Transformer (`gptlab.models.GPT` or `gptlab.models.HFBackbone`).
+            backbone: the Transformer (`gptlab.models.GPT` or `gptlab.models.HFBackbone`). Required,
+                except under the CLI with `init_from` (or `--ckpt_path`): the CLI then takes the
+                backbone config recorded by that checkpoint's run.
             optimizer: called with the parameter groups (decay / no decay); e.g. `torch.optim.AdamW`
                 with lr, betas and weight_decay in YAML. Its weight_decay applies to matrices only.
             scheduler: called with the optimizer and stepped every optimizer step; None for a
                 constant learning rate. Default: linear warmup then cosine decay.
             init_from: initialise the backbone weights from a gptlab checkpoint (`.ckpt`) or a
                 Hugging Face model directory before training. Only used by `fit`.
+            freeze_backbone: train only the task head; the backbone keeps its (pretrained) weights.
+            backbone_lr_scale: the backbone's learning rate as a fraction of the optimizer's lr
+                (e.g. 0.1: the pretrained body moves slower than the freshly initialised head).
         """
         super().__init__()
+        if backbone is None:
+            raise ConfigError(
+                f"{type(self).__name__}: no backbone: set model.init_args.backbone (e.g. class_path "
+                f"gptlab.models.GPT), or init_from a gptlab checkpoint whose run recorded one"
+            )
+        if backbone_lr_scale < 0:
+            raise ConfigError(f"backbone_lr_scale={backbone_lr_scale} must be >= 0 (0 freezes in effect)")
+        given = _given_hyperparameters.get()
+        if given is not None:
+            # LightningCLI records every instantiation link in the hyperparameters, also the data ->
+            # model.label_names link for tasks without that argument (jsonargparse drops it for
+            # them); a key the class does not take would make load_from_checkpoint fail.
+            accepted = inspect.signature(type(self).__init__).parameters
+            for key in [k for k in given if not k.startswith("_") and k not in accepted]:
+                del given[key]
         # Under LightningCLI the hyperparameters are the parsed config (class paths and plain values),
         # so `load_from_checkpoint(path)` rebuilds backbone and task with no other argument. Built
         # directly in Python, the objects are not pickled into the checkpoint (it must load with
         # weights_only=True): pass them again to `load_from_checkpoint`.
-        from_config = _given_hyperparameters.get() is not None
+        from_config = given is not None
         self.save_hyperparameters(ignore=[] if from_config else ["backbone", "optimizer", "scheduler"])
         self.backbone = backbone
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.init_from = init_from
+        self.freeze_backbone = freeze_backbone
+        self.backbone_lr_scale = backbone_lr_scale
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
         # Decided now, before any strategy wraps (and possibly flattens) the parameters.
         self.no_decay = no_decay_names(self)
         # Set from the datamodule in `setup`; used for decoding samples and reports.
@@ -68,6 +95,9 @@ class TaskModule(L.LightningModule):
         # Loss averaged over the items it is computed on (tokens, examples), across batches and ranks.
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        # Metrics that the test report reads but that are not scalars to log (confusion matrices,
+        # per-class counts): updated on test batches like `test_metrics`, never logged.
+        self.report_metrics: MetricCollection | None = None
 
     # ----------------------------------------------------------------- what subclasses override
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -126,10 +156,15 @@ class TaskModule(L.LightningModule):
             stage_loss.update(loss.detach(), weight=self.loss_weight(batch))
             self.log(f"{stage}/loss", stage_loss, prog_bar=True, batch_size=batch_size)
         metrics = getattr(self, f"{stage}_metrics", None)
+        report_metrics = self.report_metrics if stage == "test" else None
+        if metrics is not None or report_metrics is not None:
+            inputs = self.metric_inputs(outputs, batch)
         if metrics is not None:
-            metrics.update(*self.metric_inputs(outputs, batch))
+            metrics.update(*inputs)
             # Epoch-level values computed from summed states, never an average of per-batch values.
             self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        if report_metrics is not None:
+            report_metrics.update(*inputs)
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -141,9 +176,37 @@ class TaskModule(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.shared_step(batch, "test")
 
+    def on_test_epoch_start(self) -> None:
+        # Lightning resets the metrics it logs; the report-only ones are ours to reset.
+        if self.report_metrics is not None:
+            self.report_metrics.reset()
+
     def on_test_epoch_end(self) -> None:
         # Built here because Lightning resets logged metric objects right after this hook.
         self.test_report = self.report()
+
+    def on_validation_epoch_end(self) -> None:
+        # A sanity check over the whole validation set (trainer.num_sanity_val_steps: -1) is the
+        # validation at step 0. Lightning discards what it logs, so write it to the loggers
+        # directly: the curves then start from the untrained model.
+        trainer = self.trainer
+        if trainer.sanity_checking and trainer.num_sanity_val_batches == trainer.num_val_batches:
+            metrics = {k: v.item() for k, v in self.epoch_end_metrics("val").items()}
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=0)
+            if metrics:
+                self.print("validation at step 0: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def epoch_end_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        """Loss and metrics of an evaluation stage computed from this epoch's states."""
+        stage_loss = getattr(self, f"{stage}_loss")
+        if not stage_loss.update_called:
+            return {}
+        out = {f"{stage}/loss": stage_loss.compute()}
+        metrics = getattr(self, f"{stage}_metrics", None)
+        if metrics is not None:
+            out.update(metrics.compute())
+        return out
 
     # ----------------------------------------------------------------- setup and checks
     def setup(self, stage: str) -> None:
@@ -176,7 +239,10 @@ class TaskModule(L.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(param_groups(self, self.no_decay))
+        optimizer = self.optimizer_factory(
+            param_groups(self, self.no_decay, lr_scales={"backbone.": self.backbone_lr_scale})
+        )
+        apply_lr_scales(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

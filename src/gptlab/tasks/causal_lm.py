@@ -34,9 +34,16 @@ class CausalLM(TaskModule):
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (batch["labels"][:, 1:] != -100).sum()
 
+    def epoch_end_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        metrics = super().epoch_end_metrics(stage)
+        if f"{stage}/loss" in metrics:
+            metrics[f"{stage}/ppl"] = torch.exp(metrics[f"{stage}/loss"])
+        return metrics
+
     def on_validation_epoch_end(self) -> None:
-        if self.val_loss.update_called:
+        if self.val_loss.update_called and not self.trainer.sanity_checking:
             self.log("val/ppl", torch.exp(self.val_loss.compute()), prog_bar=True)
+        super().on_validation_epoch_end()
 
     def on_test_epoch_end(self) -> None:
         if self.test_loss.update_called:

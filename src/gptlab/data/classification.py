@@ -1,0 +1,556 @@
+"""Text + label data for sequence classification: csv / tsv / jsonl / json / parquet or a `datasets` dataset.
+
+    train.tsv      sentence<TAB>label          one example per row; text column(s) and label column
+    dev.tsv        ...                         configurable; several text columns are joined
+    test.tsv       ...
+        |  read, check (empty text, unknown label: file + line), map labels to ids
+        v
+    {"input_ids": [...], "labels": 3}          truncated to block_size (counted warning)
+        |  collate (DataModule)
+        v
+    input_ids (B, T), attention_mask (B, T), labels (B,)   or (B, C) multi-hot with multi_label
+
+Label names are given (`label_names`) or inferred from the training labels: sorted, numerically
+when every label is an integer. `label_names` is cheap (it reads the training label column only,
+no tokenizer), so the CLI passes it to the model when both are built; the model saves it with
+the checkpoint, and test / predict from that checkpoint reuse it. Integer labels index the names
+when no name is itself an integer (SST-2's 0 / 1 with `label_names: [negative, positive]`).
+
+Tokenizing these datasets takes seconds, so it happens in `setup` on each rank (no disk cache).
+The helpers at the top (file reading, label maps) are shared with token classification.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import Dataset
+
+from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule
+from gptlab.data.text import VALIDATION_SPLITS, _is_saved_dataset, expand_files
+from gptlab.data.tokenizers import TokenizerRecipe
+from gptlab.errors import ConfigError
+
+ROLES = ("train", "val", "test", "predict")
+MAX_PROBLEMS = 20  # listed in one error; the rest are counted
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+Files = str | list[str] | None
+
+
+# ----------------------------------------------------------------------------- shared helpers
+class Problems:
+    """Collects what is wrong with the input data, then raises one DataError listing it."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.items: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+    def raise_if_any(self, hint: str = "") -> None:
+        if not self.items:
+            return
+        more = len(self.items) - MAX_PROBLEMS
+        listed = self.items[:MAX_PROBLEMS] + ([f"... and {more} more"] if more > 0 else [])
+        raise DataError(
+            f"{self.what}: {len(self.items)} problem(s):\n  "
+            + "\n  ".join(listed)
+            + (f"\n{hint}" if hint else "")
+        )
+
+
+def is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def sort_labels(values: set[str]) -> list[str]:
+    """Sorted label names: numerically when all are integers ("2" before "10")."""
+    if all(is_int(v) for v in values):
+        return sorted(values, key=int)
+    return sorted(values)
+
+
+class LabelMap:
+    """Label name <-> id, with integer labels indexing the names when no name is an integer."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        if len(set(self.names)) != len(self.names):
+            duplicates = sorted({n for n in self.names if self.names.count(n) > 1})
+            raise ConfigError(f"label_names has duplicates: {duplicates}")
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.by_position = not any(is_int(n) for n in self.names)
+
+    def get(self, value: Any) -> int | None:
+        """The id of a label value, or None when it is not one of the names."""
+        key = str(value).strip()
+        if key in self.index:
+            return self.index[key]
+        if self.by_position and is_int(value) and 0 <= int(value) < len(self.names):
+            return int(value)
+        return None
+
+    def describe(self) -> str:
+        shown = ", ".join(self.names[:30]) + (
+            f", ... ({len(self.names)} in all)" if len(self.names) > 30 else ""
+        )
+        return shown
+
+
+def unknown_label_hint(given: bool) -> str:
+    source = "data.init_args.label_names" if given else "the training labels"
+    return (
+        f"Labels must be among the names taken from {source}: fix these rows, or list every label in "
+        f"data.init_args.label_names (a fine-tuned checkpoint keeps the labels it was trained with)."
+    )
+
+
+def read_table(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for every row of a csv / tsv / jsonl / json / parquet file.
+
+    `where` is "<path> line N" (text formats) or "<path> row N" (parquet), for error messages.
+    The header must hold every name in `columns`; `.tsv` is read without quoting (GLUE's
+    convention: sentences contain quote characters), `.csv` with standard quoting.
+    """
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")
+    try:
+        if suffix == ".parquet":
+            yield from _read_parquet(path, columns)
+        elif suffix in (".csv", ".tsv"):
+            yield from _read_delimited(path, columns, suffix)
+        else:
+            yield from _read_json(path, columns)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8"
+        ) from None
+
+
+def _missing(path: Path, columns: Sequence[str], present: Sequence[str]) -> DataError:
+    missing = [c for c in columns if c not in present]
+    return DataError(
+        f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(map(repr, present))}); "
+        f"set text_column / label_column to the file's column names"
+    )
+
+
+def _read_delimited(path: Path, columns: Sequence[str], suffix: str) -> Iterator[tuple[str, dict]]:
+    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ","}
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, **options)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file (expected a header row naming the columns)")
+        header = [h.strip() for h in header]
+        if any(c not in header for c in columns):
+            raise _missing(path, columns, header)
+        line = reader.line_num
+        for row in reader:
+            start, line = line + 1, reader.line_num  # a quoted field may span lines: report the first
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path} line {start}: {len(row)} fields, but the header has {len(header)}"
+                    + ("; a tab inside a text field?" if suffix == ".tsv" else "")
+                )
+            yield f"{path} line {start}", dict(zip(header, row, strict=True))
+
+
+def _read_json(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        records = ((f"{path} item {i}", r) for i, r in enumerate(items))
+    else:
+        records = (
+            (f"{path} line {n}", _json_line(path, n, line))
+            for n, line in enumerate(text.splitlines(), 1)
+            if line.strip()
+        )
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if any(c not in record for c in columns):
+            raise DataError(
+                f"{where}: missing key(s) {[c for c in columns if c not in record]} (keys: {list(record)})"
+            )
+        yield where, record
+
+
+def _json_line(path: Path, number: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
+def _read_parquet(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict]]:
+    try:
+        names = pq.read_schema(path).names
+        if any(c not in names for c in columns):
+            raise _missing(path, columns, names)
+        table = pq.read_table(path, columns=list(columns))
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    for i, record in enumerate(table.to_pylist()):
+        yield f"{path} row {i}", record
+
+
+def load_dataset_splits(dataset: str, dataset_config: str | None) -> dict[str, datasets.Dataset]:
+    """A `datasets` dataset's splits by role: train, and val / test when it has them."""
+    path = Path(dataset).expanduser()
+    if dataset.startswith(("/", ".", "~")) and not path.exists():
+        raise DataError(
+            f"dataset={dataset!r}: no such directory; give a save_to_disk directory or a hub name"
+        )
+    try:
+        loaded = (
+            datasets.load_from_disk(str(path))
+            if _is_saved_dataset(path)
+            else (datasets.load_dataset(dataset, dataset_config))
+        )
+    except (OSError, ValueError) as err:
+        raise DataError(f"dataset={dataset!r}: cannot load it ({err})") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.DatasetDict({"train": loaded})
+    splits = {}
+    for role, names in (("train", ("train",)), ("val", VALIDATION_SPLITS), ("test", ("test",))):
+        name = next((n for n in names if n in loaded), None)
+        if name is not None:
+            splits[role] = loaded[name]
+    return splits
+
+
+def class_label_names(feature: Any) -> list[str] | None:
+    """Names of a ClassLabel feature, also inside a Sequence / list (multi-label, tags)."""
+    feature = getattr(feature, "feature", feature)
+    if isinstance(feature, list) and feature:
+        feature = feature[0]
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+class Examples(Dataset):
+    """A list of tokenized examples (dicts in the batch contract's shape)."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def warn_truncated(what: str, truncated: int, total: int, longest: int, block_size: int, lost: str) -> None:
+    """One counted warning per split instead of a crash (or silence) on overlong inputs."""
+    if truncated:
+        rank_zero_warn(
+            f"gptlab: {what}: {truncated} of {total} examples are longer than block_size={block_size} "
+            f"tokens (longest: {longest}) and were truncated to their first {block_size} tokens; {lost}. "
+            f"Raise data.init_args.block_size (up to the model's block_size) to keep more."
+        )
+
+
+# ----------------------------------------------------------------------------- the DataModule
+class ClassificationDataModule(DataModule):
+    """Texts with one label (or several, `multi_label`) each, for `gptlab.tasks.SequenceClassification`."""
+
+    def __init__(
+        self,
+        train_files: Files = None,
+        val_files: Files = None,
+        test_files: Files = None,
+        predict_files: Files = None,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        text_column: str | list[str] = "text",
+        label_column: str = "label",
+        label_names: list[str] | None = None,
+        multi_label: bool = False,
+        label_separator: str = ",",
+        text_separator: str = "\n",
+        block_size: int = 128,
+        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 1337,
+        cache_dir: str = "~/.cache/gptlab",
+    ) -> None:
+        """
+        Args:
+            train_files: csv / tsv / jsonl / json / parquet file(s) or globs of training examples.
+            val_files: validation examples (same format); default: the dataset's validation split.
+            test_files: test examples for `test`; default: the dataset's test split.
+            predict_files: examples to label with `predict` (the label column may be absent);
+                default: the test examples.
+            dataset: a Hugging Face dataset (save_to_disk directory or hub name) with train and
+                optionally validation / test splits; files given for a role take precedence.
+            dataset_config: the dataset's configuration name, if it has several.
+            text_column: column with the text, or a list of columns joined with `text_separator`
+                (sentence pairs).
+            label_column: column with the label (a name or an integer; with `multi_label`, a
+                list or a `label_separator`-separated string).
+            label_names: the labels, in id order. Default: inferred from the training labels
+                (sorted). Test and predict from a checkpoint use the checkpoint's.
+            multi_label: each example has any number of labels (sigmoid + BCE in the task).
+            label_separator: separates labels in one text field when `multi_label` is set.
+            text_separator: joins several text columns into one input.
+            block_size: the longest input in tokens; longer texts are truncated (with a counted
+                warning). At most the model's block_size.
+            tokenizer: a tokenizer directory / hub name, or a recipe trained on the training texts.
+                When fine-tuning with `init_from`, the CLI uses the pretraining run's tokenizer.
+            batch_size: examples per training batch (per device).
+            eval_batch_size: examples per validation / test / predict batch; default batch_size.
+            num_workers: DataLoader worker processes.
+            seed: seeds the training order (a function of seed and epoch).
+            cache_dir: gptlab's cache (trained tokenizers).
+        """
+        super().__init__(tokenizer, batch_size, eval_batch_size, num_workers, seed, cache_dir)
+        if block_size < 1:
+            raise ConfigError(f"block_size={block_size} must be at least 1")
+        if train_files is None and dataset is None:
+            raise ConfigError(
+                "ClassificationDataModule needs train_files or a dataset (the label names come from it)"
+            )
+        self.role_files = {
+            "train": train_files,
+            "val": val_files,
+            "test": test_files,
+            "predict": predict_files,
+        }
+        self.dataset = dataset
+        self.dataset_config = dataset_config
+        self.text_columns = [text_column] if isinstance(text_column, str) else list(text_column)
+        if not self.text_columns:
+            raise ConfigError("text_column must name at least one column")
+        self.label_column = label_column
+        self.multi_label = multi_label
+        self.label_separator = label_separator
+        self.text_separator = text_separator
+        self.block_size = block_size
+        self._given_label_names = list(label_names) if label_names is not None else None
+        self._label_names: list[str] | None = self._given_label_names
+        self._label_map: LabelMap | None = None
+        self._splits: dict[str, datasets.Dataset] | None = None
+        self.predict_dataset: Dataset | None = None
+
+    # ----------------------------------------------------------------- reading
+    def dataset_splits(self) -> dict[str, datasets.Dataset]:
+        if self._splits is None:
+            self._splits = load_dataset_splits(self.dataset, self.dataset_config) if self.dataset else {}
+        return self._splits
+
+    def has_role(self, role: str) -> bool:
+        if role == "predict":
+            return self.role_files["predict"] is not None or self.has_role("test")
+        return self.role_files[role] is not None or role in self.dataset_splits()
+
+    def records(self, role: str, with_labels: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(where, record) of every example of `role`; predict falls back to the test examples."""
+        if role == "predict" and self.role_files["predict"] is None:
+            role = "test"
+        files = self.role_files[role]
+        columns = [*self.text_columns, self.label_column] if with_labels else list(self.text_columns)
+        if files is not None:
+            for path in expand_files(files, f"{role}_files"):
+                yield from read_table(path, columns)
+            return
+        split = self.dataset_splits().get(role)
+        if split is None:
+            raise DataError(f"no {role} data: give {role}_files or a dataset with a {role} split")
+        missing = [c for c in columns if c not in split.column_names]
+        if missing:
+            raise DataError(
+                f"dataset={self.dataset!r} ({role} split) has no column {missing} "
+                f"(columns: {split.column_names})"
+            )
+        for i, record in enumerate(split):
+            yield f"dataset {self.dataset!r} {role} split row {i}", record
+
+    def label_values(self, value: Any) -> list[Any]:
+        """The labels in one label field (one, or several with multi_label)."""
+        if not self.multi_label:
+            return [value]
+        if isinstance(value, list | tuple):
+            return list(value)
+        return [v for v in str(value).split(self.label_separator) if v.strip()]
+
+    # ----------------------------------------------------------------- facts for the model
+    @property
+    def label_names(self) -> list[str]:
+        """The label names in id order: given, a dataset's ClassLabel names, or the sorted training labels.
+
+        Reads only the training label column (no tokenizer): cheap enough to link to the model.
+        """
+        if self._label_names is None:
+            split = self.dataset_splits().get("train") if self.role_files["train"] is None else None
+            names = class_label_names(split.features.get(self.label_column)) if split is not None else None
+            if names is None:
+                values: set[str] = set()
+                if split is not None and self.label_column in split.column_names:
+                    rows = (
+                        (f"row {i}", {self.label_column: v}) for i, v in enumerate(split[self.label_column])
+                    )
+                else:
+                    rows = self._label_rows("train")
+                for _, record in rows:
+                    values.update(str(v).strip() for v in self.label_values(record[self.label_column]))
+                values.discard("")
+                if not values:
+                    raise DataError("the training data has no labels: check label_column")
+                names = sort_labels(values)
+            self._label_names = names
+        return self._label_names
+
+    def _label_rows(self, role: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        files = self.role_files[role]
+        for path in expand_files(files, f"{role}_files"):
+            yield from read_table(path, [self.label_column])
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    # ----------------------------------------------------------------- DataModule hooks
+    def corpus_fingerprint(self) -> str:
+        files = self.role_files["train"]
+        if files is not None:
+            paths = expand_files(files, "train_files")
+            return json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths])
+        return json.dumps(
+            {"dataset": self.dataset, "config": self.dataset_config, "columns": self.text_columns}
+        )
+
+    def tokenizer_corpus(self) -> Iterator[str]:
+        for _, record in self.records("train", with_labels=False):
+            yield self._text(record)
+
+    def _text(self, record: dict[str, Any]) -> str:
+        return self.text_separator.join(
+            "" if record[c] is None else str(record[c]) for c in self.text_columns
+        )
+
+    def setup_datasets(self, stage: str) -> None:
+        roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[
+            stage
+        ]
+        for role in roles:
+            if role == "train" or self.has_role(role):
+                setattr(self, f"{role}_dataset", self.build(role))
+            elif role != "val":
+                raise DataError(f"no {role} data: give {role}_files or a dataset with a {role} split")
+
+    def build(self, role: str) -> Examples:
+        """Read, check and tokenize the examples of `role`."""
+        # Predict files may come without labels; everywhere else they are required.
+        with_labels = role != "predict" or self._predict_has_labels()
+        problems = Problems(f"{role} data")
+        texts, targets, wheres = [], [], []
+        for where, record in self.records(role, with_labels):
+            text = self._text(record)
+            if not text.strip():
+                problems.add(f"{where}: empty text in column(s) {', '.join(self.text_columns)}")
+                continue
+            target = self.encode_label(record[self.label_column], where, problems) if with_labels else None
+            texts.append(text)
+            targets.append(target)
+            wheres.append(where)
+        problems.raise_if_any(unknown_label_hint(self._given_label_names is not None))
+        if not texts:
+            raise DataError(f"{role} data: no examples")
+        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        empty = [w for w, seq in zip(wheres, ids, strict=True) if not seq]
+        if empty:
+            raise DataError(f"{role} data: {len(empty)} text(s) give no tokens, e.g. {empty[0]}")
+        lengths = [len(seq) for seq in ids]
+        warn_truncated(
+            f"{role} data",
+            sum(n > self.block_size for n in lengths),
+            len(ids),
+            max(lengths),
+            self.block_size,
+            "the model sees only that part",
+        )
+        items = []
+        for text, seq, target in zip(texts, ids, targets, strict=True):
+            item: dict[str, Any] = {"input_ids": seq[: self.block_size], "labels": target}
+            if target is None:
+                item["labels"] = [IGNORE_INDEX] * self.num_labels if self.multi_label else IGNORE_INDEX
+            if role == "predict":
+                item["text"] = text
+            items.append(item)
+        return Examples(items)
+
+    def _predict_has_labels(self) -> bool:
+        try:
+            next(self.records("predict", with_labels=True), None)
+        except DataError:
+            return False
+        return True
+
+    def encode_label(self, value: Any, where: str, problems: Problems) -> Any:
+        """The training target of one label field: a class id, or a multi-hot list with multi_label.
+
+        Override it for other targets (e.g. a float for regression). A bad value is added to
+        `problems` (with `where`, the file and line) and gives None.
+        """
+        if self._label_map is None:
+            self._label_map = LabelMap(self.label_names)
+        labels = self._label_map
+        values = self.label_values(value)
+        ids = [labels.get(v) for v in values]
+        unknown = [v for v, i in zip(values, ids, strict=True) if i is None]
+        if unknown or (not values and not self.multi_label):
+            shown = ", ".join(repr(v) for v in unknown) or repr(value)
+            problems.add(f"{where}: unknown label {shown} (labels: {labels.describe()})")
+            return None
+        if not self.multi_label:
+            return ids[0]
+        hot = [0] * len(labels.names)
+        for i in ids:
+            hot[i] = 1
+        return hot
+
+    # ----------------------------------------------------------------- batches
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = super().collate(features)
+        if "text" in features[0]:
+            # Predict batches carry their texts through, for the predictions file.
+            batch["text"] = [f["text"] for f in features]
+        return batch
+
+    def predict_dataloader(self):
+        if self.predict_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: no predict set; call setup('predict') first")
+        return self._loader(self.predict_dataset, self.eval_batch_size, None)
+
+
+def check_label_names(data_names: Sequence[str] | None, model_names: Sequence[str], what: str) -> None:
+    """Refuse data whose label names differ from the model's (ids would mean other labels)."""
+    if data_names is not None and list(data_names) != list(model_names):
+        raise ConfigError(
+            f"the data's {what} {list(data_names)} differ from the model's {list(model_names)}: a model "
+            f"predicts ids in its own label order; give data.init_args.label_names the model's labels"
+        )
