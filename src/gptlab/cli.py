@@ -8,21 +8,28 @@ What it adds to LightningCLI:
   `config.yaml` and `tokenizer/` are used, and outputs go back into that run directory;
 - `fit --ckpt_path last` resumes the newest run of the experiment in place;
 - `test` writes `reports/test_report.{txt,md,json}` and prints the report;
+- every run logs throughput and MFU (`throughput.*`, gptlab.callbacks.Throughput);
+- a sharded FSDP checkpoint (a folder) is consolidated on the fly for evaluation under any other
+  strategy (e.g. on one device);
 - user errors (`GPTLabError`) print one line and exit 2 instead of a traceback.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.strategies import ModelParallelStrategy
 
+from gptlab.callbacks import Throughput
 from gptlab.data import DataModule
-from gptlab.errors import ConfigError, GPTLabError
+from gptlab.errors import CheckpointError, ConfigError, GPTLabError
 from gptlab.reports import write_report
+from gptlab.strategies import is_sharded_checkpoint, save_consolidated
 from gptlab.tasks import TaskModule
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
@@ -37,8 +44,8 @@ def run_dir_of(ckpt_path: str | Path | None) -> Path | None:
 
 
 def latest_checkpoint(logs: Path, experiment: str, name: str = "last.ckpt") -> Path | None:
-    """`<name>` of the newest run of `experiment` that has one."""
-    runs = [p for p in (logs / experiment).glob("version_*") if (p / "checkpoints" / name).is_file()]
+    """`<name>` of the newest run of `experiment` that has one (a file, or a sharded FSDP folder)."""
+    runs = [p for p in (logs / experiment).glob("version_*") if (p / "checkpoints" / name).exists()]
     runs.sort(key=lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1)
     return runs[-1] / "checkpoints" / name if runs else None
 
@@ -100,6 +107,9 @@ class GPTLabCLI(LightningCLI):
         elif isinstance(args, list):
             args = with_run_config(args)
         self._argv = args if isinstance(args, list) else sys.argv[1:]
+        # The checkpoint as given, when evaluation reads a consolidated copy of a sharded one.
+        self._ckpt_source: str | None = None
+        self._consolidated_dir: tempfile.TemporaryDirectory | None = None
         super().__init__(
             model_class=TaskModule,
             datamodule_class=DataModule,
@@ -133,6 +143,8 @@ class GPTLabCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # Always on, like the checkpoint callback: tokens/s, samples/s and MFU for every task.
+        parser.add_lightning_class_args(Throughput, "throughput")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -160,13 +172,38 @@ class GPTLabCLI(LightningCLI):
             if "tokenizer" in cfg.data.get("init_args", {}):
                 cfg.data.init_args.tokenizer = str(run / "tokenizer")
 
+    # ----------------------------------------------------------------- sharded checkpoints
+    def _ckpt_for_strategy(self) -> None:
+        """Give a sharded FSDP checkpoint to a strategy that cannot read folders as one consolidated file."""
+        kwargs = self.config_init[self.subcommand]
+        ckpt = kwargs.get("ckpt_path")
+        if (
+            not ckpt
+            or not is_sharded_checkpoint(ckpt)
+            or isinstance(self.trainer.strategy, ModelParallelStrategy)
+        ):
+            return
+        if self.subcommand == "fit":
+            raise CheckpointError(
+                f"--ckpt_path {ckpt} is a sharded FSDP checkpoint: resume it with the FSDP strategy "
+                f"(--config configs/trainer/fsdp.yaml), or start a new run from its weights with "
+                f"--model.init_args.init_from {ckpt}"
+            )
+        self._consolidated_dir = tempfile.TemporaryDirectory(prefix="gptlab-consolidated-")
+        self._ckpt_source = str(ckpt)
+        kwargs["ckpt_path"] = str(save_consolidated(ckpt, Path(self._consolidated_dir.name) / "model.ckpt"))
+
+    before_fit = before_validate = before_test = before_predict = _ckpt_for_strategy
+
     def after_test(self) -> None:
         report = getattr(self.model, "test_report", None)
+        # log_dir broadcasts from rank 0 under a distributed strategy: every rank must ask for it.
+        run = Path(self.trainer.log_dir) if report is not None else None
         if report is None or not self.trainer.is_global_zero:
             return
-        run = Path(self.trainer.log_dir)
+        ckpt = self._ckpt_source or self.trainer.ckpt_path
         report.meta.update(
-            checkpoint=str(self.trainer.ckpt_path) if self.trainer.ckpt_path else "(weights as initialised)",
+            checkpoint=str(ckpt) if ckpt else "(weights as initialised)",
             config=str(run / "config.yaml") if (run / "config.yaml").exists() else "(command line)",
             run_dir=str(run),
         )
