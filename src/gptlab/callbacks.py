@@ -1,10 +1,13 @@
-"""Callbacks that any task can use: sample generation during training."""
+"""Callbacks that any task can use: sample generation, throughput and MFU, torch.compile."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gptlab.generate import generate
 
@@ -62,3 +65,250 @@ class SampleGeneration(L.Callback):
             if hasattr(logger.experiment, "add_text"):
                 # Markdown code block keeps the newlines and indentation of the samples.
                 logger.experiment.add_text("samples", f"```\n{text}\n```", trainer.global_step)
+
+
+# ----------------------------------------------------------------------------- throughput and MFU
+# Dense (no sparsity) peak FLOP/s of one device from the vendors' datasheets, by the dtype the
+# matmuls run in. Matched against torch.cuda.get_device_name() in order (first substring wins).
+# Lightning's own table (used as a fallback) lists some chips with their 2:4-sparsity figures,
+# which would halve every MFU.
+GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("h200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}),
+    ("h100 pcie", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51.2e12}),
+    ("h100", {"bf16": 989e12, "fp16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}),
+    ("a100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("l40s", {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    ("l4", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
+    ("a10g", {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 35e12}),
+    ("rtx 4090", {"bf16": 165.2e12, "fp16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12}),
+    ("v100", {"fp16": 125e12, "fp32": 15.7e12}),
+]
+
+
+def compute_dtype(precision: str, device: torch.device) -> str:
+    """The dtype matmuls run in under a Trainer `precision` flag: "bf16", "fp16", "tf32" or "fp32"."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    tf32 = device.type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "fp32"
+
+
+def measure_matmul_flops(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    size: int = 1024,
+    seconds: float = 0.3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Best FLOP/s of a square `size` x `size` matmul on `device`, timed for about `seconds`.
+
+    The best single product rather than the mean: on a shared machine other processes only ever
+    slow a measurement down, so the fastest one is the closest to what the hardware can do.
+    `clock=time.process_time` gives FLOPs per CPU-second instead (per busy core, on a CPU).
+    """
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):  # warm up kernels, thread pools and caches
+        a @ b
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = clock()
+        a @ b
+        sync()
+        elapsed = clock() - start
+        if elapsed > 0:
+            best = max(best, 2 * size**3 / elapsed)
+    return best
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """Peak FLOP/s of one `device` for matmuls in `dtype` ("bf16", "fp16", "tf32", "fp32").
+
+    CUDA: the datasheet figure of a known GPU (GPU_PEAK_FLOPS, then Lightning's table); None if
+    unknown. CPU: measured now (`measure_matmul_flops`) in fp32; lower precisions have no
+    meaningful datasheet peak on CPUs, so their MFU is also reported against the fp32 peak.
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for key, table in GPU_PEAK_FLOPS:
+            if key in name:
+                return table.get(dtype)
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+        return get_available_flops(device, torch_dtype)
+    if device.type == "cpu":
+        return measure_matmul_flops(device, torch.float32)
+    return None
+
+
+class Throughput(L.Callback):
+    """Logs training throughput and model FLOPs utilisation, for any task on any backbone.
+
+    Every `log_every_n_steps` optimizer steps (the Trainer's setting), to the loggers and the
+    progress bar, for the whole job (all ranks together):
+
+    - `train/tokens_per_sec`: token positions processed per second (B x T per batch: padding
+      included, since the hardware computes it; `train/tokens` counts real tokens);
+    - `train/samples_per_sec`: sequences per second;
+    - `train/mfu`: model FLOPs per second over the peak of all devices, with model FLOPs per
+      token from `backbone.num_flops_per_token(T)` (6 N + attention, PaLM appendix B).
+
+    Time runs from one training batch to the next, data loading included; validation and
+    checkpoint saving are left out. Nothing here waits for the device: timestamps are taken on
+    the host and token counts come from tensor shapes, so no host-device sync is added to the
+    training loop. On an asynchronous device the figure is exact over windows that contain a
+    sync (the loss logging that Lightning already does); the longer the window, the closer.
+    """
+
+    def __init__(self, peak_flops: float | None = None, prog_bar: bool = True) -> None:
+        """
+        Args:
+            peak_flops: peak FLOP/s of ONE device for MFU. None: the datasheet value of common
+                GPUs for the run's precision (H100/H200, A100, L4, L40S, RTX 4090, V100...), or on
+                CPU an fp32 matmul peak measured when training starts. 0 disables MFU.
+            prog_bar: also show tokens/s and MFU in the progress bar.
+        """
+        if peak_flops is not None and peak_flops < 0:
+            raise ValueError(f"Throughput: peak_flops={peak_flops} must be >= 0 (0 disables MFU)")
+        self.peak_flops = peak_flops
+        self.prog_bar = prog_bar
+        self.device_peak: float | None = None
+        self._flops_per_token: dict[int, int] = {}
+        self._logged_step = 0
+        self._reset_window()
+        self.last: dict[str, float] = {}
+
+    def _reset_window(self) -> None:
+        self._start: float | None = None  # host time the current window began
+        self._tokens = 0
+        self._samples = 0
+        self._flops = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = pl_module.device
+        if self.peak_flops is not None:
+            self.device_peak = self.peak_flops or None
+        else:
+            dtype = compute_dtype(trainer.precision, device)
+            self.device_peak = peak_flops(device, dtype)
+            if self.device_peak is None:
+                rank_zero_warn(
+                    f"Throughput: no peak FLOP/s known for {device} in {dtype}; set "
+                    f"throughput.peak_flops to log train/mfu"
+                )
+            elif device.type == "cpu":
+                rank_zero_info(f"Throughput: measured fp32 matmul peak {self.device_peak / 1e9:.1f} GFLOP/s")
+        self._reset_window()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._start is None:
+            # The first batch of a window (fit start, after validation, after a checkpoint): its
+            # loading time is unknown, so the window starts once it is in hand.
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._start is None:
+            return
+        samples, seq_len = batch["input_ids"].shape  # host-side shape: no device sync
+        if seq_len not in self._flops_per_token:
+            self._flops_per_token[seq_len] = pl_module.backbone.num_flops_per_token(seq_len)
+        self._samples += samples
+        self._tokens += samples * seq_len
+        self._flops += samples * seq_len * self._flops_per_token[seq_len]
+        step = trainer.global_step
+        # Optimizer steps, as Lightning logs; with gradient accumulation several batches share one.
+        if trainer.log_every_n_steps <= 0 or step % trainer.log_every_n_steps or step == self._logged_step:
+            return
+        self._logged_step = step
+        now = time.perf_counter()
+        elapsed = now - self._start
+        world = trainer.world_size
+        # Every rank processes the same shapes (data parallel), so the job's rate is world x ours.
+        metrics = {
+            "train/tokens_per_sec": world * self._tokens / elapsed,
+            "train/samples_per_sec": world * self._samples / elapsed,
+        }
+        if self.device_peak:
+            metrics["train/mfu"] = self._flops / elapsed / self.device_peak
+        self.last = metrics
+        for name, value in metrics.items():
+            # Python floats, logged at Lightning's logging steps only (on_step, never reduced).
+            pl_module.log(
+                name,
+                value,
+                on_step=True,
+                on_epoch=False,
+                prog_bar=self.prog_bar and name != "train/samples_per_sec",
+                batch_size=samples,
+            )
+        self._reset_window()
+        self._start = now  # the next window starts where this one ended: no gap, no overlap
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # Validation time is not training time: close the window without logging it.
+        self._reset_window()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._reset_window()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.last:
+            text = ", ".join(
+                f"{k.split('/')[-1]} {v:.1%}" if k.endswith("mfu") else f"{k.split('/')[-1]} {v:,.0f}"
+                for k, v in self.last.items()
+            )
+            rank_zero_info(f"Throughput (last window): {text}")
+
+
+# ----------------------------------------------------------------------------- torch.compile
+class Compile(L.Callback):
+    """`torch.compile` every transformer block of the backbone, in place, before training starts.
+
+    Regional compilation: the backbone's `block_class` instances are compiled one by one (all
+    share one compiled graph), which compiles in seconds rather than minutes and composes with
+    FSDP (blocks are compiled first, then sharded, as torchtitan does). In place (`module.compile`)
+    so parameter and state-dict names do not change: checkpoints load with or without compile.
+    """
+
+    def __init__(
+        self,
+        mode: str | None = None,
+        fullgraph: bool = False,
+        dynamic: bool | None = None,
+        backend: str = "inductor",
+    ) -> None:
+        """
+        Args:
+            mode: torch.compile mode: None (default), "reduce-overhead" (CUDA graphs),
+                "max-autotune" (slow to compile, tunes matmul kernels).
+            fullgraph: fail on graph breaks instead of falling back to eager for those parts.
+            dynamic: compile for varying sequence lengths (None: decide after a recompile).
+            backend: torch.compile backend; "eager" only traces (to debug compile problems).
+        """
+        self.mode = mode
+        self.fullgraph = fullgraph
+        self.dynamic = dynamic
+        self.backend = backend
+        self.compiled = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Callback.setup runs before the strategy wraps the model (configure_model), i.e. before
+        # FSDP shards the blocks: compile first, then shard.
+        block_class = pl_module.backbone.block_class
+        for module in pl_module.backbone.modules():
+            if isinstance(module, block_class) and getattr(module, "_compiled_call_impl", None) is None:
+                module.compile(
+                    mode=self.mode, fullgraph=self.fullgraph, dynamic=self.dynamic, backend=self.backend
+                )
+                self.compiled += 1

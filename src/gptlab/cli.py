@@ -11,6 +11,9 @@ What it adds to LightningCLI:
 - fine-tuning: a task's `label_names` come from the data module (`data.label_names`), and with
   `init_from` the backbone config and the tokenizer come from the pretraining run when the YAML
   does not give them; evaluating a checkpoint reuses its backbone config and label names;
+- every run logs throughput and MFU (`throughput.*`, gptlab.callbacks.Throughput);
+- a sharded FSDP checkpoint (a folder) is consolidated on the fly for evaluation under any other
+  strategy (e.g. on one device);
 - user errors (`GPTLabError`) print one line and exit 2 instead of a traceback.
 """
 
@@ -18,17 +21,21 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from gptlab.callbacks import Throughput
 from gptlab.data import DataModule
-from gptlab.errors import ConfigError, GPTLabError
+from gptlab.errors import CheckpointError, ConfigError, GPTLabError
 from gptlab.reports import write_report
+from gptlab.strategies import is_sharded_checkpoint, save_consolidated
 from gptlab.tasks import TaskModule
 from gptlab.tasks.base import load_checkpoint
 
@@ -44,8 +51,8 @@ def run_dir_of(ckpt_path: str | Path | None) -> Path | None:
 
 
 def latest_checkpoint(logs: Path, experiment: str, name: str = "last.ckpt") -> Path | None:
-    """`<name>` of the newest run of `experiment` that has one."""
-    runs = [p for p in (logs / experiment).glob("version_*") if (p / "checkpoints" / name).is_file()]
+    """`<name>` of the newest run of `experiment` that has one (a file, or a sharded FSDP folder)."""
+    runs = [p for p in (logs / experiment).glob("version_*") if (p / "checkpoints" / name).exists()]
     runs.sort(key=lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1)
     return runs[-1] / "checkpoints" / name if runs else None
 
@@ -80,7 +87,12 @@ def with_run_config(argv: list[str]) -> list[str]:
 
 # config.json keys that describe the file, not the model (left out when rebuilding the config).
 _HF_META_KEYS = (
-    "architectures", "transformers_version", "model_type", "_name_or_path", "torch_dtype", "dtype"
+    "architectures",
+    "transformers_version",
+    "model_type",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
 )
 
 
@@ -157,6 +169,9 @@ class GPTLabCLI(LightningCLI):
         elif isinstance(args, list):
             args = with_run_config(args)
         self._argv = args if isinstance(args, list) else sys.argv[1:]
+        # The checkpoint as given, when evaluation reads a consolidated copy of a sharded one.
+        self._ckpt_source: str | None = None
+        self._consolidated_dir: tempfile.TemporaryDirectory | None = None
         super().__init__(
             model_class=TaskModule,
             datamodule_class=DataModule,
@@ -207,6 +222,8 @@ class GPTLabCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # Always on, like the checkpoint callback: tokens/s, samples/s and MFU for every task.
+        parser.add_lightning_class_args(Throughput, "throughput")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -282,13 +299,38 @@ class GPTLabCLI(LightningCLI):
             if names:
                 data.label_names = list(names)
 
+    # ----------------------------------------------------------------- sharded checkpoints
+    def _ckpt_for_strategy(self) -> None:
+        """Give a sharded FSDP checkpoint to a strategy that cannot read folders as one consolidated file."""
+        kwargs = self.config_init[self.subcommand]
+        ckpt = kwargs.get("ckpt_path")
+        if (
+            not ckpt
+            or not is_sharded_checkpoint(ckpt)
+            or isinstance(self.trainer.strategy, ModelParallelStrategy)
+        ):
+            return
+        if self.subcommand == "fit":
+            raise CheckpointError(
+                f"--ckpt_path {ckpt} is a sharded FSDP checkpoint: resume it with the FSDP strategy "
+                f"(--config configs/trainer/fsdp.yaml), or start a new run from its weights with "
+                f"--model.init_args.init_from {ckpt}"
+            )
+        self._consolidated_dir = tempfile.TemporaryDirectory(prefix="gptlab-consolidated-")
+        self._ckpt_source = str(ckpt)
+        kwargs["ckpt_path"] = str(save_consolidated(ckpt, Path(self._consolidated_dir.name) / "model.ckpt"))
+
+    before_fit = before_validate = before_test = before_predict = _ckpt_for_strategy
+
     def after_test(self) -> None:
         report = getattr(self.model, "test_report", None)
+        # log_dir broadcasts from rank 0 under a distributed strategy: every rank must ask for it.
+        run = Path(self.trainer.log_dir) if report is not None else None
         if report is None or not self.trainer.is_global_zero:
             return
-        run = Path(self.trainer.log_dir)
+        ckpt = self._ckpt_source or self.trainer.ckpt_path
         report.meta.update(
-            checkpoint=str(self.trainer.ckpt_path) if self.trainer.ckpt_path else "(weights as initialised)",
+            checkpoint=str(ckpt) if ckpt else "(weights as initialised)",
             config=str(run / "config.yaml") if (run / "config.yaml").exists() else "(command line)",
             run_dir=str(run),
         )

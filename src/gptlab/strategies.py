@@ -1,0 +1,204 @@
+"""Sharded data parallelism (FSDP2) for any gptlab task, and reading its sharded checkpoints anywhere.
+
+    TaskModule ──configure_model()──> parallelize(task, strategy)
+                                         │  for every backbone.block_class instance:
+                                         │      [checkpoint_wrapper]  (activation checkpointing)
+                                         │      fully_shard(block)    (one all-gather unit)
+                                         └─ fully_shard(task)         (embeddings, final norm, head)
+
+The unit FSDP wraps is whatever the backbone declares as its `block_class` (our GPT's `Block`, a
+Hugging Face model's decoder layer), so one strategy config serves every backbone. Parallelism
+lives here and in Lightning's strategy, never in model files (torchtitan keeps `parallelize.py`
+apart from `model.py` for the same reason).
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`) rather than Lightning's `FSDPStrategy` (FSDP1):
+FSDP2 keeps every parameter a DTensor with its original name and shape (no flattening, so
+`TaskModule`'s weight-decay groups, decided by name, stay exact), and it runs on CPU over gloo,
+so the same code path that trains on GPUs is tested in CI (`FSDPStrategy` refuses CPUs).
+
+Checkpoints: `save_distributed_checkpoint=True` writes a folder of shards (every rank writes its
+own, fast and memory-flat); False gathers a full single-file checkpoint on rank 0. Both load on
+any number of devices: `consolidate_checkpoint` turns a folder into the single-file layout that
+`main.py test/predict` on one device, `load_from_checkpoint` and `init_from` read.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from gptlab.errors import CheckpointError, ConfigError
+
+__all__ = ["FSDP", "consolidate_checkpoint", "is_sharded_checkpoint", "parallelize"]
+
+
+class FSDP(ModelParallelStrategy):
+    """Fully sharded data parallel over every process (FSDP2), wrapping the backbone's blocks.
+
+    Parameters, gradients and optimizer states are sharded across all `devices x num_nodes`
+    processes; each transformer block is all-gathered just before it runs and freed after.
+    Works on GPUs (NCCL) and on CPUs (gloo), e.g. `--trainer.accelerator cpu --trainer.devices 2`.
+    """
+
+    def __init__(
+        self,
+        activation_checkpointing: bool = False,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        """
+        Args:
+            activation_checkpointing: recompute each block's activations in the backward pass
+                instead of storing them: about a third more compute for much less activation
+                memory (lets a larger batch or model fit).
+            reshard_after_forward: free each block's gathered weights after its forward and gather
+                them again for backward (ZeRO-3, least memory); False keeps them until backward
+                (ZeRO-2 like, one all-gather fewer per block and step).
+            save_distributed_checkpoint: True writes checkpoints as a folder of per-rank shards
+                (`last.ckpt/`); False gathers one full `.ckpt` file on rank 0 (needs the whole
+                model and optimizer state in rank 0's CPU memory).
+            data_parallel_size: processes that shard the model; "auto" = all of them. Lower it
+                only to combine with tensor parallelism in a custom strategy.
+            process_group_backend: "nccl" / "gloo"; default: nccl on GPUs, gloo on CPUs.
+            timeout: how long collectives wait for a slow rank before failing.
+        """
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.activation_checkpointing = activation_checkpointing
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        # Lightning's "auto" is one data-parallel group per node (meant for 2-D parallelism with
+        # tensor parallel inside a node); plain FSDP shards over every process. Both sizes are known
+        # here: the accelerator connector set the devices and nodes before launching.
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def parallelize(task: nn.Module, strategy: Any) -> None:
+    """Apply FSDP2 to `task` when `strategy` is a ModelParallelStrategy (ours or Lightning's).
+
+    Called from `TaskModule.configure_model`, i.e. on every rank after the model is built and
+    before the optimizer is created, so the optimizer sees the sharded parameters. Idempotent:
+    Lightning calls the hook again for each `trainer.fit/validate/test` in one process.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(strategy, ModelParallelStrategy) or isinstance(task, FSDPModule):
+        return
+    mesh = strategy.device_mesh
+    if mesh["tensor_parallel"].size() != 1:
+        raise ConfigError(
+            f"trainer.strategy: tensor_parallel_size={mesh['tensor_parallel'].size()} is not supported by "
+            f"gptlab's tasks (they shard with FSDP only): use gptlab.strategies.FSDP, or set "
+            f"tensor_parallel_size: 1 and data_parallel_size to the number of processes"
+        )
+    shard(
+        task,
+        block_class=task.backbone.block_class,
+        mesh=mesh["data_parallel"],
+        activation_checkpointing=getattr(strategy, "activation_checkpointing", False),
+        reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
+    )
+
+
+def shard(
+    root: nn.Module,
+    block_class: type[nn.Module],
+    mesh: Any,
+    activation_checkpointing: bool = False,
+    reshard_after_forward: bool = True,
+) -> int:
+    """`fully_shard` every `block_class` instance in `root`, then `root` itself; return the block count.
+
+    Each block becomes one FSDP unit (its parameters are gathered together, just in time); the
+    root unit holds what is left (embeddings, final norm, tied head, task heads). Blocks are
+    wrapped for activation checkpointing first, so the recomputation happens inside the unit.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import fully_shard
+
+    # Collect (parent, child name) first: replacing children while iterating modules() is unsafe.
+    slots = [
+        (parent, name)
+        for parent in root.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, block_class)
+    ]
+    if not slots:
+        raise ConfigError(
+            f"FSDP: the backbone declares block_class={block_class.__name__} but no such module is in "
+            f"{type(root).__name__}; fix the backbone's block_class"
+        )
+    for parent, name in slots:
+        block = getattr(parent, name)
+        if activation_checkpointing:
+            # The wrapper adds "_checkpoint_wrapped_module." to parameter names; optimizer groups
+            # strip it (gptlab.optim.canonical_name) and state dicts never contain it.
+            block = checkpoint_wrapper(block)
+            setattr(parent, name, block)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # The root keeps FSDP2's default for roots: not resharded after forward, since its parameters
+    # (embeddings, tied head) are needed again at the very start of backward.
+    fully_shard(root, mesh=mesh)
+    return len(slots)
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """True for a folder checkpoint written by FSDP with `save_distributed_checkpoint=True`."""
+    path = Path(path)
+    return path.is_dir() and (path / _METADATA_FILENAME).is_file()
+
+
+def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a sharded checkpoint folder into one single-device Lightning checkpoint dict (in CPU memory).
+
+    The result has the layout of a normal `.ckpt` (`state_dict`, `hyper_parameters`, `global_step`,
+    ...) and loads without any process group. Optimizer states are left out: FSDP saves them keyed
+    by parameter name, which a plain optimizer cannot load; resume a sharded run with the FSDP strategy.
+    """
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(
+            f"checkpoint {path} is not a sharded checkpoint folder (no {_METADATA_FILENAME} inside); "
+            f"pass a .ckpt file or a folder written by the FSDP strategy"
+        )
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        checkpoint = _load_distributed_checkpoint(path)
+    # A missing shard, a truncated file, a foreign folder; DCP's own error is a BaseException.
+    except (Exception, CheckpointException) as err:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        raise CheckpointError(
+            f"sharded checkpoint {path} cannot be read ({reason}); "
+            f"it may be incomplete (a rank failed while saving): use another checkpoint of the run"
+        ) from None
+    for key in [k for k in checkpoint if re.fullmatch(r"optimizer_\d+", k)]:
+        del checkpoint[key]
+    checkpoint.pop("optimizer_states", None)
+    return checkpoint
+
+
+def save_consolidated(path: str | Path, output: str | Path) -> Path:
+    """Write the single-file form of a sharded checkpoint folder to `output`."""
+    output = Path(output)
+    torch.save(consolidate_checkpoint(path), output)
+    return output

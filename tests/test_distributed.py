@@ -1,0 +1,192 @@
+"""Distributed training on CPU (gloo): DDP and FSDP2 give the losses of one process, checkpoints reload.
+
+Every distributed run is `tests/dist_run.py` (main.py plus a recorder callback) launched as a user
+would, with 2 CPU processes, under a hard timeout that kills the whole process group. Each rank
+writes rank<N>.json when training ends: no file, no success. The reference is the same tiny
+experiment in one process with the same global batch (2 x the per-rank batch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_CORPUS, tiny_config
+from gptlab.cli import main
+from gptlab.tasks.base import load_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+PER_RANK_BATCH = 4
+STEPS = 4
+N_LAYER = 2
+TIMEOUT = 240  # seconds for one 2-process run; a healthy one takes ~20-40 s on a loaded 2-core machine
+
+# Same experiment everywhere: 2 blocks, every window full length (stride 1) so that each rank's
+# mean loss has the same weight, weight decay and clipping on (both must behave under sharding).
+OVERRIDES = [
+    "--data.init_args.stride", "1",
+    "--model.init_args.backbone.init_args.n_layer", str(N_LAYER),
+    "--model.init_args.optimizer.init_args.weight_decay", "0.1",
+    "--trainer.gradient_clip_val", "1.0",
+    "--trainer.max_steps", str(STEPS),
+    "--trainer.val_check_interval", str(STEPS),
+    "--trainer.callbacks+=dist_run.Recorder",
+    # A fixed peak skips measuring one: this test is about correctness, not speed.
+    "--throughput.peak_flops", "1e11",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("dist")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(TINY_CORPUS):
+        (corpus / f"doc{i}.txt").write_text(text)
+    return tiny_config(tmp, corpus)
+
+
+def run_dir(config: Path, experiment: str) -> Path:
+    return config.parent / "logs" / experiment / "version_0"
+
+
+@pytest.fixture(scope="module")
+def reference(experiment: Path) -> dict:
+    """One process, global batch 2 x PER_RANK_BATCH, in this process (no launch cost)."""
+    out = experiment.parent / "ref_out"
+    out.mkdir()
+    os.environ["GPTLAB_TEST_OUT"] = str(out)
+    try:
+        main(
+            ["fit", "--config", str(experiment), *OVERRIDES, "--experiment", "ref"]
+            + ["--data.init_args.batch_size", str(2 * PER_RANK_BATCH)]
+        )
+    finally:
+        del os.environ["GPTLAB_TEST_OUT"]
+    record = json.loads((out / "rank0.json").read_text())
+    assert record["world_size"] == 1 and len(record["losses"]) == STEPS
+    return record
+
+
+def launch(experiment: Path, name: str, *args: str) -> list[dict]:
+    """Run a 2-process fit; return every rank's record (asserting each rank finished)."""
+    out = experiment.parent / f"{name}_out"
+    out.mkdir()
+    command = [sys.executable, str(REPO / "tests" / "dist_run.py"), "fit", "--config", str(experiment)]
+    command += [*OVERRIDES, "--experiment", name, "--data.init_args.batch_size", str(PER_RANK_BATCH), *args]
+    env = {
+        **os.environ,
+        "GPTLAB_TEST_OUT": str(out),
+        "PYTHONWARNINGS": "ignore",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    # A new session so that a hang can be ended for every rank at once (Lightning's launcher
+    # starts rank 1 as a child of rank 0).
+    proc = subprocess.Popen(
+        command, cwd=experiment.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{name}: no result within {TIMEOUT}s\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    missing = [rank for rank in range(2) if not (out / f"rank{rank}.json").is_file()]
+    assert not missing, f"{name}: ranks {missing} wrote no success marker\n{output[-3000:]}"
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def assert_same_losses(records: list[dict], reference: dict) -> None:
+    """The mean of the ranks' losses is the one-process loss at every step (equal token counts)."""
+    assert all(r["world_size"] == 2 and len(r["losses"]) == STEPS for r in records)
+    mean = torch.tensor([r["losses"] for r in records], dtype=torch.float64).mean(0)
+    expected = torch.tensor(reference["losses"], dtype=torch.float64)
+    # Two different halves of each batch: the ranks really saw different data.
+    assert records[0]["losses"][0] != records[1]["losses"][0]
+    torch.testing.assert_close(mean, expected, rtol=0, atol=1e-5)
+
+
+def assert_same_weights(checkpoint: dict, reference_ckpt: Path) -> None:
+    expected = torch.load(reference_ckpt, weights_only=True)["state_dict"]
+    state = checkpoint["state_dict"]
+    assert set(state) == set(expected)
+    # A rank counts the tokens it saw itself (half of them here); the parameters are global.
+    assert state.pop("tokens_seen") * 2 == expected.pop("tokens_seen")
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_ddp_matches_one_process(experiment: Path, reference: dict):
+    records = launch(
+        experiment, "ddp", "--config", str(REPO / "configs/trainer/ddp.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+    )  # fmt: skip
+    assert {r["strategy"] for r in records} == {"DDPStrategy"}
+    assert_same_losses(records, reference)
+
+
+def test_fsdp_matches_one_process_and_reloads_on_one_device(experiment: Path, reference: dict):
+    records = launch(
+        experiment, "fsdp", "--config", str(REPO / "configs/trainer/fsdp.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy.init_args.activation_checkpointing", "true",
+    )  # fmt: skip
+    assert_same_losses(records, reference)
+    for record in records:
+        assert record["strategy"] == "FSDP"
+        # One unit per backbone block (block_class read from the model), each wrapped for
+        # activation checkpointing, plus the root.
+        assert record["fsdp_units"] == ["FSDPCausalLM"] + ["FSDPCheckpointWrapper(Block)"] * N_LAYER
+        assert record["sharded"] and record["checkpoint_wrapped"]
+        # Weight decay on exactly the matrices of the unsharded model, by name.
+        assert record["groups"] == reference["groups"]
+        assert [g["weight_decay"] for g in record["groups"]] == [0.1, 0.0]
+
+    # Sharded checkpoint: a folder of per-rank shards that consolidates to the one-process weights.
+    fsdp_run, ref_run = run_dir(experiment, "fsdp"), run_dir(experiment, "ref")
+    last = fsdp_run / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2
+    assert_same_weights(load_checkpoint(last), ref_run / "checkpoints" / "last.ckpt")
+
+    # `test` on one device reads the folder (consolidated on the fly) and scores like the reference.
+    one_device = ["--trainer.strategy", "auto", "--trainer.devices", "1", "--throughput.peak_flops", "0"]
+    main(["test", "--ckpt_path", str(last), *one_device])
+    main(["test", "--ckpt_path", str(ref_run / "checkpoints" / "last.ckpt")])
+    got = json.loads((fsdp_run / "reports" / "test_report.json").read_text())
+    expected = json.loads((ref_run / "reports" / "test_report.json").read_text())
+    assert got["metrics"]["loss"] == pytest.approx(expected["metrics"]["loss"], abs=1e-4)
+    assert got["meta"]["checkpoint"] == str(last)
+
+
+def test_lightning_model_parallel_strategy_full_state(experiment: Path, reference: dict):
+    # Lightning's own ModelParallelStrategy (FSDP2 over a 2 x 1 mesh) shards through the same hook,
+    # and with save_distributed_checkpoint=False gathers one full checkpoint file on rank 0.
+    strategy = {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {
+            "data_parallel_size": 2,
+            "tensor_parallel_size": 1,
+            "save_distributed_checkpoint": False,
+        },
+    }
+    records = launch(
+        experiment, "mp", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy", json.dumps(strategy),
+    )  # fmt: skip
+    assert_same_losses(records, reference)
+    assert all(
+        r["sharded"] and r["fsdp_units"] == ["FSDPBlock"] * N_LAYER + ["FSDPCausalLM"] for r in records
+    )
+    last = run_dir(experiment, "mp") / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert_same_weights(load_checkpoint(last), run_dir(experiment, "ref") / "checkpoints" / "last.ckpt")

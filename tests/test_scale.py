@@ -1,0 +1,275 @@
+"""Trainer overlays, throughput / MFU, torch.compile and sharded-checkpoint handling, on CPU.
+
+Every overlay in configs/trainer/ is stacked on every experiment, parsed and instantiated (GPU
+overlays against a mocked CUDA device count: nothing touches a GPU before `fit`); the overlays a
+CPU can run are run on a tiny experiment. The distributed ones run in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+from conftest import REPO, TINY_CORPUS, shared_data, tiny_config
+from gptlab import callbacks as gcallbacks
+from gptlab.callbacks import Compile, SampleGeneration, Throughput, measure_matmul_flops
+from gptlab.cli import GPTLabCLI, latest_checkpoint, main
+from gptlab.data import SeededShuffleSampler
+from gptlab.errors import CheckpointError
+from gptlab.strategies import FSDP, consolidate_checkpoint
+
+OVERLAYS = sorted(p.stem for p in (REPO / "configs" / "trainer").glob("*.yaml"))
+GPU_ONLY = {"gpu", "16-mixed"}
+
+
+def test_the_overlays_are_all_there():
+    assert set(OVERLAYS) == {
+        "cpu",
+        "gpu",
+        "ddp",
+        "fsdp",
+        "bf16-mixed",
+        "16-mixed",
+        "bf16-true",
+        "compile",
+        "debug",
+    }
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """A machine that reports one CUDA device (Lightning checks the count, not the device, at init)."""
+    import lightning.fabric.accelerators.cuda as fabric_cuda
+    import lightning.pytorch.accelerators.cuda as pytorch_cuda
+
+    monkeypatch.setattr(fabric_cuda, "num_cuda_devices", lambda: 1)
+    monkeypatch.setattr(pytorch_cuda, "num_cuda_devices", lambda: 1)
+
+
+def experiment_args(name: str, tmp_path: Path) -> list[str]:
+    args = ["--config", str(REPO / "configs" / "pretrain" / f"{name}.yaml"), "--logs", str(tmp_path / "logs")]
+    if name == "shakespeare_char":
+        args += ["--data.init_args.train_files", str(shared_data("tinyshakespeare/input.txt"))]
+    return args
+
+
+EXPECTED = {
+    "cpu": lambda t: (
+        isinstance(t.accelerator, CPUAccelerator)
+        and isinstance(t.strategy, SingleDeviceStrategy)
+        and t.precision == "32-true"
+    ),
+    "gpu": lambda t: isinstance(t.accelerator, CUDAAccelerator) and t.num_devices == 1,
+    "ddp": lambda t: type(t.strategy) is DDPStrategy,
+    "fsdp": lambda t: isinstance(t.strategy, FSDP) and t.strategy._save_distributed_checkpoint,
+    "bf16-mixed": lambda t: t.precision == "bf16-mixed",
+    "16-mixed": lambda t: t.precision == "16-mixed" and isinstance(t.accelerator, CUDAAccelerator),
+    "bf16-true": lambda t: t.precision == "bf16-true",
+    # Appended: the experiment's own callbacks stay.
+    "compile": lambda t: (
+        any(isinstance(c, Compile) for c in t.callbacks)
+        and any(isinstance(c, SampleGeneration) for c in t.callbacks)
+    ),
+    "debug": lambda t: t.max_steps == 20 and t.log_every_n_steps == 1 and t.limit_val_batches == 4,
+}
+
+
+@pytest.mark.parametrize("experiment", ["quickstart", "shakespeare_char"])
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_stacks_on_experiment(overlay: str, experiment: str, tmp_path: Path, request):
+    args = experiment_args(experiment, tmp_path)
+    if overlay in GPU_ONLY:
+        request.getfixturevalue("one_gpu")
+        # 16-mixed is a GPU precision: stack it on the gpu overlay, as its header says.
+        args += ["--config", str(REPO / "configs" / "trainer" / "gpu.yaml")]
+    cli = GPTLabCLI(
+        args=[*args, "--config", str(REPO / "configs" / "trainer" / f"{overlay}.yaml")], run=False
+    )
+    trainer = cli.trainer
+    assert EXPECTED[overlay](trainer), (overlay, trainer.strategy, trainer.precision, trainer.callbacks)
+    # Every run measures throughput, whatever the overlay.
+    assert any(isinstance(c, Throughput) for c in trainer.callbacks)
+    assert cli.model.backbone.block_class.__name__ == "Block"
+
+
+# ----------------------------------------------------------------------------- overlays that run on CPU
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("overlays")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(TINY_CORPUS):
+        (corpus / f"doc{i}.txt").write_text(text)
+    return tiny_config(tmp, corpus)
+
+
+def fit(tiny: Path, name: str, *args: str) -> GPTLabCLI:
+    return GPTLabCLI(args=["fit", "--config", str(tiny), "--experiment", name, *args])
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "bf16-mixed", "bf16-true"])
+def test_overlay_trains_on_cpu(tiny: Path, overlay: str):
+    cli = fit(
+        tiny, overlay, "--config", str(REPO / "configs" / "trainer" / f"{overlay}.yaml"),
+        "--trainer.log_every_n_steps", "2",
+    )  # fmt: skip
+    trainer = cli.trainer
+    assert trainer.global_step == 6 and trainer.precision == {"cpu": "32-true"}.get(overlay, overlay)
+    losses = [trainer.callback_metrics[k] for k in ("train/loss", "val/loss")]
+    assert all(torch.isfinite(v) for v in losses)
+    if overlay == "bf16-true":
+        assert cli.model.backbone.transformer.wte.weight.dtype == torch.bfloat16
+    run = tiny.parent / "logs" / overlay / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    # Throughput reaches the progress bar and TensorBoard, every log_every_n_steps steps.
+    assert {"train/tokens_per_sec", "train/mfu"} <= set(trainer.progress_bar_metrics)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/tokens_per_sec", "train/samples_per_sec", "train/mfu", "train/loss"} <= tags
+    assert [e.step for e in events.Scalars("train/tokens_per_sec")] == [1, 3, 5]  # steps 2, 4, 6
+    assert all(e.value > 0 for e in events.Scalars("train/mfu"))
+
+
+def test_debug_overlay_runs(tiny: Path):
+    # Its own 20 steps are checked above; 8 are enough to see it run (with anomaly detection on).
+    cli = fit(
+        tiny, "debug", "--config", str(REPO / "configs" / "trainer" / "debug.yaml"),
+        "--trainer.max_steps", "8", "--trainer.val_check_interval", "4",
+    )  # fmt: skip
+    assert cli.trainer.global_step == 8 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+
+def test_compile_overlay_compiles_blocks_in_place(tiny: Path):
+    # The "eager" backend traces with dynamo like inductor does, without minutes of C++ compilation.
+    cli = fit(
+        tiny, "compile", "--config", str(REPO / "configs" / "trainer" / "compile.yaml"),
+        "--trainer.callbacks.init_args.backend", "eager", "--trainer.max_steps", "2",
+    )  # fmt: skip
+    compile_cb = next(c for c in cli.trainer.callbacks if isinstance(c, Compile))
+    assert compile_cb.compiled == 1  # the tiny GPT has one block
+    assert cli.model.backbone.transformer.h[0]._compiled_call_impl is not None
+    # In place: checkpoints keep the plain parameter names and load without compile.
+    state = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in k for k in state)
+
+
+# ----------------------------------------------------------------------------- Throughput
+class FakeModule:
+    """What Throughput reads from a LightningModule: the backbone's FLOPs and `log`."""
+
+    def __init__(self, flops_per_token: int) -> None:
+        self.backbone = SimpleNamespace(num_flops_per_token=lambda seq_len: flops_per_token * seq_len)
+        self.logged: dict[str, float] = {}
+        self.device = torch.device("cpu")
+
+    def log(self, name, value, **kwargs) -> None:
+        assert isinstance(value, float)  # a host number: logging it needs no device sync
+        self.logged[name] = value
+
+
+def test_throughput_counts_from_shapes_only(monkeypatch):
+    clock = iter([100.0, 102.0, 104.0])  # window start, then the two logging points
+    monkeypatch.setattr(gcallbacks.time, "perf_counter", lambda: next(clock))
+    callback = Throughput(peak_flops=1e9)
+    trainer = SimpleNamespace(
+        precision="32-true", world_size=2, log_every_n_steps=2, global_step=0, sanity_checking=False
+    )
+    module = FakeModule(flops_per_token=10)
+    callback.on_train_start(trainer, module)
+    # Meta tensors have shapes but no data: any read of the values (a sync on a GPU) would fail.
+    batch = {"input_ids": torch.empty(4, 8, dtype=torch.long, device="meta")}
+    for step in (1, 2):
+        callback.on_train_batch_start(trainer, module, batch, step - 1)
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, module, None, batch, step - 1)
+    # 2 steps x 4 sequences x 8 tokens on each of 2 ranks in 2 s; 80 FLOPs per token per rank.
+    assert module.logged["train/tokens_per_sec"] == pytest.approx(2 * 2 * 4 * 8 / 2.0)
+    assert module.logged["train/samples_per_sec"] == pytest.approx(2 * 2 * 4 / 2.0)
+    assert module.logged["train/mfu"] == pytest.approx(2 * 4 * 8 * 80 / 2.0 / 1e9)
+
+
+def test_throughput_leaves_validation_out(monkeypatch):
+    clock = iter([0.0, 50.0, 51.0, 99.0])
+    monkeypatch.setattr(gcallbacks.time, "perf_counter", lambda: next(clock))
+    callback = Throughput(peak_flops=0)  # 0: no MFU
+    trainer = SimpleNamespace(precision="32-true", world_size=1, log_every_n_steps=1, global_step=0)
+    module = FakeModule(flops_per_token=1)
+    callback.on_train_start(trainer, module)
+    batch = {"input_ids": torch.empty(2, 5, dtype=torch.long, device="meta")}
+    callback.on_train_batch_start(trainer, module, batch, 0)  # t=0
+    callback.on_validation_start(trainer, module)  # a long validation: the window is dropped
+    callback.on_train_batch_start(trainer, module, batch, 1)  # t=50, a new window
+    trainer.global_step = 1
+    callback.on_train_batch_end(trainer, module, None, batch, 1)  # t=51
+    assert module.logged == {"train/tokens_per_sec": 10.0, "train/samples_per_sec": 2.0}
+
+
+def test_peak_flops_table(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert gcallbacks.peak_flops(torch.device("cuda", 0), "bf16") == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert gcallbacks.peak_flops(torch.device("cuda", 0), "bf16") == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert gcallbacks.peak_flops(torch.device("cuda", 0), "tf32") == 156e12
+    assert gcallbacks.compute_dtype("bf16-mixed", torch.device("cuda")) == "bf16"
+    assert gcallbacks.compute_dtype("16-mixed", torch.device("cuda")) == "fp16"
+    assert gcallbacks.compute_dtype("32-true", torch.device("cpu")) == "fp32"
+
+
+def test_cpu_matmul_peak_is_measured():
+    flops = measure_matmul_flops("cpu", size=256, seconds=0.05)
+    assert 1e8 < flops < 1e14
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+def fake_sharded(path: Path) -> Path:
+    """A folder that looks like a sharded checkpoint (meta.pt) but holds no shards."""
+    path.mkdir(parents=True)
+    torch.save({"global_step": 3}, path / "meta.pt")
+    return path
+
+
+def test_broken_sharded_checkpoint_is_named(tmp_path: Path):
+    broken = fake_sharded(tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointError, match="last.ckpt"):
+        consolidate_checkpoint(broken)
+    with pytest.raises(CheckpointError, match="not a sharded checkpoint"):
+        consolidate_checkpoint(tmp_path)
+
+
+def test_resuming_a_sharded_checkpoint_needs_fsdp(tiny: Path, tmp_path: Path, capsys):
+    ckpt = fake_sharded(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(tiny), "--ckpt_path", str(ckpt), "--experiment", "resume"])
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err
+    assert "sharded FSDP checkpoint" in message and "fsdp.yaml" in message and "Traceback" not in message
+
+
+def test_latest_checkpoint_finds_sharded_folders(tmp_path: Path):
+    fake_sharded(tmp_path / "exp" / "version_0" / "checkpoints" / "last.ckpt")
+    (tmp_path / "exp" / "version_1" / "checkpoints").mkdir(parents=True)
+    assert latest_checkpoint(tmp_path, "exp") == tmp_path / "exp" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+# ----------------------------------------------------------------------------- data order under DDP
+@pytest.mark.parametrize("num_samples", [10, 11])
+def test_ranks_split_the_single_process_order(num_samples: int):
+    single = SeededShuffleSampler(num_samples, seed=3)
+    ranks = [SeededShuffleSampler(num_samples, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == -(-num_samples // 2)
+    for epoch in (0, 1):
+        for sampler in (single, *ranks):
+            sampler.set_epoch(epoch)
+        # Rank r takes positions r, r + 2, ... of the single-process permutation (padded with its
+        # start), so the ranks' batches together are the single-process batch.
+        interleaved = [i for pair in zip(*(list(r) for r in ranks), strict=True) for i in pair]
+        assert interleaved[:num_samples] == list(single)
+    assert list(single) != list(SeededShuffleSampler(num_samples, seed=3))  # epoch 1 is a new order
