@@ -49,7 +49,13 @@ def sft_run(tmp_path_factory) -> Path:
         "logs": str(tmp / "logs"),
         "experiment": "tiny_sft",
         "model": {
-            "init_args": {"backbone": {"init_args": TINY_BACKBONE}, "max_new_tokens": 12, "num_samples": 6}
+            "init_args": {
+                # from scratch: no pretraining run, so the backbone and the tokenizer are given
+                "init_from": None,
+                "backbone": {"class_path": "gptlab.models.GPT", "init_args": TINY_BACKBONE},
+                "max_new_tokens": 12,
+                "num_samples": 6,
+            }
         },
         "data": {
             "init_args": {
@@ -89,11 +95,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_shipped_config_instantiates_on_the_real_data():
+def test_shipped_config_instantiates_on_the_real_data(sft_run: Path):
     shared_data("gsm8k/train.jsonl")
-    cli = GPTLabCLI(args=["--config", str(SFT_CONFIG)], run=False)  # run=False: no subcommand
-    assert isinstance(cli.model, Generation) and cli.model.backbone.config.block_size == 512
+    ckpt = str(sft_run / "checkpoints" / "last.ckpt")
+    # run=False: no subcommand; init_from swapped for the tiny run (backbone + tokenizer come from it)
+    cli = GPTLabCLI(args=["--config", str(SFT_CONFIG), "--model.init_args.init_from", ckpt], run=False)
+    assert isinstance(cli.model, Generation) and cli.model.backbone.config.vocab_size == 320
+    assert cli.datamodule.tokenizer_source == str(sft_run / "tokenizer")
     assert cli.datamodule.prompt_template == "Question: {question}\nAnswer: "
+    assert cli.datamodule.patterns["test"] == "data/gsm8k/test.jsonl" and cli.datamodule.packing
     assert cli.model.test_metrics["exact_match"].pattern.pattern == r"#### (\-?[0-9\.\,]+)"
 
 

@@ -110,7 +110,7 @@ class Generation(CausalLM):
 
     def __init__(
         self,
-        backbone: Backbone,
+        backbone: Backbone | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = WarmupCosine,
         init_from: str | None = None,
@@ -126,7 +126,9 @@ class Generation(CausalLM):
     ) -> None:
         """
         Args:
-            backbone: the Transformer (`gptlab.models.GPT` or `gptlab.models.HFBackbone`).
+            backbone: the Transformer (`gptlab.models.GPT` or `gptlab.models.HFBackbone`). Under the
+                CLI with `init_from` (or `--ckpt_path`) it may be left out: the CLI then takes the
+                backbone config recorded by that checkpoint's run (or Hugging Face directory).
             optimizer: called with the parameter groups (decay / no decay), e.g. `torch.optim.AdamW`.
             scheduler: called with the optimizer, stepped every optimizer step; None: constant lr.
             init_from: start from a pretrained gptlab checkpoint (`.ckpt`) or a Hugging Face model
