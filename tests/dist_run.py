@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 
+from gptlab.callbacks import SampleGeneration
 from gptlab.cli import main
 from gptlab.optim import canonical_name
 
@@ -63,7 +64,8 @@ class Recorder(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         out = Path(os.environ["GPTLAB_TEST_OUT"])
-        record = {"rank": trainer.global_rank, "losses": self.losses, **self.facts}
+        samples = [c.samples for c in trainer.callbacks if isinstance(c, SampleGeneration)]
+        record = {"rank": trainer.global_rank, "losses": self.losses, "samples": samples, **self.facts}
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -140,8 +140,12 @@ def test_fsdp_matches_one_process_and_reloads_on_one_device(experiment: Path, re
         experiment, "fsdp", "--config", str(REPO / "configs/trainer/fsdp.yaml"),
         "--trainer.accelerator", "cpu", "--trainer.devices", "2",
         "--trainer.strategy.init_args.activation_checkpointing", "true",
+        # Generation after validation runs forwards through the sharded blocks: on every rank.
+        "--trainer.callbacks+=gptlab.callbacks.SampleGeneration",
+        "--trainer.callbacks.init_args.max_new_tokens", "4",
     )  # fmt: skip
     assert_same_losses(records, reference)
+    assert records[0]["samples"] == records[1]["samples"] and len(records[0]["samples"][0]) == 1
     for record in records:
         assert record["strategy"] == "FSDP"
         # One unit per backbone block (block_class read from the model), each wrapped for

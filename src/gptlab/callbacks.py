@@ -8,6 +8,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.distributed.fsdp import FSDPModule
 
 from gptlab.generate import generate
 
@@ -43,22 +44,36 @@ class SampleGeneration(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tokenizer = getattr(pl_module, "tokenizer", None)
-        if trainer.sanity_checking or tokenizer is None or not trainer.is_global_zero:
+        # A sharded model (FSDP) gathers each block's weights from every rank at every forward:
+        # all ranks must then generate together (same seed, same tokens, same number of steps),
+        # or rank 0 waits forever for the others. Otherwise rank 0 generates alone.
+        sharded = isinstance(pl_module, FSDPModule)
+        if trainer.sanity_checking or tokenizer is None or not (trainer.is_global_zero or sharded):
             return
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         self.samples = []
-        for prompt in self.prompts or [tokenizer.eos_token]:
-            ids = tokenizer(prompt)["input_ids"] or [tokenizer.eos_token_id]
-            new = generate(
-                pl_module.backbone,
-                ids,
-                self.max_new_tokens,
-                self.temperature,
-                self.top_k,
-                eos_token_id=None,
-                generator=generator,
-            )
-            self.samples.append((prompt, tokenizer.decode(new)))
+        if sharded:
+            # The root unit (embeddings, final norm, tied head) is gathered by the task's forward
+            # hook; generation calls the backbone directly, so gather it explicitly.
+            pl_module.unshard()
+        try:
+            for prompt in self.prompts or [tokenizer.eos_token]:
+                ids = tokenizer(prompt)["input_ids"] or [tokenizer.eos_token_id]
+                new = generate(
+                    pl_module.backbone,
+                    ids,
+                    self.max_new_tokens,
+                    self.temperature,
+                    self.top_k,
+                    eos_token_id=None,
+                    generator=generator,
+                )
+                self.samples.append((prompt, tokenizer.decode(new)))
+        finally:
+            if sharded:
+                pl_module.reshard()
+        if not trainer.is_global_zero:
+            return
         text = "\n\n".join(f"[{p!r}] {c}" for p, c in self.samples)
         rank_zero_info(f"\nSamples at step {trainer.global_step}:\n{text}\n")
         for logger in trainer.loggers:
