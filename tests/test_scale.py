@@ -114,9 +114,11 @@ def fit(tiny: Path, name: str, *args: str) -> GPTLabCLI:
 
 @pytest.mark.parametrize("overlay", ["cpu", "bf16-mixed", "bf16-true"])
 def test_overlay_trains_on_cpu(tiny: Path, overlay: str):
+    # Fused AdamW with clipping, as the shipped experiments train.
     cli = fit(
         tiny, overlay, "--config", str(REPO / "configs" / "trainer" / f"{overlay}.yaml"),
-        "--trainer.log_every_n_steps", "2",
+        "--trainer.log_every_n_steps", "2", "--trainer.gradient_clip_val", "0.5",
+        "--model.init_args.optimizer.init_args.fused", "true",
     )  # fmt: skip
     trainer = cli.trainer
     assert trainer.global_step == 6 and trainer.precision == {"cpu": "32-true"}.get(overlay, overlay)
@@ -158,6 +160,30 @@ def test_compile_overlay_compiles_blocks_in_place(tiny: Path):
     # In place: checkpoints keep the plain parameter names and load without compile.
     state = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)["state_dict"]
     assert not any("_orig_mod" in k for k in state)
+
+
+@pytest.mark.parametrize("loss_scale", [None, 1024.0])
+def test_fused_optimizer_is_clipped_under_mixed_precision(loss_scale):
+    # Lightning refuses to clip fused optimizers under AMP; the task unscales (fp16) and clips itself.
+    from gptlab.models import GPT
+    from gptlab.tasks import CausalLM
+
+    model = CausalLM(backbone=GPT(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale) if loss_scale else None
+    if scaler is not None:
+        scaler.scale(torch.ones(()))  # what backward does first: the scaler holds its scale from here
+    model._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0 * (loss_scale or 1.0))  # scaled gradients, as backward leaves them
+    model.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert norm == pytest.approx(1.0, rel=1e-4)
+    if scaler is not None:
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(optimizer)  # must not unscale a second time: the update is AdamW's ~lr per element
+        step = max((p - b).abs().max().item() for p, b in zip(model.parameters(), before, strict=True))
+        assert 1e-4 < step < 2e-3
 
 
 # ----------------------------------------------------------------------------- Throughput

@@ -274,6 +274,25 @@ class TaskModule(L.LightningModule):
             scheduler.max_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        if not gradient_clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        # A fused optimizer (AdamW(fused=True)) undoes fp16 loss scaling inside its step, so
+        # Lightning refuses to clip it under any mixed precision, bf16 (no scaling at all)
+        # included. PyTorch's recipe works for it: unscale first, then clip; the scaler then
+        # hands the step no scale to undo (torch.amp.GradScaler.step).
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Which task wrote this checkpoint, so that loading it into another task fails clearly.
         checkpoint["gptlab"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}"}
