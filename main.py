@@ -1,4 +1,4 @@
-"""gptlab entry point: `python main.py {fit,validate,test,predict} --config configs/...yaml` (and `export`)."""
+"""gptlab entry point: `python main.py {fit,validate,test,predict,export} --config configs/...yaml`."""
 
 from gptlab.cli import main
 
