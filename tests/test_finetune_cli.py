@@ -224,3 +224,13 @@ def test_causal_lm_checkpoints_ignore_the_label_link(work):
     hparams = torch.load(work.pretrained, weights_only=True)["hyper_parameters"]
     assert "label_names" not in hparams
     json.dumps(hparams)  # plain values only
+
+
+def test_init_from_without_its_tokenizer_is_refused(work, tmp_path, capsys):
+    # A checkpoint copied away from its run has no tokenizer beside it; training a new one would
+    # not match the pretrained embeddings.
+    stray = tmp_path / "model.ckpt"
+    stray.write_bytes(Path(work.pretrained).read_bytes())
+    config = finetune_config(work.tmp, "classification", work.sentiment, init_from=str(stray))
+    code, err = run_cli(capsys, "fit", "--config", str(write_yaml(tmp_path / "stray.yaml", config)))
+    _no_traceback(code, err, f"init_from={stray}: no tokenizer found", "data.init_args.tokenizer")
