@@ -211,7 +211,7 @@ def test_every_file_format_and_a_dataset(tmp_path, tokenizer_dir):
 
 def test_multi_label_lists_and_separated_strings(tmp_path, tokenizer_dir):
     (tmp_path / "m.jsonl").write_text('{"text": "a b", "label": ["x", "z"]}\n{"text": "c", "label": []}\n')
-    (tmp_path / "m.tsv").write_text("text\tlabel\na b\tx|z\nc\ty\n")
+    (tmp_path / "m.tsv").write_text("text\tlabel\nthe good movie was great\tx|z\nc\ty\n")
     dm = data(tmp_path, tokenizer_dir, train_files=str(tmp_path / "m.jsonl"), multi_label=True)
     dm.setup("fit")
     assert dm.label_names == ["x", "z"]
@@ -267,3 +267,43 @@ def test_model_and_data_label_names_must_agree(tmp_path, tokenizer_dir):
     )
     with pytest.raises(ConfigError, match=r"\['neg', 'pos'\] differ from the model's \['pos', 'neg'\]"):
         model.check_data(dm)
+
+
+def test_multi_label_fit_test_report_and_predict(tmp_path, tokenizer_dir):
+    import lightning as L
+
+    train = tmp_path / "train.jsonl"
+    rows = [
+        ("good great movie", ["good"]),
+        ("bad plot", ["bad"]),
+        ("good and bad", ["good", "bad"]),
+        ("the", []),
+    ]
+    train.write_text("".join(json.dumps({"text": t, "label": labels}) + "\n" for t, labels in rows * 4))
+    dm = data(
+        tmp_path,
+        tokenizer_dir,
+        train_files=str(train),
+        test_files=str(train),
+        multi_label=True,
+        block_size=16,
+    )
+    model = SequenceClassification(
+        GPT(vocab_size=320, block_size=16, n_layer=1, n_head=2, n_embd=16), dm.label_names, multi_label=True
+    )
+    trainer = L.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    trainer.test(model, dm, verbose=False)
+    report = model.test_report
+    scores, confusion = report.tables
+    assert [row[0] for row in scores.rows] == ["bad", "good", "micro avg", "macro avg", "weighted avg"]
+    assert scores.rows[-1][-1] == 16  # 4 x (1 + 1 + 2 + 0) labels
+    assert confusion.columns == ["tn", "fp", "fn", "tp"]
+    assert all(sum(row[1:]) == 16 for row in confusion.rows)  # every label of every example counted
+    assert 0.0 <= report.metrics["exact_match"] <= 1.0
+    trainer.predict(model, dm)
+    lines = (tmp_path / "predictions" / "predictions.tsv").read_text().splitlines()
+    assert len(lines) == 17 and lines[1].split("\t")[:2] == ["good great movie", "good"]

@@ -224,3 +224,24 @@ def test_causal_lm_checkpoints_ignore_the_label_link(work):
     hparams = torch.load(work.pretrained, weights_only=True)["hyper_parameters"]
     assert "label_names" not in hparams
     json.dumps(hparams)  # plain values only
+
+
+def test_init_from_without_its_tokenizer_is_refused(work, tmp_path, capsys):
+    # A checkpoint copied away from its run has no tokenizer beside it; training a new one would
+    # not match the pretrained embeddings.
+    stray = tmp_path / "model.ckpt"
+    stray.write_bytes(Path(work.pretrained).read_bytes())
+    config = finetune_config(work.tmp, "classification", work.sentiment, init_from=str(stray))
+    code, err = run_cli(capsys, "fit", "--config", str(write_yaml(tmp_path / "stray.yaml", config)))
+    _no_traceback(code, err, f"init_from={stray}: no tokenizer found", "data.init_args.tokenizer")
+
+
+def test_shipped_pretraining_config_instantiates(work, tmp_path, monkeypatch):
+    """configs/pretrain/english_small.yaml (the fine-tuning configs' starting point) builds, on tiny text."""
+    monkeypatch.chdir(REPO)
+    config = str(REPO / "configs" / "pretrain" / "english_small.yaml")
+    corpus = str(work.tmp / "corpus.txt")
+    args = ["--data.init_args.train_files", corpus, "--logs", str(tmp_path)]
+    built = cli("--config", config, *args, run=False)
+    assert built.model.backbone.config.n_layer == 4 and built.model.backbone.config.n_embd == 256
+    assert built.datamodule.block_size == built.model.backbone.block_size == 128

@@ -166,11 +166,11 @@ def test_unknown_tag_in_test_data_names_the_line(tmp_path, tokenizer_dir):
 def test_predict_file_with_words_only(tmp_path, tokenizer_dir):
     train = write_conll(tmp_path / "eng.train", ner_sentences(3))
     words = tmp_path / "words.txt"
-    words.write_text("Mary\nwent\n\nto\nRome\n")
+    words.write_text("Mary\nwent\n\nto\nRome\nand\nParis\n")  # sentences of different lengths
     dm = module(tmp_path, tokenizer_dir, train_files=str(train), predict_files=str(words))
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
-    assert batch["words"] == [["Mary", "went"], ["to", "Rome"]]
+    assert batch["words"] == [["Mary", "went"], ["to", "Rome", "and", "Paris"]]
     assert (batch["word_labels"] == -100).all()
     model = TokenClassification(GPT(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=16), TAGS)
     lines = model.predict_step(batch, 0)[0].splitlines()

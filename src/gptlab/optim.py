@@ -49,7 +49,8 @@ def param_groups(
         scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
         groups.setdefault((scale, name in no_decay), []).append(param)
     result = []
-    # Unscaled decay group first (possibly empty), as optimizers expect at least one group.
+    # Unscaled groups first, decay before no decay; one empty group when nothing trains (an
+    # optimizer needs at least one).
     for scale, keep in sorted(groups, key=lambda k: (k[0] != 1.0, k[0], k[1])) or [(1.0, False)]:
         group: dict = {"params": groups.get((scale, keep), [])}
         if keep:

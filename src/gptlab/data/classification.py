@@ -31,6 +31,7 @@ from typing import Any
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
@@ -409,7 +410,12 @@ class ClassificationDataModule(DataModule):
             names = class_label_names(split.features.get(self.label_column)) if split is not None else None
             if names is None:
                 values: set[str] = set()
-                if split is not None and self.label_column in split.column_names:
+                if split is not None:
+                    if self.label_column not in split.column_names:
+                        raise DataError(
+                            f"dataset={self.dataset!r} (train split) has no column {self.label_column!r} "
+                            f"(columns: {split.column_names}); set label_column"
+                        )
                     rows = (
                         (f"row {i}", {self.label_column: v}) for i, v in enumerate(split[self.label_column])
                     )
@@ -536,6 +542,9 @@ class ClassificationDataModule(DataModule):
     # ----------------------------------------------------------------- batches
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = super().collate(features)
+        if self.multi_label:
+            # (B, C) multi-hot rows, not token sequences: no padding to the input length.
+            batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
         if "text" in features[0]:
             # Predict batches carry their texts through, for the predictions file.
             batch["text"] = [f["text"] for f in features]

@@ -1,13 +1,15 @@
 """TaskModule: what every gptlab task shares.
 
     batch ─> encode() ─> hidden (B, T, H) ─> head ─> outputs ─> loss()
-                                                       └──> metric_inputs() ─> {stage}_metrics
+                                                       └──> metric_inputs() ─> {stage}_metrics (logged)
+                                                                           └─> report_metrics (test only)
 
 A task is a small subclass: it builds its head and metrics in `__init__` and overrides `loss()`,
 and where needed `forward()`, `metric_inputs()`, `predict_step()` and `report()`. The base class
 owns the backbone, hyperparameters, the one `shared_step` behind train/val/test, `"{stage}/{name}"`
 log keys, a token-weighted loss metric per evaluation stage, optimizer and scheduler injection
-(weight decay on matrices only), and initialising the backbone from a pretrained run (`init_from`).
+(weight decay on matrices only; `backbone_lr_scale` for a slower backbone, `freeze_backbone`), and
+initialising the backbone from a pretrained run (`init_from`).
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ class TokenClassification(TaskModule):
                 f"{word} {self.label_names[g]} {self.label_names[p]}"
                 if g != IGNORE_INDEX
                 else f"{word} {self.label_names[p]}"
-                for word, p, g in zip(words, pred_row, gold_row[: len(words)], strict=True)
+                for word, p, g in zip(words, pred_row[: len(words)], gold_row[: len(words)], strict=True)
             ]
             sentences.append("\n".join(lines))
         self._predictions.extend(sentences)
