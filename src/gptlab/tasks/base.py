@@ -12,6 +12,7 @@ log keys, a token-weighted loss metric per evaluation stage, optimizer and sched
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +25,7 @@ from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine, no_decay_names, param_groups
 from gptlab.reports import Report
-from gptlab.strategies import consolidate_checkpoint, is_sharded_checkpoint, parallelize
+from gptlab.strategies import consolidate_checkpoint, is_sharded_checkpoint, parallelize, save_consolidated
 
 STAGES = ("train", "val", "test")
 
@@ -69,6 +70,29 @@ class TaskModule(L.LightningModule):
         # Loss averaged over the items it is computed on (tokens, examples), across batches and ranks.
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path,
+        map_location=None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs,
+    ):
+        """Lightning's `load_from_checkpoint`, which also reads a sharded FSDP checkpoint folder.
+
+        The folder is consolidated into a temporary single file first (weights, hyperparameters):
+        a model trained with FSDP on many devices loads in one process for evaluation or export.
+        `kwargs` override saved hyperparameters, as in Lightning.
+        """
+        load = super().load_from_checkpoint
+        if isinstance(checkpoint_path, str | Path) and is_sharded_checkpoint(checkpoint_path):
+            with tempfile.TemporaryDirectory(prefix="gptlab-") as tmp:
+                single = save_consolidated(checkpoint_path, Path(tmp) / "model.ckpt")
+                return load(single, map_location, hparams_file, strict, weights_only, **kwargs)
+        return load(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
 
     # ----------------------------------------------------------------- what subclasses override
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
