@@ -162,8 +162,9 @@ class TaskModule(L.LightningModule):
         """True on the training steps whose logged values Lightning writes (every log_every_n_steps).
 
         Per-step values are only written on those steps, so logging on the others is pure
-        overhead: each `self.log` costs ~1 ms of Python on a CPU (more than a small model's
-        step takes on a GPU), and the progress bar shows the loss just as well every N steps.
+        overhead: each `self.log` runs Lightning's result bookkeeping in Python (a visible share
+        of a small model's step; benchmarks/train_throughput.py --profile), and the progress bar
+        shows the loss just as well every N steps.
         """
         trainer = self.trainer
         n = trainer.log_every_n_steps
@@ -233,7 +234,10 @@ class TaskModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
     ) -> None:
         if not gradient_clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
