@@ -24,8 +24,10 @@ process's size right before the model is built.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -160,8 +162,46 @@ def run_gptlab(cfg: BenchConfig, args: argparse.Namespace, device: str) -> dict:
         run=False,
     )  # fmt: skip
     cli.trainer.callbacks.append(StepTimer())
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {**rates(stamps, args.warmup, cfg.batch_size * cfg.block_size), **memory_report(device, baseline)}
+    if not args.profile:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return {
+            **rates(stamps, args.warmup, cfg.batch_size * cfg.block_size),
+            **memory_report(device, baseline),
+        }
+    profiler = cProfile.Profile(time.process_time)
+    profiler.runcall(cli.trainer.fit, cli.model, datamodule=cli.datamodule)
+    return {"profile": step_profile(pstats.Stats(profiler), len(stamps)), "steps": len(stamps)}
+
+
+# Where a gptlab training step spends its CPU time: (label, file suffix, function), cumulative.
+PROFILED = [
+    ("whole training step (Lightning loop)", "loops/training_epoch_loop.py", "advance"),
+    ("forward + loss (training_step)", "gptlab/tasks/base.py", "training_step"),
+    ("backward", "torch/_tensor.py", "backward"),
+    ("optimizer update (fused AdamW)", "torch/optim/adam.py", "_fused_adam"),
+    ("gradient clipping", "torch/nn/utils/clip_grad.py", "clip_grad_norm_"),
+    ("next batch (DataLoader + collate)", "loops/fetchers.py", "__next__"),
+    ("batch to device", "lightning/pytorch/core/module.py", "_apply_batch_transfer_handler"),
+    ("self.log calls", "lightning/pytorch/core/module.py", "log"),
+    ("progress bar", "progress/rich_progress.py", "on_train_batch_end"),
+    ("progress bar", "progress/tqdm_progress.py", "on_train_batch_end"),
+    ("Throughput callback", "gptlab/callbacks.py", "on_train_batch_end"),
+    ("checkpoint callback", "callbacks/model_checkpoint.py", "on_train_batch_end"),
+    ("writing logs", "logger_connector/logger_connector.py", "update_train_step_metrics"),
+]
+
+
+def step_profile(stats: pstats.Stats, steps: int) -> dict[str, float]:
+    """Milliseconds of CPU per training step in each PROFILED function (cProfile inflates Python)."""
+    out: dict[str, float] = {}
+    for (filename, _, name), (_, _, _, cumulative, _) in stats.stats.items():
+        for label, suffix, function in PROFILED:
+            if name == function and filename.endswith(suffix):
+                out[label] = out.get(label, 0.0) + 1000 * cumulative / steps
+    step = out.get("whole training step (Lightning loop)", 0.0)
+    model = sum(out.get(label, 0.0) for label, *_ in PROFILED[1:5])
+    out["everything else (loop, hooks, data, logging)"] = step - model
+    return out
 
 
 # ----------------------------------------------------------------------------- (b) plain PyTorch
@@ -290,6 +330,8 @@ def launch(framework: str, config: str, args: argparse.Namespace, tokens: Path, 
         command += ["--threads", str(args.threads)]
     if args.gptlab_args:
         command.append("--gptlab-args=" + " ".join(args.gptlab_args))
+    if args.profile:
+        command.append("--profile")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
     log = workdir / f"{config}-{framework}.log"
     with log.open("a") as out:
@@ -391,6 +433,18 @@ def summarize(results: dict, clock: str) -> str:
     return "\n".join(lines)
 
 
+def profile(args: argparse.Namespace) -> None:
+    """Print where gptlab's training step spends its CPU time, per config (one profiled run each)."""
+    tokens = prepare_tokens(args.data, args.cache)
+    workdir = Path(tempfile.mkdtemp(prefix="gptlab-profile-"))
+    for name in args.configs.split(","):
+        result = launch("gptlab", name, args, tokens, workdir)
+        print(f"\n{name}: CPU ms per training step under cProfile ({result['steps']} steps)\n")
+        print("| where | ms / step |\n|---|---|")
+        for label, ms in result["profile"].items():
+            print(f"| {label} | {ms:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -421,6 +475,11 @@ def main() -> None:
         default=[],
         help="extra main.py options for the gptlab runs (to profile)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one gptlab run per config (cProfile) instead of timing",
+    )
     # Internal: one measurement in a child process.
     parser.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -436,6 +495,9 @@ def main() -> None:
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown --configs {sorted(unknown)}; choose from {sorted(CONFIGS)}")
+    if args.profile:
+        profile(args)
+        return
     results = orchestrate(args)
     clocks = ["cpu", "wall"] if results["device"] == "cpu" else ["wall"]
     tables = {clock: summarize(results, clock) for clock in clocks}

@@ -20,6 +20,7 @@ import torch
 
 from conftest import REPO, TINY_CORPUS, tiny_config
 from gptlab.cli import main
+from gptlab.tasks import CausalLM
 from gptlab.tasks.base import load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -161,6 +162,9 @@ def test_fsdp_matches_one_process_and_reloads_on_one_device(experiment: Path, re
     last = fsdp_run / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2
     assert_same_weights(load_checkpoint(last), ref_run / "checkpoints" / "last.ckpt")
+    # In Python too: the folder rebuilds the task on one device with no other argument.
+    model = CausalLM.load_from_checkpoint(last)
+    assert_same_weights({"state_dict": model.state_dict()}, ref_run / "checkpoints" / "last.ckpt")
 
     # `test` on one device reads the folder (consolidated on the fly) and scores like the reference.
     one_device = ["--trainer.strategy", "auto", "--trainer.devices", "1", "--throughput.peak_flops", "0"]

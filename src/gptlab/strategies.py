@@ -37,7 +37,14 @@ from torch import nn
 
 from gptlab.errors import CheckpointError, ConfigError
 
-__all__ = ["FSDP", "consolidate_checkpoint", "is_sharded_checkpoint", "parallelize"]
+__all__ = [
+    "FSDP",
+    "consolidate_checkpoint",
+    "is_sharded_checkpoint",
+    "parallelize",
+    "save_consolidated",
+    "shard",
+]
 
 
 class FSDP(ModelParallelStrategy):

@@ -15,6 +15,7 @@ initialising the backbone from a pretrained run (`init_from`).
 from __future__ import annotations
 
 import inspect
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -27,7 +28,7 @@ from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine, apply_lr_scales, no_decay_names, param_groups
 from gptlab.reports import Report
-from gptlab.strategies import consolidate_checkpoint, is_sharded_checkpoint, parallelize
+from gptlab.strategies import consolidate_checkpoint, is_sharded_checkpoint, parallelize, save_consolidated
 
 STAGES = ("train", "val", "test")
 
@@ -102,6 +103,29 @@ class TaskModule(L.LightningModule):
         # per-class counts): updated on test batches like `test_metrics`, never logged.
         self.report_metrics: MetricCollection | None = None
 
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path,
+        map_location=None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs,
+    ):
+        """Lightning's `load_from_checkpoint`, which also reads a sharded FSDP checkpoint folder.
+
+        The folder is consolidated into a temporary single file first (weights, hyperparameters):
+        a model trained with FSDP on many devices loads in one process for evaluation or export.
+        `kwargs` override saved hyperparameters, as in Lightning.
+        """
+        load = super().load_from_checkpoint
+        if isinstance(checkpoint_path, str | Path) and is_sharded_checkpoint(checkpoint_path):
+            with tempfile.TemporaryDirectory(prefix="gptlab-") as tmp:
+                single = save_consolidated(checkpoint_path, Path(tmp) / "model.ckpt")
+                return load(single, map_location, hparams_file, strict, weights_only, **kwargs)
+        return load(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+
     # ----------------------------------------------------------------- what subclasses override
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Backbone hidden states (B, T, H) for a batch.
@@ -175,8 +199,9 @@ class TaskModule(L.LightningModule):
         """True on the training steps whose logged values Lightning writes (every log_every_n_steps).
 
         Per-step values are only written on those steps, so logging on the others is pure
-        overhead: each `self.log` costs ~1 ms of Python on a CPU (more than a small model's
-        step takes on a GPU), and the progress bar shows the loss just as well every N steps.
+        overhead: each `self.log` runs Lightning's result bookkeeping in Python (a visible share
+        of a small model's step; benchmarks/train_throughput.py --profile), and the progress bar
+        shows the loss just as well every N steps.
         """
         trainer = self.trainer
         n = trainer.log_every_n_steps
@@ -277,7 +302,10 @@ class TaskModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
     ) -> None:
         if not gradient_clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
