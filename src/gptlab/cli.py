@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from gptlab.callbacks import Throughput
+from gptlab.checkpointing import install_atomic_checkpoints, require_complete, resume_checkpoint
 from gptlab.data import DataModule
 from gptlab.errors import CheckpointError, ConfigError, GPTLabError
 from gptlab.reports import write_report
@@ -51,10 +53,9 @@ def run_dir_of(ckpt_path: str | Path | None) -> Path | None:
 
 
 def latest_checkpoint(logs: Path, experiment: str, name: str = "last.ckpt") -> Path | None:
-    """`<name>` of the newest run of `experiment` that has one (a file, or a sharded FSDP folder)."""
-    runs = [p for p in (logs / experiment).glob("version_*") if (p / "checkpoints" / name).exists()]
-    runs.sort(key=lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1)
-    return runs[-1] / "checkpoints" / name if runs else None
+    """What `fit --ckpt_path last` resumes: the newest *complete* checkpoint of the experiment's latest
+    run, `<name>` unless it is truncated or missing (see gptlab.checkpointing.resume_checkpoint)."""
+    return resume_checkpoint(logs, experiment, name)
 
 
 def _option(argv: list[str], name: str) -> str | None:
@@ -190,11 +191,21 @@ class GPTLabCLI(LightningCLI):
         # undoes command-line options such as `test --ckpt_path X --model.init_args.max_new_tokens 64`.
         # The checkpoint of a gptlab run was written from that run's config.yaml: when it is the
         # config in use, the hyperparameters are already there and the command line must win.
+        # A cut-off or empty checkpoint file is named before anything tries to unpickle it.
+        if self.config.get("subcommand") and self.config[self.config.subcommand].get("ckpt_path"):
+            require_complete(self.config[self.config.subcommand].ckpt_path)
         run = run_dir_of(_option(self._argv, "--ckpt_path"))
         configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
         if run is not None and any(Path(c) == run / "config.yaml" for c in configs):
             return
         super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # Atomic checkpoint writes for every strategy that saves through a CheckpointIO, and the
+        # cleanup of what killed saves left behind (gptlab.checkpointing).
+        install_atomic_checkpoints(trainer)
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
