@@ -6,7 +6,8 @@ What it adds to LightningCLI:
   with `best.ckpt` by the monitored metric and `last.ckpt`, the tokenizer, `reports/`);
 - `test`/`validate`/`predict --ckpt_path <run>/checkpoints/X.ckpt` need no --config: the run's own
   `config.yaml` and `tokenizer/` are used, and outputs go back into that run directory;
-- `fit --ckpt_path last` resumes the newest run of the experiment in place;
+- `fit --ckpt_path last` resumes the newest run of the experiment in place, from its newest complete
+  checkpoint; checkpoints are written atomically (gptlab.checkpointing);
 - `test` writes `reports/test_report.{txt,md,json}` and prints the report;
 - fine-tuning: a task's `label_names` come from the data module (`data.label_names`), and with
   `init_from` the backbone config and the tokenizer come from the pretraining run when the YAML
