@@ -75,7 +75,7 @@ def test_random_kills_during_saves_leave_a_complete_checkpoint_and_no_temp_files
     for _ in range(20):
         child = fork.Process(target=save_forever, args=(ckpt, done + 1, report), daemon=True)
         child.start()
-        time.sleep(rng.uniform(0.005, 0.12))
+        time.sleep(rng.uniform(0.02, 0.15))
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         assert child.exitcode == -signal.SIGKILL
