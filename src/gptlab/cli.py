@@ -188,13 +188,13 @@ class GPTLabCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
+        # A cut-off or empty checkpoint file is named before anything tries to unpickle it.
+        if self.config.get("subcommand") and self.config[self.config.subcommand].get("ckpt_path"):
+            require_complete(self.config[self.config.subcommand].ckpt_path)
         # LightningCLI re-applies the checkpoint's hyperparameters over the parsed config, which
         # undoes command-line options such as `test --ckpt_path X --model.init_args.max_new_tokens 64`.
         # The checkpoint of a gptlab run was written from that run's config.yaml: when it is the
         # config in use, the hyperparameters are already there and the command line must win.
-        # A cut-off or empty checkpoint file is named before anything tries to unpickle it.
-        if self.config.get("subcommand") and self.config[self.config.subcommand].get("ckpt_path"):
-            require_complete(self.config[self.config.subcommand].ckpt_path)
         run = run_dir_of(_option(self._argv, "--ckpt_path"))
         configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
         if run is not None and any(Path(c) == run / "config.yaml" for c in configs):
