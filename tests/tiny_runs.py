@@ -16,7 +16,15 @@ from unittest import mock
 import pytest
 import yaml
 
-from finetune_data import GPT, TRAINER, finetune_config, pretrain_config, write_corpus, write_ner, write_sentiment
+from finetune_data import (
+    GPT,
+    TRAINER,
+    finetune_config,
+    pretrain_config,
+    write_corpus,
+    write_ner,
+    write_sentiment,
+)
 
 TASKS = ("causal_lm", "generation", "classification", "ner")
 

@@ -25,8 +25,10 @@ What it adds to LightningCLI:
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -219,6 +221,38 @@ def check_writable_dir(directory: Path, what: str) -> None:
         )
 
 
+def remove_traces(log_dir: Path, before: set[Path] | None) -> None:
+    """Undo what a command that failed before training wrote into `log_dir` (logger files, config.yaml).
+
+    `before` lists the paths that existed when the command started (None: `log_dir` did not exist,
+    the command created it). Nothing that existed is touched, and once a checkpoint was written
+    (the run trained) everything stays.
+    """
+    if not log_dir.exists():
+        return
+    new = [p for p in log_dir.rglob("*") if before is None or p not in before]
+    if any(p.suffix == ".ckpt" for p in new):
+        return
+    if before is None:
+        shutil.rmtree(log_dir, ignore_errors=True)
+        return
+    for path in sorted(new, key=lambda p: len(p.parts), reverse=True):  # files before their folders
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+
+
+def task_class_of(class_path: str) -> type | None:
+    """The class a `module.Name` path names, or None when it cannot be imported."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
 class _Parser(LightningArgumentParser):
     """LightningArgumentParser whose errors are one line (a ConfigError) instead of usage + a wall."""
 
@@ -285,6 +319,7 @@ class GPTLabCLI(LightningCLI):
         ckpt = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt and Path(ckpt).exists():
             verify_checkpoint(ckpt)
+            self._check_task_of_checkpoint(ckpt)
         # LightningCLI re-applies the checkpoint's hyperparameters over the parsed config, which
         # undoes command-line options such as `test --ckpt_path X --model.init_args.max_new_tokens 64`.
         # The checkpoint of a gptlab run was written from that run's config.yaml: when it is the
@@ -294,6 +329,44 @@ class GPTLabCLI(LightningCLI):
         if run is not None and any(Path(c) == run / "config.yaml" for c in configs):
             return
         super()._parse_ckpt_path()
+
+    def _check_task_of_checkpoint(self, ckpt: str) -> None:
+        """A checkpoint of another task than the configured model is refused, naming both.
+
+        Otherwise Lightning would rebuild the checkpoint's task over the config (and fail later on
+        whatever the data module lacks) or load mismatching weights.
+        """
+        model = self.config[self.config.subcommand].get("model")
+        configured = model.get("class_path") if isinstance(model, Namespace) else None
+        if not configured or Path(ckpt).is_dir():
+            return
+        checkpoint = load_checkpoint(ckpt, mmap=True)
+        written_by = checkpoint.get("gptlab", {}).get("task") or checkpoint.get("hyper_parameters", {}).get(
+            "_class_path"
+        )
+        if not written_by:
+            return
+        ours, theirs = task_class_of(configured), task_class_of(written_by)
+        if ours is not None and theirs is not None and ours is not theirs:
+            raise CheckpointError(
+                f"--ckpt_path {ckpt} is a checkpoint of {theirs.__module__}.{theirs.__name__}, but the "
+                f"config's model is {ours.__module__}.{ours.__name__}: use that run's own config (drop "
+                f"--config; <run>/config.yaml is found beside the checkpoint) or a checkpoint of this task"
+            )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A command that fails before training (bad data found in setup, a model / data mismatch)
+        # leaves no half-made run behind: Lightning creates the logger's directory and event file
+        # before any setup hook runs (trainer/call.py _call_setup_hook), so remove what it added.
+        logger = self.trainer.logger
+        log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
+        before = set(log_dir.rglob("*")) if log_dir is not None and log_dir.exists() else None
+        try:
+            super()._run_subcommand(subcommand)
+        except (GPTLabError, MisconfigurationException):
+            if log_dir is not None and self.trainer.is_global_zero:
+                remove_traces(log_dir, before)
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(

@@ -366,9 +366,9 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
             f"numbers, strings)"
         ) from None
     except Exception as err:  # truncated file, not a torch file, ...
+        reason = str(err).splitlines()[0].split(". ")[0][:200]  # torch's first sentence says it
         raise CheckpointError(
-            f"checkpoint {path} cannot be loaded safely "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"checkpoint {path} cannot be loaded safely ({type(err).__name__}: {reason}); "
             f"it may be truncated or not a gptlab checkpoint: use another checkpoint of the run"
         ) from None
 
@@ -395,6 +395,19 @@ def load_backbone_weights(backbone: Backbone, source: str | Path) -> None:
     weights = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     if not weights:
         raise CheckpointError(f"init_from={source}: the checkpoint holds no backbone weights")
+    own = backbone.state_dict()
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in weights.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if shapes:
+        # load_state_dict would raise a RuntimeError listing every tensor (a wall of text).
+        raise CheckpointError(
+            f"init_from={source}: its backbone does not match the configured one ({len(shapes)} tensors "
+            f"differ in shape, e.g. {'; '.join(shapes[:2])} (checkpoint vs model)); use the same backbone "
+            f"config as the pretraining run, or leave model.init_args.backbone out to take the checkpoint's"
+        )
     missing, unexpected = backbone.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(
