@@ -175,6 +175,14 @@ def test_unwritable_log_directory(causal, tmp_path, capsys):
         readonly.chmod(0o755)
 
 
+def test_export_unknown_option(tmp_path, capsys):
+    code, err = run_cli(
+        capsys, "export", "--ckpt_pth", str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "out")
+    )
+    one_line_error(code, err, "unrecognized arguments: --ckpt_pth", "main.py export --help")
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------- data
 def _text_rows(tmp: Path) -> dict[str, tuple[dict, list[str]]]:
     """id -> (overrides of the causal LM config, needles)."""

@@ -358,13 +358,14 @@ class GPTLabCLI(LightningCLI):
         # A command that fails before training (bad data found in setup, a model / data mismatch)
         # leaves no half-made run behind: Lightning creates the logger's directory and event file
         # before any setup hook runs (trainer/call.py _call_setup_hook), so remove what it added.
-        logger = self.trainer.logger
+        # Rank 0 only: asking another rank's logger for its log_dir would fix its version early.
+        logger = self.trainer.logger if self.trainer.is_global_zero else None
         log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
         before = set(log_dir.rglob("*")) if log_dir is not None and log_dir.exists() else None
         try:
             super()._run_subcommand(subcommand)
         except (GPTLabError, MisconfigurationException):
-            if log_dir is not None and self.trainer.is_global_zero:
+            if log_dir is not None:
                 remove_traces(log_dir, before)
             raise
 

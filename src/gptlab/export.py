@@ -161,6 +161,15 @@ def _load_task(ckpt_path: Path):
 
 def main(argv: list[str]) -> Path:
     """`python main.py export --ckpt_path ... --out DIR` (options and --help from `export`'s signature)."""
-    from jsonargparse import auto_cli
+    from jsonargparse import ArgumentParser, auto_cli
 
-    return auto_cli(export, args=argv, as_positional=False)
+    from gptlab.config_check import one_line_parser_error
+
+    class Parser(ArgumentParser):
+        # One line (a ConfigError, printed by gptlab.cli.main) instead of usage + error.
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error:
+                return super().error(message, ex)
+            raise ConfigError(one_line_parser_error(message, argv, "export")) from None
+
+    return auto_cli(export, args=argv, as_positional=False, parser_class=Parser)
