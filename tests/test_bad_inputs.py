@@ -123,6 +123,19 @@ CONFIG_ROWS = {
         [],
         ["data.init_args.block_size=64", "model's block_size=32", "lower the data block_size"],
     ),
+    "val_check_interval_above_epoch": (
+        {"trainer.val_check_interval": 100_000, "trainer.check_val_every_n_epoch": 1},
+        [],
+        [
+            "trainer.val_check_interval",
+            "(100000) must be less than or equal to the number of the training batches",
+        ],
+    ),
+    "bad_precision": (
+        {"trainer.precision": "bogus"},
+        [],
+        ["trainer.precision: 'bogus' is none of", "bf16-mixed"],
+    ),
     "unknown_cli_option": ({}, ["--trainer.max_stepz", "3"], ["trainer.max_stepz", "--help"]),
     "duplicate_key": (_duplicate_key, [], ["line ", "given twice", "first on line", "delete one"]),
 }

@@ -212,3 +212,25 @@ def test_torch_requirement_excludes_known_weights_only_bypasses():
     assert not torch_req.specifier.contains("2.9.1") and torch_req.specifier.contains("2.10.0")
     assert torch_req.specifier.contains("3.0.0")  # a range, no upper cap
     assert Version(torch.__version__.split("+")[0]) >= Version("2.10")
+
+
+def test_the_trainer_loads_checkpoints_weights_only(tiny_runs, tmp_path):
+    # Lightning passes weights_only=None to torch.load, which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+    # turns into a full unpickle; the CLI asks for weights_only=True unless the user says otherwise.
+    import sys
+    from unittest import mock
+
+    from lightning.pytorch.strategies import Strategy
+
+    from gptlab.cli import GPTLabCLI
+
+    run = tmp_path / "logs" / "copy" / "version_0"
+    shutil.copytree(tiny_runs.runs["causal_lm"], run)
+    last = str(run / "checkpoints" / "last.ckpt")
+    for extra, expected in (([], True), (["--weights_only", "false"], False)):
+        load = mock.patch.object(
+            Strategy, "load_checkpoint", autospec=True, side_effect=Strategy.load_checkpoint
+        )
+        with mock.patch.object(sys, "argv", sys.argv[:1]), load as spy:
+            GPTLabCLI(args=["validate", "--ckpt_path", last, *extra])
+        assert spy.call_args.kwargs["weights_only"] is expected

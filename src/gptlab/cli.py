@@ -363,7 +363,14 @@ class GPTLabCLI(LightningCLI):
         log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
         before = set(log_dir.rglob("*")) if log_dir is not None and log_dir.exists() else None
         try:
-            super()._run_subcommand(subcommand)
+            try:
+                super()._run_subcommand(subcommand)
+            except ValueError as err:
+                # Lightning checks val_check_interval against the epoch only once the data is
+                # loaded (loops/fit_loop.py setup_data) and raises a plain ValueError: a config error.
+                if "`val_check_interval`" not in str(err) or isinstance(err, GPTLabError):
+                    raise
+                raise ConfigError(f"trainer.val_check_interval: {' '.join(str(err).split())}") from None
         except (GPTLabError, MisconfigurationException):
             if log_dir is not None:
                 remove_traces(log_dir, before)
@@ -408,7 +415,9 @@ class GPTLabCLI(LightningCLI):
             cfg.ckpt_path = ckpt = str(found) if found is not None else None
         if ckpt and Path(ckpt).exists():
             verify_checkpoint(ckpt)  # `last`, resolved just now, was not checked while parsing
-        if ckpt and ckpt not in ("best", "last", "hpc", "registry") and not Path(ckpt).exists():
+        # (a remote URL, s3://..., is left to Lightning's fsspec loading, with weights_only below)
+        local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
+        if local and not Path(ckpt).exists():
             raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
         # Lightning passes weights_only=None to torch.load, which an environment variable
         # (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) can turn into full unpickling: ask for safe loading.

@@ -109,6 +109,13 @@ def one_line_parser_error(message: str, argv: list[str], subcommand: str | None)
     classes = re.findall(r"Problem with given class_path '([^']+)'", message)
     reasons = [line for line in lines if not _STRUCTURE.match(line)]
     reason = reasons[0] if reasons else lines[0] if lines else message
+    expected = [
+        r.removeprefix("- ").removeprefix("Expected a ") for r in reasons if r.startswith("- Expected a")
+    ]
+    given = re.search(r"^\s*Given value: (.*)$", message, re.M)
+    if expected and len(expected) == len(reasons) and given:
+        # A plain value that matches none of a Union's types (e.g. trainer.precision: bogus).
+        reason = f"{given[1]!r} is none of: {'; '.join(expected)}"
     key = ".init_args.".join(keys)
     text = f"{key}: {reason}" if key and not reason.startswith(key) else reason
     if classes and classes[-1] not in text:
