@@ -402,6 +402,31 @@ def test_full_disk_while_writing_a_checkpoint(causal, tmp_path):
     assert last.read_bytes() == before
 
 
+def test_remove_traces_keeps_what_existed_and_any_run_that_trained(tmp_path):
+    from gptlab.cli import remove_traces
+
+    run = tmp_path / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"old")
+    (run / "config.yaml").write_text("old")
+    before = set(run.rglob("*"))
+    (run / "events.out.tfevents.1").write_bytes(b"new")
+    (run / "reports").mkdir()
+    (run / "reports" / "test_report.txt").write_text("new")
+    remove_traces(run, before)  # a failed `test` on an existing run: only its own files go
+    assert set(run.rglob("*")) == before and (run / "checkpoints" / "last.ckpt").read_bytes() == b"old"
+    fresh = tmp_path / "version_1"
+    (fresh / "checkpoints").mkdir(parents=True)
+    (fresh / "config.yaml").write_text("new")
+    remove_traces(fresh, None)  # created by the failed command, nothing saved: removed
+    assert not fresh.exists()
+    trained = tmp_path / "version_2"
+    (trained / "checkpoints").mkdir(parents=True)
+    (trained / "checkpoints" / "best.ckpt").write_bytes(b"new")
+    remove_traces(trained, None)  # a checkpoint was written: the run trained, everything stays
+    assert (trained / "checkpoints" / "best.ckpt").is_file()
+
+
 # ----------------------------------------------------------------- the table cannot rot
 def test_catalogue_table_names_existing_tests():
     """Every row of docs/bad_inputs.md names a test that exists (file, function, parametrize id)."""

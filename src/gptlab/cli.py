@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -253,6 +254,28 @@ def task_class_of(class_path: str) -> type | None:
         return None
 
 
+class _BatchSeen(Callback):
+    """Notes whether any batch ran in this command: a failure after that is not "before training",
+    and the run keeps its files (the curves of a run that diverged are what explains it).
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.seen = True
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
+        # The sanity check (validation at step 0) comes before training proper.
+        self.seen = self.seen or not trainer.sanity_checking
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
+        self.seen = True
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
+        self.seen = True
+
+
 class _Parser(LightningArgumentParser):
     """LightningArgumentParser whose errors are one line (a ConfigError) instead of usage + a wall."""
 
@@ -355,13 +378,15 @@ class GPTLabCLI(LightningCLI):
             )
 
     def _run_subcommand(self, subcommand: str) -> None:
-        # A command that fails before training (bad data found in setup, a model / data mismatch)
-        # leaves no half-made run behind: Lightning creates the logger's directory and event file
+        # A command that fails before its first batch (bad data found in setup, a model / data
+        # mismatch) leaves no half-made run behind: Lightning creates the logger's directory and event file
         # before any setup hook runs (trainer/call.py _call_setup_hook), so remove what it added.
         # Rank 0 only: asking another rank's logger for its log_dir would fix its version early.
         logger = self.trainer.logger if self.trainer.is_global_zero else None
         log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
         before = set(log_dir.rglob("*")) if log_dir is not None and log_dir.exists() else None
+        batches = _BatchSeen()
+        self.trainer.callbacks.append(batches)
         try:
             try:
                 super()._run_subcommand(subcommand)
@@ -372,7 +397,7 @@ class GPTLabCLI(LightningCLI):
                     raise
                 raise ConfigError(f"trainer.val_check_interval: {' '.join(str(err).split())}") from None
         except (GPTLabError, MisconfigurationException):
-            if log_dir is not None:
+            if log_dir is not None and not batches.seen:
                 remove_traces(log_dir, before)
             raise
 
