@@ -1,15 +1,19 @@
-"""Callbacks that any task can use: sample generation, throughput and MFU, torch.compile."""
+"""Callbacks that any task can use: sample generation, throughput and MFU, torch.compile, checkpoints."""
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 
+from gptlab.errors import CheckpointError
 from gptlab.generate import generate
 
 
@@ -326,3 +330,29 @@ class Compile(L.Callback):
                     mode=self.mode, fullgraph=self.fullgraph, dynamic=self.dynamic, backend=self.backend
                 )
                 self.compiled += 1
+
+
+# errno values meaning "no room to write": a full disk, a full quota, a file-size limit (ulimit -f).
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (`checkpoint.*` in the CLI) that reports a full disk as one line.
+
+    Saving into a full filesystem raises a bare OSError from deep inside torch.save, often with no
+    file name. Here it becomes a CheckpointError naming the checkpoint and its directory; the
+    checkpoints saved before stay as they were (the save writes a new file and only then replaces
+    the old one, see the trainer's CheckpointIO).
+    """
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as err:
+            if err.errno not in _NO_ROOM:
+                raise
+            raise CheckpointError(
+                f"disk full while writing checkpoint {filepath} ({err.strerror}); the checkpoints saved "
+                f"before are unchanged: free space in {Path(filepath).parent} (or set --logs to another "
+                f"disk) and resume with --ckpt_path last"
+            ) from None
