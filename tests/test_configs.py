@@ -54,7 +54,9 @@ def test_shakespeare_char_is_the_nanogpt_recipe():
     assert cli.trainer.gradient_clip_val == 1.0
 
 
-def nanogpt_lr(it: int, lr: float = 1e-3, min_lr: float = 1e-4, warmup: int = 100, decay: int = 2000) -> float:
+def nanogpt_lr(
+    it: int, lr: float = 1e-3, min_lr: float = 1e-4, warmup: int = 100, decay: int = 2000
+) -> float:
     """nanoGPT train.py's get_lr."""
     if it < warmup:
         return lr * (it + 1) / (warmup + 1)
