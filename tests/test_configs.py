@@ -123,13 +123,15 @@ def test_shakespeare_char_steps_equal_nanogpts_training_procedure(tmp_path: Path
         betas=(0.9, 0.99),
     )
     assert len(record.batches) == 15
+    assert record.batches[0].shape == (12, 65)  # nanoGPT's batch: 64 inputs, 64 targets
     for it, x in enumerate(record.batches):
         lr = nanogpt_lr(it, warmup=5, decay=15)
         assert record.lrs[it] == pytest.approx(lr, rel=1e-6)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        logits = ref.logits(ref(x))  # (B, T, V)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        # nanoGPT's x = data[i:i+T], y = data[i+1:i+T+1] from a window of T + 1 tokens
+        logits = ref.logits(ref(x[:, :-1]))  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         optimizer.step()
