@@ -176,8 +176,9 @@ class Throughput(L.Callback):
     Every `log_every_n_steps` optimizer steps (the Trainer's setting), to the loggers and the
     progress bar, for the whole job (all ranks together):
 
-    - `train/tokens_per_sec`: token positions processed per second (B x T per batch: padding
-      included, since the hardware computes it; `train/tokens` counts real tokens);
+    - `train/tokens_per_sec`: token positions processed per second (B x T per batch, T as the
+      task feeds it to the backbone, `TaskModule.positions_fed`; padding included, since the
+      hardware computes it; `train/tokens` counts real tokens);
     - `train/samples_per_sec`: sequences per second;
     - `train/mfu`: model FLOPs per second over the peak of all devices, with model FLOPs per
       token from `backbone.num_flops_per_token(T)` (6 N + attention, PaLM appendix B).
@@ -239,6 +240,7 @@ class Throughput(L.Callback):
         if self._start is None:
             return
         samples, seq_len = batch["input_ids"].shape  # host-side shape: no device sync
+        seq_len = pl_module.positions_fed(seq_len)
         if seq_len not in self._flops_per_token:
             self._flops_per_token[seq_len] = pl_module.backbone.num_flops_per_token(seq_len)
         self._samples += samples

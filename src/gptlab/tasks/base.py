@@ -204,6 +204,10 @@ class TaskModule(L.LightningModule):
             report_metrics.update(*inputs)
         return loss
 
+    def positions_fed(self, seq_len: int) -> int:
+        """How many positions of a `seq_len`-token sequence go through the backbone (throughput)."""
+        return seq_len
+
     def is_logging_step(self) -> bool:
         """True on the training steps whose logged values Lightning writes (every log_every_n_steps).
 

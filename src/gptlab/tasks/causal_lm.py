@@ -27,6 +27,9 @@ class CausalLM(TaskModule):
         inputs = {key: batch[key][:, :-1] for key in ("input_ids", "attention_mask") if key in batch}
         return self.backbone.logits(self.encode(inputs))  # (B, T-1, V)
 
+    def positions_fed(self, seq_len: int) -> int:
+        return seq_len - 1  # the last token is only a target
+
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = outputs.float()  # (B, T-1, V); fp32 softmax under mixed precision
         targets = batch["labels"][:, 1:]  # (B, T-1)
