@@ -1,0 +1,202 @@
+"""Keeping a run correct through preemption and numerical blow-ups (issue 6, points 2 and 5).
+
+    every optimizer step ── Preemption: save last.ckpt every N steps; on SIGTERM / SIGUSR1 save
+                          │             it at the end of the step, then exit REQUEUE_EXIT_CODE
+                          └ NonFiniteLoss: a NaN / inf loss stops the run before it touches the
+                                           weights (default), or every rank skips that step
+
+Both are always on under gptlab's CLI (`--preemption.*`, `--nonfinite_loss.*`). Under DDP every
+decision is reduced over the ranks first, so all ranks save the same step, skip the same step
+and stop together.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from gptlab.errors import GPTLabError
+
+# sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": the run saved its
+# state and wants to be started again with the same command (and `--ckpt_path last`). Distinct
+# from 0 (finished), 1 (a crash: a traceback) and 2 (a gptlab error: fix the input first), so a job
+# script can requeue on exactly this code.
+REQUEUE_EXIT_CODE = 75
+
+
+class NonFiniteLossError(GPTLabError):
+    """The training loss was NaN or infinite and the policy is to stop."""
+
+
+class Preempted(SystemExit):
+    """Raised on every rank after the preemption checkpoint is written; exits REQUEUE_EXIT_CODE."""
+
+
+def _reduce_any(trainer: L.Trainer, device: torch.device, flag: bool | torch.Tensor) -> bool:
+    """True when `flag` holds on any rank. One host sync; a collective only with several ranks."""
+    if trainer.world_size == 1:
+        return bool(flag)
+    value = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(())
+    return bool(trainer.strategy.reduce(value.clone(), reduce_op="sum").item() > 0)
+
+
+class Preemption(L.Callback):
+    """Periodic `last.ckpt` and a graceful stop on SIGTERM / SIGUSR1 (preemption, SLURM time limit).
+
+    - every `every_n_steps` optimizer steps, `<run>/checkpoints/last.ckpt` is written (the file
+      `fit --ckpt_path last` resumes from), bounding what a crash or kill loses;
+    - a signal in `signals` only sets a flag; at the end of the optimizer step in progress
+      (after the weights change, so within one step) every rank saves `last.ckpt` and the process
+      exits with `exit_code`. Resuming from it continues exactly (same batches, dropout, LR).
+
+    Lightning installs its own SIGTERM handler (and, under SLURMEnvironment with auto_requeue,
+    a SIGUSR1 handler that saves `hpc_ckpt_*.ckpt` from inside the signal handler, mid-step, and
+    calls `scontrol requeue`; lightning/pytorch/trainer/connectors/signal_connector.py). While
+    training runs, this callback replaces both handlers for the signals it watches; Lightning
+    restores the original handlers at teardown. Requeueing is the job script's business: see
+    the README, "Resume and preemption".
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        signals: list[str] | None = None,
+        exit_code: int = REQUEUE_EXIT_CODE,
+    ) -> None:
+        """
+        Args:
+            every_n_steps: save `last.ckpt` every N optimizer steps (None or 0: only where the
+                `checkpoint.*` callback saves it, after each validation).
+            signals: signal names that save and stop at the end of the current step; default
+                ["SIGTERM", "SIGUSR1"] (what SLURM sends on preemption and with `--signal`).
+                An empty list leaves the signal handlers to Lightning.
+            exit_code: the process exit status after a signal-triggered save (default 75,
+                EX_TEMPFAIL: "retry me"; 0 would look like a finished run).
+        """
+        if every_n_steps is not None and every_n_steps < 0:
+            raise ValueError(f"Preemption: every_n_steps={every_n_steps} must be >= 0")
+        names = ["SIGTERM", "SIGUSR1"] if signals is None else list(signals)
+        unknown = [n for n in names if not isinstance(getattr(signal, n, None), signal.Signals)]
+        if unknown:
+            raise ValueError(f"Preemption: unknown signal names {unknown}; use e.g. SIGTERM, SIGUSR1")
+        self.every_n_steps = every_n_steps or 0
+        self.signals = [getattr(signal, n) for n in names]
+        self.exit_code = exit_code
+        self.received: int | None = None
+        self._last_step = -1
+        self._saved_step = -1
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only a flag: saving here would interrupt the step at an arbitrary point.
+        self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning's own registration (Trainer._run registers before training starts).
+        for signum in self.signals:
+            signal.signal(signum, self._on_signal)
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # accumulating: the optimizer has not stepped yet
+            return
+        self._last_step = step
+        # Every rank takes part in the reduction at every step, so all see the same answer.
+        stop = _reduce_any(trainer, pl_module.device, self.received is not None)
+        periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        if not (stop or periodic):
+            return
+        path = self.last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        if stop:
+            name = signal.Signals(self.received).name if self.received is not None else "another rank's signal"
+            rank_zero_info(f"gptlab: {name}: saved {path} at step {step}; exiting {self.exit_code} to be requeued")
+            raise Preempted(self.exit_code)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._saved_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The checkpoint callback saves last.ckpt after validations (and at epoch ends without
+        # validation), so a run that stops at max_steps between two of them would leave a
+        # last.ckpt from before its final steps: save the final state unless it is saved already.
+        if self._saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.last_checkpoint_path(trainer))
+
+    @staticmethod
+    def last_checkpoint_path(trainer: L.Trainer) -> Path:
+        """`<run>/checkpoints/last.ckpt`, where the `checkpoint.*` callback keeps it too."""
+        callback = trainer.checkpoint_callback
+        directory = getattr(callback, "dirpath", None)
+        # log_dir is broadcast from rank 0 under DDP: every rank calls this.
+        base = Path(directory) if directory else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        name = getattr(callback, "CHECKPOINT_NAME_LAST", "last") + getattr(callback, "FILE_EXTENSION", ".ckpt")
+        return base / name
+
+
+class NonFiniteLoss(L.Callback):
+    """Detects a NaN / infinite training loss at the step it happens, on every rank.
+
+    `policy: stop` (default) raises `NonFiniteLossError` before that loss is back-propagated:
+    the weights and every checkpoint on disk are those of the last good step, and the CLI exits 2
+    naming the step. `policy: skip` lets every rank skip that optimizer step (gradients dropped,
+    weights and optimizer moments unchanged; the step counter and LR schedule move on), counted
+    and warned; `max_skips` bounds how many before stopping anyway.
+
+    Cost: one `isfinite` and one host sync per micro-batch (plus a one-number all-reduce under
+    DDP), the price of knowing at the step (README, "Resume and preemption").
+    """
+
+    def __init__(self, policy: Literal["stop", "skip"] = "stop", max_skips: int | None = None) -> None:
+        """
+        Args:
+            policy: "stop" the run at a non-finite loss, or "skip" that optimizer step on every rank.
+            max_skips: with "skip", stop once more than this many steps were skipped (None: never).
+        """
+        self.policy = policy
+        self.max_skips = max_skips
+        self.skipped = 0
+        self._skip_this_step = False
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        bad = _reduce_any(trainer, loss.device, ~torch.isfinite(loss.detach()))
+        if not bad:
+            return
+        # global_step counts completed optimizer steps: this is step global_step + 1.
+        step = trainer.global_step + 1
+        where = f"step {step} (epoch {trainer.current_epoch})"
+        if self.policy == "stop" or (self.max_skips is not None and self.skipped >= self.max_skips):
+            why = "" if self.policy == "stop" else f" after {self.skipped} skipped steps (max_skips)"
+            raise NonFiniteLossError(
+                f"the training loss is not finite at {where}{why}; stopped before it changed any weight, "
+                f"the run's checkpoints are from earlier steps. Lower the learning rate, enable "
+                f"trainer.gradient_clip_val, check the data, or set --nonfinite_loss.policy skip"
+            )
+        if not self._skip_this_step:
+            self.skipped += 1
+            rank_zero_warn(f"gptlab: non-finite training loss at {where}: skipping this step ({self.skipped} so far)")
+        self._skip_this_step = True
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if not self._skip_this_step:
+            return
+        self._skip_this_step = False
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            # fp16 loss scaling: the scaler finds the non-finite gradients and skips the step itself
+            # (torch.amp.GradScaler.step); an optimizer with no gradients would trip its inf check.
+            return
+        # Parameters without a gradient are left alone by every torch optimizer: no update, no
+        # change to the moments or the per-parameter step count.
+        optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
