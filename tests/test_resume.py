@@ -185,21 +185,22 @@ def kill_resume_chain(config: Path, name: str, ref: list[dict], args: list[str],
     again = records(out)
     assert code == -signal.SIGKILL, output[-3000:]
     assert_same_batches(again, ref, saved * accumulate, to_the_end=False)
-    saved = periodic_checkpoint_step(config, name, again)
+    saved = periodic_checkpoint_step(config, name, again, resumed_from=saved)
     code, output, out = fit(config, name, *args, resume=True)
     assert code == 0, output[-3000:]
     assert_same_batches(records(out), ref, saved * accumulate)
     assert_same_weights(config, name, "ref_" + "_".join(map(str, ref_key(args))))
 
 
-def periodic_checkpoint_step(config: Path, name: str, done: list[dict]) -> int:
-    """The step of the last.ckpt a killed run left: the newest periodic one.
+def periodic_checkpoint_step(config: Path, name: str, done: list[dict], resumed_from: int = 0) -> int:
+    """The step of the last.ckpt a killed run left: the newest periodic one, or the one it resumed from.
 
     The kill can land between the save at step k x EVERY and the log line of that step, so the
     log may end one step before the checkpoint.
     """
     step = checkpoint(config, name)["global_step"]
-    assert step % EVERY == 0 and done[-1]["step"] // EVERY * EVERY <= step <= done[-1]["step"] + 1
+    newest = max(resumed_from, done[-1]["step"] // EVERY * EVERY)
+    assert step in (newest, newest + EVERY) and step <= done[-1]["step"] + 1, (step, newest)
     return step
 
 
