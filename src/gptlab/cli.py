@@ -6,7 +6,8 @@ What it adds to LightningCLI:
   with `best.ckpt` by the monitored metric and `last.ckpt`, the tokenizer, `reports/`);
 - `test`/`validate`/`predict --ckpt_path <run>/checkpoints/X.ckpt` need no --config: the run's own
   `config.yaml` and `tokenizer/` are used, and outputs go back into that run directory;
-- `fit --ckpt_path last` resumes the newest run of the experiment in place;
+- `fit --ckpt_path last` resumes the newest run of the experiment in place, from its newest complete
+  checkpoint; checkpoints are written atomically (gptlab.checkpointing);
 - `test` writes `reports/test_report.{txt,md,json}` and prints the report;
 - fine-tuning: a task's `label_names` come from the data module (`data.label_names`), and with
   `init_from` the backbone config and the tokenizer come from the pretraining run when the YAML
@@ -29,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from gptlab.callbacks import Throughput
+from gptlab.checkpointing import install_atomic_checkpoints, require_complete, resume_checkpoint
 from gptlab.data import DataModule
 from gptlab.errors import CheckpointError, ConfigError, GPTLabError
 from gptlab.reports import write_report
@@ -55,10 +58,9 @@ def run_dir_of(ckpt_path: str | Path | None) -> Path | None:
 
 
 def latest_checkpoint(logs: Path, experiment: str, name: str = "last.ckpt") -> Path | None:
-    """`<name>` of the newest run of `experiment` that has one (a file, or a sharded FSDP folder)."""
-    runs = [p for p in (logs / experiment).glob("version_*") if (p / "checkpoints" / name).exists()]
-    runs.sort(key=lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1)
-    return runs[-1] / "checkpoints" / name if runs else None
+    """What `fit --ckpt_path last` resumes: the newest *complete* checkpoint of the experiment's latest
+    run, `<name>` unless it is truncated or missing (see gptlab.checkpointing.resume_checkpoint)."""
+    return resume_checkpoint(logs, experiment, name)
 
 
 def _option(argv: list[str], name: str) -> str | None:
@@ -190,6 +192,9 @@ class GPTLabCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
+        # A cut-off or empty checkpoint file is named before anything tries to unpickle it.
+        if self.config.get("subcommand") and self.config[self.config.subcommand].get("ckpt_path"):
+            require_complete(self.config[self.config.subcommand].ckpt_path)
         # LightningCLI re-applies the checkpoint's hyperparameters over the parsed config, which
         # undoes command-line options such as `test --ckpt_path X --model.init_args.max_new_tokens 64`.
         # The checkpoint of a gptlab run was written from that run's config.yaml: when it is the
@@ -199,6 +204,13 @@ class GPTLabCLI(LightningCLI):
         if run is not None and any(Path(c) == run / "config.yaml" for c in configs):
             return
         super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # Atomic checkpoint writes for every strategy that saves through a CheckpointIO, and the
+        # cleanup of what killed saves left behind (gptlab.checkpointing).
+        install_atomic_checkpoints(trainer)
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(

@@ -25,16 +25,19 @@ any number of devices: `consolidate_checkpoint` turns a folder into the single-f
 from __future__ import annotations
 
 import re
+import secrets
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
 from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from gptlab.checkpointing import atomic_write, mark_complete, new_step_folder, point_to, remove_sharded
 from gptlab.errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -73,8 +76,9 @@ class FSDP(ModelParallelStrategy):
                 them again for backward (ZeRO-3, least memory); False keeps them until backward
                 (ZeRO-2 like, one all-gather fewer per block and step).
             save_distributed_checkpoint: True writes checkpoints as a folder of per-rank shards
-                (`last.ckpt/`); False gathers one full `.ckpt` file on rank 0 (needs the whole
-                model and optimizer state in rank 0's CPU memory).
+                (`last.ckpt/`, a link to a complete step folder, see `save_checkpoint`); False
+                gathers one full `.ckpt` file on rank 0 (needs the whole model and optimizer
+                state in rank 0's CPU memory).
             data_parallel_size: processes that shard the model; "auto" = all of them. Lower it
                 only to combine with tensor parallelism in a custom strategy.
             process_group_backend: "nccl" / "gloo"; default: nccl on GPUs, gloo on CPUs.
@@ -97,6 +101,46 @@ class FSDP(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Sharded: write a new step folder, mark it complete, then point `filepath` at it.
+
+        Lightning's ModelParallelStrategy rewrites the shards of `last.ckpt/` in place, so a kill
+        during a save leaves a folder that mixes two steps and still looks valid. Here every save
+        goes to `<name>.step-<N>-<hex>/`; after all ranks wrote their shards (barrier) rank 0
+        writes `COMPLETE` (atomically) and replaces the link `<name>` -> that folder in one rename,
+        then removes the older step folders of `<name>`. `<name>` therefore always resolves to a
+        complete checkpoint, and `--ckpt_path <run>/checkpoints/last.ckpt`, `is_sharded_checkpoint`
+        and consolidation read it through the link like a folder (gptlab.checkpointing).
+        """
+        path = Path(self.broadcast(str(filepath)))
+        if storage_options is not None or not self._save_distributed_checkpoint:
+            if self.is_global_zero and path.is_symlink():
+                remove_sharded(path)  # Lightning would rmtree the link and fail
+            self.barrier("gptlab_full_save")
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        step = int(checkpoint.get("global_step", 0))
+        folder = new_step_folder(path, step, self.broadcast(secrets.token_hex(4)))
+        folder.mkdir(parents=True, exist_ok=True)
+        # The same split as ModelParallelStrategy.save_checkpoint: tensors through DCP (fsynced
+        # by its FileSystemWriter), the rest into meta.pt by rank 0.
+        converted = {"state_dict": checkpoint.pop("state_dict")}
+        converted.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        _distributed_checkpoint_save(converted, folder)
+        if self.is_global_zero:
+            atomic_write(folder / _METADATA_FILENAME, lambda file: torch.save(checkpoint, file))
+        self.barrier("gptlab_shards_written")
+        if self.is_global_zero:
+            mark_complete(folder, step, self.world_size)
+            point_to(path, folder)
+        self.barrier("gptlab_checkpoint_linked")
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero and Path(filepath).is_symlink():
+            remove_sharded(Path(filepath))
+            return
+        super().remove_checkpoint(filepath)
 
 
 def parallelize(task: nn.Module, strategy: Any) -> None:

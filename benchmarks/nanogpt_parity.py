@@ -1,0 +1,178 @@
+"""nanoGPT parity: gptlab's shakespeare_char run beside nanoGPT's own training procedure, per seed.
+
+    OMP_NUM_THREADS=1 python benchmarks/nanogpt_parity.py --seeds 1337 1 2
+
+For each seed it trains the same 4 x 4 x 128 character GPT for 2000 steps twice:
+
+    gptlab     `main.py fit --config configs/pretrain/shakespeare_char.yaml --seed_everything S`
+    reference  nanoGPT's train.py procedure written out in one loop (karpathy/nanoGPT, the
+               README's CPU "baby GPT" command): its data prep (65 sorted characters, first 90 %
+               train), `get_batch` (12 random offsets per step drawn from the global RNG),
+               `get_lr` (warmup 100, cosine to 1e-4 at 2000), AdamW groups (dim >= 2 decay 0.1),
+               betas (0.9, 0.99), clipping 1.0, and `estimate_loss` (20 random batches per split
+               every 250 steps) -- on gptlab's GPT module with bias=False, nanoGPT's architecture
+               (it differs only in GELU: tanh approximation here, exact in nanoGPT).
+
+Both final models are then scored the same two ways on the same last 10 % of the text:
+`full` = every validation token once (non-overlapping 64-token windows, gptlab's val/loss) and
+`nanogpt` = nanoGPT's 20-batch estimate, averaged over 50 independent draws (its spread shows how
+much one estimate can move). Prints one JSON object per run and a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from gptlab.models import GPT  # noqa: E402
+
+TEXT = REPO / "data/tinyshakespeare/input.txt"
+BLOCK, BATCH, STEPS, EVAL_EVERY, EVAL_ITERS = 64, 12, 2000, 250, 20
+LR, MIN_LR, WARMUP = 1e-3, 1e-4, 100
+
+
+def get_lr(it: int) -> float:
+    """nanoGPT's train.py get_lr, verbatim in meaning."""
+    if it < WARMUP:
+        return LR * (it + 1) / (WARMUP + 1)
+    if it > STEPS:
+        return MIN_LR
+    ratio = (it - WARMUP) / (STEPS - WARMUP)
+    return MIN_LR + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (LR - MIN_LR)
+
+
+@torch.no_grad()
+def full_val_loss(model: GPT, val: torch.Tensor) -> float:
+    """Mean loss over every validation token once: non-overlapping windows, as gptlab's val/loss."""
+    windows = val[: (len(val) // BLOCK) * BLOCK].view(-1, BLOCK)  # (N, T)
+    total, count = 0.0, 0
+    for chunk in windows.split(256):
+        logits = model.logits(model(chunk[:, :-1]))
+        loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+        total, count = total + loss.item(), count + chunk[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def nanogpt_estimate(model: GPT, data: torch.Tensor, generator: torch.Generator | None = None) -> float:
+    """nanoGPT's estimate_loss for one split: the mean of EVAL_ITERS random batches."""
+    losses = []
+    for _ in range(EVAL_ITERS):
+        ix = torch.randint(len(data) - BLOCK, (BATCH,), generator=generator)
+        x = torch.stack([data[i : i + BLOCK] for i in ix])
+        y = torch.stack([data[i + 1 : i + 1 + BLOCK] for i in ix])
+        logits = model.logits(model(x))
+        losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
+    return sum(losses) / len(losses)
+
+
+def reference(seed: int) -> tuple[GPT, torch.Tensor, dict]:
+    """Train as nanoGPT's train.py does and return the model, the val tokens and its own log."""
+    text = TEXT.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    n = int(0.9 * len(data))
+    train, val = data[:n], data[n:]
+    torch.manual_seed(seed)
+    model = GPT(vocab_size=len(chars), block_size=BLOCK, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.99))
+    log = {}
+    start = time.perf_counter()
+    for it in range(STEPS + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(it)
+        if it % EVAL_EVERY == 0:
+            model.eval()
+            train_est, val_est = nanogpt_estimate(model, train), nanogpt_estimate(model, val)
+            model.train()
+            log[it] = {"train": round(train_est, 4), "val": round(val_est, 4)}
+        if it == STEPS:  # nanoGPT evaluates at max_iters, then stops
+            break
+        ix = torch.randint(len(train) - BLOCK, (BATCH,))
+        x = torch.stack([train[i : i + BLOCK] for i in ix])  # (B, T)
+        y = torch.stack([train[i + 1 : i + 1 + BLOCK] for i in ix])
+        logits = model.logits(model(x))  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    log["wall_seconds"] = round(time.perf_counter() - start, 1)
+    return model.eval(), val, log
+
+
+def gptlab(seed: int, work: Path, extra: list[str]) -> tuple[GPT, torch.Tensor, dict]:
+    """`main.py fit` with the shipped config and this seed; the model and val tokens it used."""
+    from gptlab.tasks import CausalLM
+
+    logs, cache = work / f"logs-{seed}", work / "cache"
+    command = [
+        sys.executable, str(REPO / "main.py"), "fit",
+        "--config", str(REPO / "configs/pretrain/shakespeare_char.yaml"),
+        "--seed_everything", str(seed), "--logs", str(logs),
+        "--data.init_args.cache_dir", str(cache), "--trainer.enable_progress_bar", "false", *extra,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    run = next(logs.glob("*/version_0"))
+    model = CausalLM.load_from_checkpoint(run / "checkpoints/last.ckpt", map_location="cpu").backbone.eval()
+    # The val stream gptlab scored (its own character ids, EOS included).
+    val = torch.from_numpy(__import__("numpy").load(next(cache.rglob("val.npy"))).astype("int64"))
+    return model, val, {"wall_seconds": round(wall, 1), "run_dir": str(run)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
+    parser.add_argument("--only", choices=["gptlab", "reference"], default=None)
+    parser.add_argument("--draws", type=int, default=50, help="nanoGPT estimates averaged per model")
+    parser.add_argument("--work", default=None, help="where gptlab's runs go (default: a temp dir)")
+    args, extra = parser.parse_known_args()  # the rest goes to gptlab's `main.py fit`
+    work = Path(args.work or tempfile.mkdtemp(prefix="gptlab-parity-"))
+    rows = []
+    for seed in args.seeds:
+        for name, train in (("gptlab", gptlab), ("reference", reference)):
+            if args.only not in (None, name):
+                continue
+            model, val, log = train(seed, work, extra) if name == "gptlab" else train(seed)
+            draws = torch.Generator().manual_seed(0)
+            estimates = [nanogpt_estimate(model, val, draws) for _ in range(args.draws)]
+            row = {
+                "run": name,
+                "seed": seed,
+                "full": round(full_val_loss(model, val), 4),
+                "nanogpt_mean": round(statistics.mean(estimates), 4),
+                "nanogpt_std": round(statistics.stdev(estimates), 4),
+                "nanogpt_min": round(min(estimates), 4),
+                **log,
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print(f"\n{'run':<10} {'seed':>5} {'full val':>9} {'nanoGPT est. (mean +- std)':>28} {'wall s':>7}")
+    for r in rows:
+        est = f"{r['nanogpt_mean']:.4f} +- {r['nanogpt_std']:.4f}"
+        print(f"{r['run']:<10} {r['seed']:>5} {r['full']:>9.4f} {est:>28} {r['wall_seconds']:>7}")
+
+
+if __name__ == "__main__":
+    main()
