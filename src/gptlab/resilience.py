@@ -91,6 +91,7 @@ class Preemption(L.Callback):
         self.received: int | None = None
         self._last_step = -1
         self._saved_step = -1
+        self._final = False  # saving the state a run stopped in (on_train_end)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: saving here would interrupt the step at an arbitrary point.
@@ -121,13 +122,28 @@ class Preemption(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._saved_step = trainer.global_step
+        if self._final and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # The run stopped (max_steps) exactly at the end of an epoch, after the fit loop
+            # counted that epoch as finished but with the epoch loop still holding its batch
+            # counts. Lightning resumes such a checkpoint into the next epoch with those counts,
+            # ends that epoch after one batch, and from then on its epoch ends (accumulation
+            # flush, epoch-end validation and schedulers, current_epoch) are one batch early
+            # (lightning/pytorch/loops/training_epoch_loop.py `reset`, `on_run_start`). The next
+            # epoch has not started: record it so.
+            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+            progress["current"] = {key: 0 for key in progress["current"]}
+            progress["is_last_batch"] = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The checkpoint callback saves last.ckpt after validations (and at epoch ends without
         # validation), so a run that stops at max_steps between two of them would leave a
         # last.ckpt from before its final steps: save the final state unless it is saved already.
         if self._saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.last_checkpoint_path(trainer))
+            self._final = True
+            try:
+                trainer.save_checkpoint(self.last_checkpoint_path(trainer))
+            finally:
+                self._final = False
 
     @staticmethod
     def last_checkpoint_path(trainer: L.Trainer) -> Path:
