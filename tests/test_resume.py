@@ -267,6 +267,7 @@ def test_interrupt_and_resume_is_exact(work, task, workers, accumulate, signals)
     assert_same_batches(again, ref, batches_before(ref, saved), f"(from step {saved})")
     assert len(again) == len(ref) - batches_before(ref, saved)
     assert len(list((config.parent / "logs" / name).iterdir())) == 1  # resumed in place
+    assert not list((config.parent / "logs" / name).glob("*/checkpoints/last-v*")), "one last.ckpt"
     assert_same_weights(config, name, ref_name)
 
 

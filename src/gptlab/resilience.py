@@ -19,6 +19,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gptlab.errors import GPTLabError
@@ -113,8 +114,7 @@ class Preemption(L.Callback):
         periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
         if not (stop or periodic):
             return
-        path = self.last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        path = self.save_last(trainer)
         if stop:
             name = signal.Signals(self.received).name if self.received is not None else "another rank's signal"
             rank_zero_info(f"gptlab: {name}: saved {path} at step {step}; exiting {self.exit_code} to be requeued")
@@ -141,9 +141,23 @@ class Preemption(L.Callback):
         if self._saved_step != trainer.global_step:
             self._final = True
             try:
-                trainer.save_checkpoint(self.last_checkpoint_path(trainer))
+                self.save_last(trainer)
             finally:
                 self._final = False
+
+    def save_last(self, trainer: L.Trainer) -> Path:
+        """Write `last.ckpt` (every rank calls this); return its path."""
+        path = self.last_checkpoint_path(trainer)
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.save_last:
+            # Claim the file for the checkpoint callback, before the save so that the checkpoint
+            # records it too: a ModelCheckpoint finding a last.ckpt it did not write itself takes
+            # it for another run's and writes last-v1.ckpt instead (`enable_version_counter`), which
+            # `--ckpt_path last` would never see (lightning/pytorch/callbacks/model_checkpoint.py,
+            # `_save_last_checkpoint`).
+            callback.last_model_path = str(path)
+        trainer.save_checkpoint(path)
+        return path
 
     @staticmethod
     def last_checkpoint_path(trainer: L.Trainer) -> Path:
