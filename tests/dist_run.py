@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from gptlab.callbacks import SampleGeneration
 from gptlab.cli import main

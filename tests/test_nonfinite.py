@@ -17,7 +17,6 @@ import torch
 
 from conftest import TINY_CORPUS, tiny_config
 from gptlab.cli import main
-
 from gptlab.models import GPT
 from gptlab.tasks import CausalLM, Generation, SequenceClassification, TokenClassification
 
@@ -111,7 +110,9 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tin
     err = capsys.readouterr().err
     assert "gptlab: error: the training loss is not finite at step 7 (epoch " in err
     assert "Traceback" not in err
-    done = [json.loads(line) for line in (tiny_run.parent / "stop_out" / "steps0.jsonl").read_text().splitlines()]
+    done = [
+        json.loads(line) for line in (tiny_run.parent / "stop_out" / "steps0.jsonl").read_text().splitlines()
+    ]
     assert done[-1]["step"] == 6  # step 7 never finished
     saved = last_checkpoint(tiny_run, "stop")
     # The newest checkpoint before it (the validation's at step 5, after the periodic one at 4), untouched.

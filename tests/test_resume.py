@@ -131,7 +131,12 @@ def spawn(
     if devices > 1:
         argv += ["--config", str(REPO / "configs/trainer/ddp.yaml"), "--trainer.accelerator", "cpu"]
         argv += ["--trainer.devices", str(devices)]
-    env = {**os.environ, "GPTLAB_TEST_OUT": str(out), "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "GPTLAB_TEST_OUT": str(out),
+        "PYTHONWARNINGS": "ignore",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     proc = subprocess.Popen(
         argv, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
@@ -168,8 +173,12 @@ def assert_same_batches(got: list[dict], reference: list[dict], first: int, why:
     assert got and len(got) == len(expected), why
     assert [r["ids"] for r in got] == [r["ids"] for r in expected], f"other samples than the reference {why}"
     assert [(r["step"], r["epoch"]) for r in got] == [(r["step"], r["epoch"]) for r in expected], why
-    torch.testing.assert_close([r["loss"] for r in got], [r["loss"] for r in expected], rtol=0, atol=1e-6, msg=why)
-    torch.testing.assert_close([r["lr"] for r in got], [r["lr"] for r in expected], rtol=0, atol=1e-9, msg=why)
+    torch.testing.assert_close(
+        [r["loss"] for r in got], [r["loss"] for r in expected], rtol=0, atol=1e-6, msg=why
+    )
+    torch.testing.assert_close(
+        [r["lr"] for r in got], [r["lr"] for r in expected], rtol=0, atol=1e-9, msg=why
+    )
 
 
 def assert_same_weights(config: Path, name: str, reference: str) -> None:
@@ -190,7 +199,7 @@ def batches_before(ref: list[dict], step: int) -> int:
 
 
 def mid_epoch_step(ref: list[dict], rng: random.Random, low: int, high: int) -> int:
-    """A random optimizer step in [low, high] whose last batch is neither the first nor the last of its epoch."""
+    """A random optimizer step in [low, high] that neither starts nor ends an epoch."""
     ends = {ref[i]["step"] for i in range(len(ref) - 1) if ref[i]["epoch"] != ref[i + 1]["epoch"]}
     starts = {ref[i + 1]["step"] for i in range(len(ref) - 1) if ref[i]["epoch"] != ref[i + 1]["epoch"]}
     return rng.choice([s for s in range(low, high + 1) if s not in ends | starts])
@@ -219,7 +228,12 @@ def reference(config: Path, task: str, args: list[str]) -> tuple[str, list[dict]
 
 
 def options(workers: int, accumulate: int) -> list[str]:
-    return ["--data.init_args.num_workers", str(workers), "--trainer.accumulate_grad_batches", str(accumulate)]
+    return [
+        "--data.init_args.num_workers",
+        str(workers),
+        "--trainer.accumulate_grad_batches",
+        str(accumulate),
+    ]
 
 
 @pytest.mark.parametrize(

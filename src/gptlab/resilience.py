@@ -116,8 +116,12 @@ class Preemption(L.Callback):
             return
         path = self.save_last(trainer)
         if stop:
-            name = signal.Signals(self.received).name if self.received is not None else "another rank's signal"
-            rank_zero_info(f"gptlab: {name}: saved {path} at step {step}; exiting {self.exit_code} to be requeued")
+            name = (
+                signal.Signals(self.received).name if self.received is not None else "another rank's signal"
+            )
+            rank_zero_info(
+                f"gptlab: {name}: saved {path} at step {step}; exiting {self.exit_code} to be requeued"
+            )
             raise Preempted(self.exit_code)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -165,8 +169,14 @@ class Preemption(L.Callback):
         callback = trainer.checkpoint_callback
         directory = getattr(callback, "dirpath", None)
         # log_dir is broadcast from rank 0 under DDP: every rank calls this.
-        base = Path(directory) if directory else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-        name = getattr(callback, "CHECKPOINT_NAME_LAST", "last") + getattr(callback, "FILE_EXTENSION", ".ckpt")
+        base = (
+            Path(directory)
+            if directory
+            else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        )
+        name = getattr(callback, "CHECKPOINT_NAME_LAST", "last") + getattr(
+            callback, "FILE_EXTENSION", ".ckpt"
+        )
         return base / name
 
 
@@ -194,7 +204,9 @@ class NonFiniteLoss(L.Callback):
         self.skipped = 0
         self._skip_this_step = False
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
         bad = _reduce_any(trainer, loss.device, ~torch.isfinite(loss.detach()))
         if not bad:
             return
@@ -210,7 +222,9 @@ class NonFiniteLoss(L.Callback):
             )
         if not self._skip_this_step:
             self.skipped += 1
-            rank_zero_warn(f"gptlab: non-finite training loss at {where}: skipping this step ({self.skipped} so far)")
+            rank_zero_warn(
+                f"gptlab: non-finite training loss at {where}: skipping this step ({self.skipped} so far)"
+            )
         self._skip_this_step = True
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
