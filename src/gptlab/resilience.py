@@ -92,7 +92,7 @@ class Preemption(L.Callback):
         self.received: int | None = None
         self._last_step = -1
         self._saved_step = -1
-        self._final = False  # saving the state a run stopped in (on_train_end)
+        self._tokens_at_step: torch.Tensor | None = None  # the task's tokens_seen at the last step
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: saving here would interrupt the step at an arbitrary point.
@@ -103,12 +103,14 @@ class Preemption(L.Callback):
         for signum in self.signals:
             signal.signal(signum, self._on_signal)
         self._last_step = trainer.global_step
+        self._tokens_at_step = self._tokens_seen(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._last_step:  # accumulating: the optimizer has not stepped yet
             return
         self._last_step = step
+        self._tokens_at_step = self._tokens_seen(pl_module)
         # Every rank takes part in the reduction at every step, so all see the same answer.
         stop = _reduce_any(trainer, pl_module.device, self.received is not None)
         periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
@@ -126,28 +128,56 @@ class Preemption(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._saved_step = trainer.global_step
-        if self._final and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            # The run stopped (max_steps) exactly at the end of an epoch, after the fit loop
-            # counted that epoch as finished but with the epoch loop still holding its batch
-            # counts. Lightning resumes such a checkpoint into the next epoch with those counts,
-            # ends that epoch after one batch, and from then on its epoch ends (accumulation
-            # flush, epoch-end validation and schedulers, current_epoch) are one batch early
-            # (lightning/pytorch/loops/training_epoch_loop.py `reset`, `on_run_start`). The next
-            # epoch has not started: record it so.
+        loop = trainer.fit_loop
+        batches, epochs = loop.epoch_loop.batch_progress, loop.epoch_progress.current
+        if (
+            batches.is_last_batch
+            and batches.current.completed == batches.current.ready
+            and (epochs.completed == epochs.started)
+        ):
+            # Saved after an epoch's last batch and after the fit loop counted that epoch as
+            # finished, before the next one started: the state of a run that stopped at max_steps
+            # exactly at an epoch's end (saved by on_train_end hooks, ours and ModelCheckpoint's).
+            # The epoch loop still holds the finished epoch's batch counts; Lightning resumes them
+            # into the next epoch, ends that epoch after one batch, and from then on its epoch
+            # ends (accumulation flush, epoch-end validation and schedulers, current_epoch) are
+            # one batch early (lightning/pytorch/loops/training_epoch_loop.py `reset`,
+            # `on_run_start`). The next epoch has not started: record it so.
             progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
             progress["current"] = {key: 0 for key in progress["current"]}
             progress["is_last_batch"] = False
+        partial = 0 if batches.is_last_batch else batches.current.ready % trainer.accumulate_grad_batches
+        datamodule = trainer.datamodule
+        state = checkpoint.get(type(datamodule).__qualname__) if datamodule is not None else None
+        if partial and isinstance(state, dict) and "train_batches_consumed" in state:
+            # Saved between two micro-batches of an accumulated step (the checkpoint callback
+            # saves after a validation, which Lightning runs every `val_check_interval` batches,
+            # not steps). The gradients accumulated so far are not in checkpoints: record the
+            # position at the last optimizer step instead, so that a resumed run trains those
+            # micro-batches again (same batches, same dropout seeds) and steps where an
+            # uninterrupted run steps. The counters move back together, so Lightning sees the
+            # same kind of save, `partial` batches earlier.
+            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+            for counts in (progress["current"], progress["total"]):
+                for key in counts:
+                    counts[key] -= partial
+            state["train_batches_consumed"] -= partial
+            # The task's token counter (gptlab.tasks.base) counted them too.
+            weights = checkpoint.get("state_dict", {})
+            if self._tokens_at_step is not None and "tokens_seen" in weights:
+                weights["tokens_seen"] = self._tokens_at_step.clone()
+
+    @staticmethod
+    def _tokens_seen(pl_module: L.LightningModule) -> torch.Tensor | None:
+        tokens = getattr(pl_module, "tokens_seen", None)
+        return tokens.detach().cpu().clone() if isinstance(tokens, torch.Tensor) else None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The checkpoint callback saves last.ckpt after validations (and at epoch ends without
         # validation), so a run that stops at max_steps between two of them would leave a
         # last.ckpt from before its final steps: save the final state unless it is saved already.
         if self._saved_step != trainer.global_step:
-            self._final = True
-            try:
-                self.save_last(trainer)
-            finally:
-                self._final = False
+            self.save_last(trainer)
 
     def save_last(self, trainer: L.Trainer) -> Path:
         """Write `last.ckpt` (every rank calls this); return its path."""
