@@ -128,6 +128,9 @@ class Preemption(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._saved_step = trainer.global_step
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if progress is None:  # a weights-only checkpoint: no loop state to put right
+            return
         loop = trainer.fit_loop
         batches, epochs = loop.epoch_loop.batch_progress, loop.epoch_progress.current
         if (
@@ -143,7 +146,6 @@ class Preemption(L.Callback):
             # ends (accumulation flush, epoch-end validation and schedulers, current_epoch) are
             # one batch early (lightning/pytorch/loops/training_epoch_loop.py `reset`,
             # `on_run_start`). The next epoch has not started: record it so.
-            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
             progress["current"] = {key: 0 for key in progress["current"]}
             progress["is_last_batch"] = False
         partial = 0 if batches.is_last_batch else batches.current.ready % trainer.accumulate_grad_batches
@@ -157,7 +159,6 @@ class Preemption(L.Callback):
             # micro-batches again (same batches, same dropout seeds) and steps where an
             # uninterrupted run steps. The counters move back together, so Lightning sees the
             # same kind of save, `partial` batches earlier.
-            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
             for counts in (progress["current"], progress["total"]):
                 for key in counts:
                     counts[key] -= partial
