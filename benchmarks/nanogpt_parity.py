@@ -14,7 +14,7 @@ For each seed it trains the same 4 x 4 x 128 character GPT for 2000 steps twice:
                (it differs only in GELU: tanh approximation here, exact in nanoGPT).
 
 Both final models are then scored the same two ways on the same last 10 % of the text:
-`full` = every validation token once (non-overlapping 64-token windows, gptlab's val/loss) and
+`full` = every validation token a target once (64 inputs + 1 per window, gptlab's val/loss) and
 `nanogpt` = nanoGPT's 20-batch estimate, averaged over 50 independent draws (its spread shows how
 much one estimate can move). Prints one JSON object per run and a summary table.
 """
@@ -56,13 +56,16 @@ def get_lr(it: int) -> float:
 
 @torch.no_grad()
 def full_val_loss(model: GPT, val: torch.Tensor) -> float:
-    """Mean loss over every validation token once: non-overlapping windows, as gptlab's val/loss."""
-    windows = val[: (len(val) // BLOCK) * BLOCK].view(-1, BLOCK)  # (N, T)
+    """Mean loss with every validation token a target once, as gptlab's val/loss: windows of
+    BLOCK inputs + 1 stepping by BLOCK (the stream's last partial window left out)."""
+    n = (len(val) - 1) // BLOCK
+    x = val[: n * BLOCK].view(n, BLOCK)  # (N, T)
+    y = val[1 : n * BLOCK + 1].view(n, BLOCK)  # (N, T)
     total, count = 0.0, 0
-    for chunk in windows.split(256):
-        logits = model.logits(model(chunk[:, :-1]))
-        loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
-        total, count = total + loss.item(), count + chunk[:, 1:].numel()
+    for xs, ys in zip(x.split(256), y.split(256), strict=True):
+        logits = model.logits(model(xs))
+        loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="sum")
+        total, count = total + loss.item(), count + ys.numel()
     return total / count
 
 
@@ -88,7 +91,7 @@ def reference(seed: int) -> tuple[GPT, torch.Tensor, dict]:
     n = int(0.9 * len(data))
     train, val = data[:n], data[n:]
     torch.manual_seed(seed)
-    model = GPT(vocab_size=len(chars), block_size=BLOCK, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
+    model = GPT(len(chars), BLOCK, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
@@ -142,7 +145,9 @@ def gptlab(seed: int, work: Path, extra: list[str]) -> tuple[GPT, torch.Tensor, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
     parser.add_argument("--only", choices=["gptlab", "reference"], default=None)
     parser.add_argument("--draws", type=int, default=50, help="nanoGPT estimates averaged per model")

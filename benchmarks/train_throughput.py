@@ -226,15 +226,16 @@ def run_torch(cfg: BenchConfig, args: argparse.Namespace, device: str, tokens_pa
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # as the gptlab configs
     steps = args.warmup + args.steps
     scheduler = WarmupCosine(optimizer, cfg.warmup_steps, steps, 0.1)
-    # The same windows in the same order as gptlab's loader (stride 1, seeded permutation).
-    order = iter(SeededShuffleSampler(len(tokens) - T + 1, 1337))
-    offsets = torch.arange(T)
+    # The same windows in the same order as gptlab's loader (T + 1 tokens, stride 1, seeded
+    # permutation): T inputs and their T next-token targets.
+    order = iter(SeededShuffleSampler(len(tokens) - T, 1337))
+    offsets = torch.arange(T + 1)
     stamps = []
     for _ in range(steps):
         starts = torch.tensor([next(order) for _ in range(B)])
-        x = tokens[starts[:, None] + offsets].to(device, non_blocking=True)  # (B, T)
-        logits = model.logits(model(x))  # (B, T, V)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        window = tokens[starts[:, None] + offsets].to(device, non_blocking=True)  # (B, T + 1)
+        logits = model.logits(model(window[:, :-1]))  # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), window[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -111,3 +111,7 @@ def tiny_config(tmp_path: Path, corpus: Path, **overrides) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# One tiny fitted run per task, shared (session scope) by the safe-loading and bad-input tests.
+from tiny_runs import tiny_runs  # noqa: E402, F401

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
+import torch.nn.functional as F
 
 from conftest import REPO
 from gptlab.cli import GPTLabCLI
@@ -47,6 +52,93 @@ def test_shakespeare_char_is_the_nanogpt_recipe():
     scheduler = cli.model.scheduler_factory(optimizer)
     assert (scheduler.warmup_steps, scheduler.max_steps, scheduler.min_lr_ratio) == (100, 2000, 0.1)
     assert cli.trainer.gradient_clip_val == 1.0
+
+
+def nanogpt_lr(
+    it: int, lr: float = 1e-3, min_lr: float = 1e-4, warmup: int = 100, decay: int = 2000
+) -> float:
+    """nanoGPT train.py's get_lr."""
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    ratio = (min(it, decay) - warmup) / (decay - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+@pytest.mark.slow
+def test_shakespeare_char_steps_equal_nanogpts_training_procedure(tmp_path: Path):
+    """gptlab's fit on the parity config takes exactly the steps nanoGPT's train.py would take.
+
+    Same initial weights and the same batches (recorded from gptlab's loader) through nanoGPT's
+    loop: lr from get_lr, AdamW with decay on dim >= 2 only (foreach, its CPU default), clipping
+    at 1.0. Losses and final weights agree to float32 rounding (fused vs foreach AdamW); the
+    schedule is compressed to 15 steps so that a missing weight decay (~3e-5) would show.
+    """
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.init, self.batches, self.losses, self.lrs = None, [], [], []
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.init = copy.deepcopy(pl_module.backbone.state_dict())
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.batches.append(batch["input_ids"].clone())
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(outputs["loss"].item())
+
+    text = (REPO / "data/tinyshakespeare/input.txt").read_text(encoding="utf-8")[:50_000]
+    (tmp_path / "input.txt").write_text(text, encoding="utf-8")
+    cli = GPTLabCLI(
+        args=[
+            "--config", str(REPO / "configs/pretrain/shakespeare_char.yaml"),
+            "--data.init_args.train_files", str(tmp_path / "input.txt"),
+            "--data.init_args.cache_dir", str(tmp_path / "cache"),
+            "--logs", str(tmp_path / "logs"),
+            "--model.init_args.backbone.init_args.n_layer", "2",
+            "--model.init_args.backbone.init_args.n_embd", "32",
+            # nanoGPT's schedule shape over 15 steps, so the lr (and with it weight decay) is large.
+            "--model.init_args.scheduler.init_args.warmup_steps", "5",
+            "--model.init_args.scheduler.init_args.max_steps", "15",
+            "--trainer.max_steps", "15", "--trainer.limit_val_batches", "0",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+        ],
+        run=False,
+    )  # fmt: skip
+    record = Record()
+    cli.trainer.callbacks.append(record)
+    cli.trainer.fit(cli.model, cli.datamodule)
+
+    ours = cli.model.backbone
+    ref = copy.deepcopy(ours)
+    ref.load_state_dict(record.init)
+    params = list(ref.parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+        betas=(0.9, 0.99),
+    )
+    assert len(record.batches) == 15
+    assert record.batches[0].shape == (12, 65)  # nanoGPT's batch: 64 inputs, 64 targets
+    for it, x in enumerate(record.batches):
+        lr = nanogpt_lr(it, warmup=5, decay=15)
+        assert record.lrs[it] == pytest.approx(lr, rel=1e-6)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # nanoGPT's x = data[i:i+T], y = data[i+1:i+T+1] from a window of T + 1 tokens
+        logits = ref.logits(ref(x[:, :-1]))  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert loss.item() == pytest.approx(record.losses[it], abs=1e-5)
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0, msg=name)
 
 
 BACKBONES = sorted((REPO / "configs" / "backbone").glob("*.yaml"))

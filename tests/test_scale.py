@@ -188,12 +188,15 @@ def test_fused_optimizer_is_clipped_under_mixed_precision(loss_scale):
 
 # ----------------------------------------------------------------------------- Throughput
 class FakeModule:
-    """What Throughput reads from a LightningModule: the backbone's FLOPs and `log`."""
+    """What Throughput reads from a LightningModule: positions fed, the backbone's FLOPs and `log`."""
 
     def __init__(self, flops_per_token: int) -> None:
         self.backbone = SimpleNamespace(num_flops_per_token=lambda seq_len: flops_per_token * seq_len)
         self.logged: dict[str, float] = {}
         self.device = torch.device("cpu")
+
+    def positions_fed(self, seq_len: int) -> int:
+        return seq_len
 
     def log(self, name, value, **kwargs) -> None:
         assert isinstance(value, float)  # a host number: logging it needs no device sync

@@ -29,10 +29,14 @@ def lm_batch(
 def test_loss_is_shifted_next_token_cross_entropy():
     model = CausalLM(backbone=tiny_gpt())
     batch = lm_batch()
-    logits = model(batch)
+    full = model.backbone.logits(model.backbone(batch["input_ids"]))  # (B, T, V)
     expected = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, 64), batch["input_ids"][:, 1:].reshape(-1)
+        full[:, :-1].reshape(-1, 64), batch["input_ids"][:, 1:].reshape(-1)
     )
+    # The task never feeds the last token (it is only a target): T-1 positions, same logits.
+    logits = model(batch)
+    assert logits.shape[1] == batch["input_ids"].shape[1] - 1
+    torch.testing.assert_close(logits, full[:, :-1], atol=1e-6, rtol=0)
     assert torch.allclose(model.loss(logits, batch), expected, atol=1e-6)
 
 

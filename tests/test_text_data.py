@@ -61,11 +61,13 @@ def test_tail_split_and_packing_keep_every_token_exactly_once(corpus, tmp_path):
     cut = int(len(expected) * 0.75)
     assert dm.train_dataset.tokens.tolist() == expected[:cut]
     assert dm.val_dataset.tokens.tolist() == expected[cut:]
-    # Non-overlapping blocks: concatenated, they are the stream (the last one is shorter).
+    # Windows of 16 inputs + 1 target sharing one token: chained, they are the stream (the last
+    # one is shorter), so every token after the first is a target exactly once.
     for dataset in (dm.train_dataset, dm.val_dataset):
         pieces = blocks(dataset)
-        assert all(len(p) == 16 for p in pieces[:-1]) and 0 < len(pieces[-1]) <= 16
-        assert sum(pieces, []) == dataset.tokens.tolist()
+        assert all(len(p) == 17 for p in pieces[:-1]) and 1 < len(pieces[-1]) <= 17
+        assert all(a[-1] == b[0] for a, b in zip(pieces[:-1], pieces[1:], strict=True))
+        assert pieces[0] + sum((p[1:] for p in pieces[1:]), []) == dataset.tokens.tolist()
     assert dm.test_dataset is dm.val_dataset
     assert dm.vocab_size == len(set("".join(DOCS.values()))) + 1
 
@@ -74,11 +76,12 @@ def test_overlapping_windows_cover_the_stream_to_its_end(corpus, tmp_path):
     dm = ready(train_files=str(corpus / "*.txt"), block_size=16, stride=5, cache_dir=str(tmp_path / "cache"))
     tokens = dm.train_dataset.tokens.tolist()
     pieces = blocks(dm.train_dataset)
-    assert [p for p in pieces] == [tokens[i * 5 : i * 5 + 16] for i in range(len(pieces))]
+    assert [p for p in pieces] == [tokens[i * 5 : i * 5 + 17] for i in range(len(pieces))]
     assert len(pieces) * 5 - 5 + len(pieces[-1]) == len(tokens)  # the last window ends at the end
-    assert len(pieces[-2]) == 16 and (len(pieces) - 2) * 5 + 16 < len(tokens)  # no extra window
-    # Evaluation blocks never overlap.
-    assert sum(blocks(dm.val_dataset), []) == dm.val_dataset.tokens.tolist()
+    assert len(pieces[-2]) == 17 and (len(pieces) - 2) * 5 + 17 < len(tokens)  # no extra window
+    # Evaluation windows step by block_size: each token is a target once.
+    val = blocks(dm.val_dataset)
+    assert val[0] + sum((p[1:] for p in val[1:]), []) == dm.val_dataset.tokens.tolist()
 
 
 def test_tiny_shakespeare_splits_like_nanogpt(tmp_path):
@@ -329,9 +332,9 @@ def test_collate_pads_right_and_masks_labels(corpus, tmp_path):
     assert tagged["labels"].tolist() == [[-100, 3], [5, -100]]
     classified = dm.collate([{"input_ids": [1, 2], "labels": 1}, {"input_ids": [4], "labels": 0}])
     assert classified["labels"].tolist() == [1, 0] and classified["labels"].dtype == torch.int64
-    # The short last block of a split comes out padded and masked.
+    # The short last window of a split comes out padded and masked (windows: 16 inputs + 1 target).
     last = dm.collate([dm.train_dataset[len(dm.train_dataset) - 1], dm.train_dataset[0]])
-    assert last["input_ids"].shape == (2, 16) and (last["labels"] == -100).any()
+    assert last["input_ids"].shape == (2, 17) and (last["labels"] == -100).any()
 
 
 def test_same_seed_same_batches_and_order_depends_on_epoch(corpus, tmp_path):

@@ -1,15 +1,19 @@
-"""Callbacks that any task can use: sample generation, throughput and MFU, torch.compile."""
+"""Callbacks that any task can use: sample generation, throughput and MFU, torch.compile, checkpoints."""
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 
+from gptlab.errors import CheckpointError
 from gptlab.generate import generate
 
 
@@ -172,8 +176,9 @@ class Throughput(L.Callback):
     Every `log_every_n_steps` optimizer steps (the Trainer's setting), to the loggers and the
     progress bar, for the whole job (all ranks together):
 
-    - `train/tokens_per_sec`: token positions processed per second (B x T per batch: padding
-      included, since the hardware computes it; `train/tokens` counts real tokens);
+    - `train/tokens_per_sec`: token positions processed per second (B x T per batch, T as the
+      task feeds it to the backbone, `TaskModule.positions_fed`; padding included, since the
+      hardware computes it; `train/tokens` counts real tokens);
     - `train/samples_per_sec`: sequences per second;
     - `train/mfu`: model FLOPs per second over the peak of all devices, with model FLOPs per
       token from `backbone.num_flops_per_token(T)` (6 N + attention, PaLM appendix B).
@@ -235,6 +240,7 @@ class Throughput(L.Callback):
         if self._start is None:
             return
         samples, seq_len = batch["input_ids"].shape  # host-side shape: no device sync
+        seq_len = pl_module.positions_fed(seq_len)
         if seq_len not in self._flops_per_token:
             self._flops_per_token[seq_len] = pl_module.backbone.num_flops_per_token(seq_len)
         self._samples += samples
@@ -326,3 +332,29 @@ class Compile(L.Callback):
                     mode=self.mode, fullgraph=self.fullgraph, dynamic=self.dynamic, backend=self.backend
                 )
                 self.compiled += 1
+
+
+# errno values meaning "no room to write": a full disk, a full quota, a file-size limit (ulimit -f).
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (`checkpoint.*` in the CLI) that reports a full disk as one line.
+
+    Saving into a full filesystem raises a bare OSError from deep inside torch.save, often with no
+    file name. Here it becomes a CheckpointError naming the checkpoint and its directory; the
+    checkpoints saved before stay as they were (the save writes a new file and only then replaces
+    the old one, see the trainer's CheckpointIO).
+    """
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as err:
+            if err.errno not in _NO_ROOM:
+                raise
+            raise CheckpointError(
+                f"disk full while writing checkpoint {filepath} ({err.strerror}); the checkpoints saved "
+                f"before are unchanged: free space in {Path(filepath).parent} (or set --logs to another "
+                f"disk) and resume with --ckpt_path last"
+            ) from None

@@ -25,6 +25,7 @@ final `os.replace` a rename within one directory, which POSIX makes atomic.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -116,7 +117,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options (local files only)")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda file: torch.save(checkpoint, file))
+        # Serialised in memory first (as Lightning's own writer does): torch's zip writer turns a
+        # failed file write into "RuntimeError: unexpected pos", while a plain write of the bytes
+        # raises the OSError (ENOSPC, EDQUOT, EFBIG) that says the disk is full.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(path, lambda file: file.write(buffer.getbuffer()))
 
     def remove_checkpoint(self, path: _PATH) -> None:
         # A sharded checkpoint is a link to its step folder: remove both (fsspec's recursive rm

@@ -18,33 +18,43 @@ What it adds to LightningCLI:
   (`nonfinite_loss.policy`);
 - a sharded FSDP checkpoint (a folder) is consolidated on the fly for evaluation under any other
   strategy (e.g. on one device);
-- user errors (`GPTLabError`) print one line and exit 2 instead of a traceback.
+- user errors (`GPTLabError`, a parser error, a Lightning MisconfigurationException) print one
+  line and exit 2 instead of a traceback; config files are checked for duplicate keys and YAML
+  syntax first (gptlab.config_check);
+- every checkpoint a command names (`--ckpt_path`, `init_from`) must load with
+  `weights_only=True`: a crafted pickle is refused before Lightning or anything else reads it, and
+  the trainer loads checkpoints with `weights_only=True` too;
+- the log directory must be creatable and writable before anything is built.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from gptlab.callbacks import Throughput
+from gptlab.callbacks import Checkpoint, Throughput
 from gptlab.checkpointing import install_atomic_checkpoints, require_complete, resume_checkpoint
+from gptlab.config_check import check_config_files, one_line_parser_error
 from gptlab.data import DataModule
 from gptlab.errors import CheckpointError, ConfigError, GPTLabError
 from gptlab.reports import write_report
 from gptlab.resilience import NonFiniteLoss, Preemption
 from gptlab.strategies import is_sharded_checkpoint, save_consolidated
 from gptlab.tasks import TaskModule
-from gptlab.tasks.base import load_checkpoint
+from gptlab.tasks.base import load_checkpoint, verify_checkpoint
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 
@@ -107,6 +117,15 @@ def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
     return load_checkpoint(path).get("hyper_parameters", {}) or {}
 
 
+def _remote_code_message(source: str | Path) -> str:
+    return (
+        f"init_from={source}: its config.json has auto_map, i.e. the model runs code shipped in that "
+        f"directory, which gptlab does not execute unless asked; if you trust it, set "
+        f"model.init_args.backbone to {{class_path: gptlab.models.HFBackbone, init_args: "
+        f"{{name_or_path: {source}, trust_remote_code: true}}}}"
+    )
+
+
 def pretrained_backbone(source: str | Path) -> dict[str, Any]:
     """The backbone config (class_path + init_args) of a gptlab checkpoint or a Hugging Face directory."""
     source = Path(source)
@@ -115,6 +134,10 @@ def pretrained_backbone(source: str | Path) -> dict[str, Any]:
         if not config_file.is_file():
             raise ConfigError(f"init_from={source}: not a Hugging Face model directory (no config.json)")
         config = json.loads(config_file.read_text())
+        if "auto_map" in config:
+            # The model's code lives in the directory (config.json's auto_map): running it is
+            # trust_remote_code, which gptlab never turns on by itself.
+            raise ConfigError(_remote_code_message(source))
         overrides = {k: v for k, v in config.items() if k not in _HF_META_KEYS}
         # Random weights from the config (offline, like any HFBackbone), then init_from loads the
         # weights at fit start: the fine-tuned checkpoint stays loadable without this directory.
@@ -129,6 +152,25 @@ def pretrained_backbone(source: str | Path) -> dict[str, Any]:
             f"give model.init_args.backbone, the same as the pretraining run's"
         )
     return backbone
+
+
+def check_init_from(source: str | Path, trust_remote_code: bool = False) -> None:
+    """`init_from` must be a gptlab checkpoint that loads safely, or a Hugging Face model directory
+    (whose own model code, if any, runs only when the configured backbone sets trust_remote_code).
+    """
+    path = Path(source)
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"init_from={source}: not a Hugging Face model directory (no config.json)")
+        if not trust_remote_code and "auto_map" in json.loads((path / "config.json").read_text()):
+            raise ConfigError(_remote_code_message(source))
+        return
+    if not path.exists():
+        raise CheckpointError(
+            f"init_from={source} does not exist: give a gptlab checkpoint "
+            f"(logs/<experiment>/version_N/checkpoints/*.ckpt) or a Hugging Face model directory"
+        )
+    verify_checkpoint(path)
 
 
 def pretrained_tokenizer(source: str | Path) -> Path | None:
@@ -165,6 +207,93 @@ class RunDirectory(SaveConfigCallback):
             datamodule.save_tokenizer(tokenizer_dir)
 
 
+def check_writable_dir(directory: Path, what: str) -> None:
+    """Fail unless `directory` exists and is writable, or can be created (its nearest existing
+    ancestor is a writable directory); checked before training so a run cannot die at its first save.
+    """
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{what} {directory}: cannot create it, {existing} is a file, not a directory; "
+            f"choose another directory"
+        )
+    # os.access is the question the kernel answers on write (root passes it, even on 0o555).
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{what} {directory}: {existing} is not writable by this user; choose another directory "
+            f"or fix its permissions"
+        )
+
+
+def remove_traces(log_dir: Path, before: set[Path] | None) -> None:
+    """Undo what a command that failed before training wrote into `log_dir` (logger files, config.yaml).
+
+    `before` lists the paths that existed when the command started (None: `log_dir` did not exist,
+    the command created it). Nothing that existed is touched, and once a checkpoint was written
+    (the run trained) everything stays.
+    """
+    if not log_dir.exists():
+        return
+    new = [p for p in log_dir.rglob("*") if before is None or p not in before]
+    if any(p.suffix == ".ckpt" for p in new):
+        return
+    if before is None:
+        shutil.rmtree(log_dir, ignore_errors=True)
+        return
+    for path in sorted(new, key=lambda p: len(p.parts), reverse=True):  # files before their folders
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+
+
+def task_class_of(class_path: str) -> type | None:
+    """The class a `module.Name` path names, or None when it cannot be imported."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+class _BatchSeen(Callback):
+    """Notes whether any batch ran in this command: a failure after that is not "before training",
+    and the run keeps its files (the curves of a run that diverged are what explains it).
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.seen = True
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
+        # The sanity check (validation at step 0) comes before training proper.
+        self.seen = self.seen or not trainer.sanity_checking
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
+        self.seen = True
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
+        self.seen = True
+
+
+class _Parser(LightningArgumentParser):
+    """LightningArgumentParser whose errors are one line (a ConfigError) instead of usage + a wall."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            # A nested parser (a class's init_args tried as one Union subtype): jsonargparse
+            # collects its error into the top-level one, which is shortened below.
+            return super().error(message, ex)
+        argv = getattr(self, "_gptlab_argv", None) or sys.argv[1:]
+        subcommand = argv[0] if argv and not argv[0].startswith("-") else None
+        raise ConfigError(one_line_parser_error(message, argv, subcommand)) from None
+
+
 class GPTLabCLI(LightningCLI):
     """LightningCLI with gptlab's run layout, checkpoint defaults and reports."""
 
@@ -175,6 +304,8 @@ class GPTLabCLI(LightningCLI):
         elif isinstance(args, list):
             args = with_run_config(args)
         self._argv = args if isinstance(args, list) else sys.argv[1:]
+        # Duplicate keys, YAML syntax and missing files, with file and line, before jsonargparse.
+        check_config_files([str(a) for a in self._argv])
         # The checkpoint as given, when evaluation reads a consolidated copy of a sharded one.
         self._ckpt_source: str | None = None
         self._consolidated_dir: tempfile.TemporaryDirectory | None = None
@@ -185,16 +316,39 @@ class GPTLabCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_callback=RunDirectory,
             seed_everything_default=1337,
+            parser_class=_Parser,
             # The task owns optimizer and scheduler (injected through its constructor).
             auto_configure_optimizers=False,
             args=args,
             run=run,
         )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser._gptlab_argv = self._argv  # the args its one-line errors look up keys in
+        return parser
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            # jsonargparse re-raises a constructor's error as "Does not validate against any of the
+            # Union subtypes" with the original as __cause__: give the user our one-line error.
+            cause = err
+            while cause is not None and not isinstance(cause, GPTLabError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
     def _parse_ckpt_path(self) -> None:
-        # A cut-off or empty checkpoint file is named before anything tries to unpickle it.
-        if self.config.get("subcommand") and self.config[self.config.subcommand].get("ckpt_path"):
-            require_complete(self.config[self.config.subcommand].ckpt_path)
+        # Before anyone unpickles it (Lightning's _parse_ckpt_path below, the trainer later): a
+        # checkpoint that does not load with weights_only=True stops here with one line.
+        ckpt = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt and Path(ckpt).exists():
+            require_complete(ckpt)  # a cut-off or empty file is named as such
+            verify_checkpoint(ckpt)
+            self._check_task_of_checkpoint(ckpt)
         # LightningCLI re-applies the checkpoint's hyperparameters over the parsed config, which
         # undoes command-line options such as `test --ckpt_path X --model.init_args.max_new_tokens 64`.
         # The checkpoint of a gptlab run was written from that run's config.yaml: when it is the
@@ -212,6 +366,54 @@ class GPTLabCLI(LightningCLI):
         install_atomic_checkpoints(trainer)
         return trainer
 
+    def _check_task_of_checkpoint(self, ckpt: str) -> None:
+        """A checkpoint of another task than the configured model is refused, naming both.
+
+        Otherwise Lightning would rebuild the checkpoint's task over the config (and fail later on
+        whatever the data module lacks) or load mismatching weights.
+        """
+        model = self.config[self.config.subcommand].get("model")
+        configured = model.get("class_path") if isinstance(model, Namespace) else None
+        if not configured or Path(ckpt).is_dir():
+            return
+        checkpoint = load_checkpoint(ckpt, mmap=True)
+        written_by = checkpoint.get("gptlab", {}).get("task") or checkpoint.get("hyper_parameters", {}).get(
+            "_class_path"
+        )
+        if not written_by:
+            return
+        ours, theirs = task_class_of(configured), task_class_of(written_by)
+        if ours is not None and theirs is not None and ours is not theirs:
+            raise CheckpointError(
+                f"--ckpt_path {ckpt} is a checkpoint of {theirs.__module__}.{theirs.__name__}, but the "
+                f"config's model is {ours.__module__}.{ours.__name__}: use that run's own config (drop "
+                f"--config; <run>/config.yaml is found beside the checkpoint) or a checkpoint of this task"
+            )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A command that fails before its first batch (bad data found in setup, a model / data
+        # mismatch) leaves no half-made run behind: Lightning creates the logger's directory and event file
+        # before any setup hook runs (trainer/call.py _call_setup_hook), so remove what it added.
+        # Rank 0 only: asking another rank's logger for its log_dir would fix its version early.
+        logger = self.trainer.logger if self.trainer.is_global_zero else None
+        log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
+        before = set(log_dir.rglob("*")) if log_dir is not None and log_dir.exists() else None
+        batches = _BatchSeen()
+        self.trainer.callbacks.append(batches)
+        try:
+            try:
+                super()._run_subcommand(subcommand)
+            except ValueError as err:
+                # Lightning checks val_check_interval against the epoch only once the data is
+                # loaded (loops/fit_loop.py setup_data) and raises a plain ValueError: a config error.
+                if "`val_check_interval`" not in str(err) or isinstance(err, GPTLabError):
+                    raise
+                raise ConfigError(f"trainer.val_check_interval: {' '.join(str(err).split())}") from None
+        except (GPTLabError, MisconfigurationException):
+            if log_dir is not None and not batches.seen:
+                remove_traces(log_dir, before)
+            raise
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--experiment",
@@ -221,7 +423,7 @@ class GPTLabCLI(LightningCLI):
         )
         parser.add_argument("--logs", type=str, default="logs", help="Root directory of all runs.")
         # Always present and configurable as `checkpoint.*`: best by the monitored metric, and last.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         # The data module knows the labels (given, or read cheaply from the training labels); the
         # task needs them to size its head. jsonargparse skips the link for a model without a
         # `label_names` argument (TaskModule drops the recorded value from its hparams).
@@ -253,7 +455,18 @@ class GPTLabCLI(LightningCLI):
             found = latest_checkpoint(logs, cfg.experiment)
             # Nothing to resume is not an error: the first run of a preemptible job starts fresh.
             cfg.ckpt_path = ckpt = str(found) if found is not None else None
+        if ckpt and Path(ckpt).exists():
+            verify_checkpoint(ckpt)  # `last`, resolved just now, was not checked while parsing
+        # (a remote URL, s3://..., is left to Lightning's fsspec loading, with weights_only below)
+        local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
+        if local and not Path(ckpt).exists():
+            raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
+        # Lightning passes weights_only=None to torch.load, which an environment variable
+        # (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) can turn into full unpickling: ask for safe loading.
+        if "weights_only" in cfg and cfg.weights_only is None:
+            cfg.weights_only = True
         run = run_dir_of(ckpt)
+        check_writable_dir(run if run is not None else logs, "--logs" if run is None else "run directory")
         if run is not None or cfg.trainer.logger in (None, True):
             # Resuming or evaluating a checkpoint writes into that checkpoint's run directory.
             save_dir, name, version = (
@@ -288,6 +501,11 @@ class GPTLabCLI(LightningCLI):
             return
         ckpt = ckpt if ckpt and Path(ckpt).is_file() else None
         init_from = model.get("init_from")
+        if init_from and self.subcommand == "fit":
+            backbone_args = model.get("backbone") and model.backbone.get("init_args")
+            check_init_from(
+                init_from, trust_remote_code=bool(backbone_args and backbone_args.get("trust_remote_code"))
+            )
         if "backbone" in model and model.backbone is None and (ckpt or init_from):
             source = ckpt or init_from
             backbone = pretrained_backbone(source)
@@ -373,6 +591,10 @@ def main(args: ArgsType = None) -> None:
             export_main(argv[1:])
             return
         GPTLabCLI(args=args)
-    except GPTLabError as err:
-        print(f"gptlab: error: {err}", file=sys.stderr)
+    except (GPTLabError, MisconfigurationException) as err:
+        # MisconfigurationException: Lightning's own "this Trainer setting is invalid" (e.g.
+        # max_steps=-5), a user error like ours. One line: what is wrong and where is in the text.
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        prefix = "" if isinstance(err, GPTLabError) else "trainer: "
+        print(f"gptlab: error: {prefix}{message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -70,7 +70,7 @@ def export(
             )
         source = str(candidate)
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"--tokenizer {source}: cannot load it ({err})") from None
     backbone = task.backbone.eval()
@@ -124,7 +124,8 @@ def to_hf_model(backbone: torch.nn.Module, tokenizer) -> PreTrainedModel:
 
 def check_export(backbone: torch.nn.Module, directory: Path) -> float:
     """Load `directory` with transformers and compare its logits with the backbone's; max |diff|."""
-    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    # Our own export, plain GPT-2 or the HFBackbone's architecture: never code from the directory.
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=False).eval()
     length = min(16, backbone.block_size or 16)
     ids = torch.arange(length).remainder(backbone.vocab_size)[None]  # (1, T): a fixed probe
     param = next(backbone.parameters())
@@ -160,6 +161,15 @@ def _load_task(ckpt_path: Path):
 
 def main(argv: list[str]) -> Path:
     """`python main.py export --ckpt_path ... --out DIR` (options and --help from `export`'s signature)."""
-    from jsonargparse import auto_cli
+    from jsonargparse import ArgumentParser, auto_cli
 
-    return auto_cli(export, args=argv, as_positional=False)
+    from gptlab.config_check import one_line_parser_error
+
+    class Parser(ArgumentParser):
+        # One line (a ConfigError, printed by gptlab.cli.main) instead of usage + error.
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error:
+                return super().error(message, ex)
+            raise ConfigError(one_line_parser_error(message, argv, "export")) from None
+
+    return auto_cli(export, args=argv, as_positional=False, parser_class=Parser)

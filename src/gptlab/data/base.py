@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerFast
 
@@ -127,7 +128,7 @@ class DataModule(L.LightningDataModule):
         """
         super().__init__()
         problems = [
-            f"{name}={value} must be at least {low}"
+            f"data.init_args.{name}={value} must be at least {low}"
             for name, value, low in [
                 ("batch_size", batch_size, 1),
                 ("eval_batch_size", eval_batch_size, 1),
@@ -136,7 +137,7 @@ class DataModule(L.LightningDataModule):
             if value is not None and value < low
         ]
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError("; ".join(problems) + ": fix the data config")
         self.tokenizer_source = tokenizer
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -308,6 +309,15 @@ class DataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             position=self._train_position,
         )
+        if self.batch_size > len(sampler):
+            # Not an error: drop_last is off, so each epoch is one smaller batch of everything this
+            # rank has (steps still count; the learning-rate schedule still runs). But it is rarely
+            # what was meant, and it changes the effective batch size silently.
+            rank_zero_warn(
+                f"data.init_args.batch_size={self.batch_size} is larger than the {len(sampler)} training "
+                f"examples per device: every step trains on all of them (one batch of {len(sampler)} per "
+                f"epoch); lower batch_size for several steps per epoch"
+            )
         return self._loader(self.train_dataset, self.batch_size, sampler)
 
     def _train_position(self) -> int:

@@ -485,7 +485,11 @@ class ClassificationDataModule(DataModule):
             wheres.append(where)
         problems.raise_if_any(unknown_label_hint(self._given_label_names is not None))
         if not texts:
-            raise DataError(f"{role} data: no examples")
+            source = self.role_files[role] or f"the dataset's {role} split"
+            raise DataError(
+                f"{role} data: no examples in {source}; give data.init_args.{role}_files with at least one "
+                f"labelled row" + ("" if role == "train" else f" (or leave {role}_files out)")
+            )
         ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         empty = [w for w, seq in zip(wheres, ids, strict=True) if not seq]
         if empty:

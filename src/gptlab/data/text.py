@@ -2,14 +2,16 @@
 
     documents   d0            d1            d2   ...   a .txt file, or a row of .jsonl/.json/.parquet
     tokens      d0 <eos>      d1 <eos>      d2 <eos>   one stream per split, saved as .npy
-    train       [0, B) [S, S+B) [2S, 2S+B) ...         B = block_size, S = stride (default B)
-    val / test  [0, B) [B, 2B) ...                     non-overlapping: every token scored once
+    train       [0, B] [S, S+B] [2S, 2S+B] ...         B = block_size, S = stride (default B)
+    val / test  [0, B] [B, 2B] ...                     every token after the first a target once
 
-The last block of a split may be shorter than B; `collate` pads it, so no token is lost. Labels
-are the input ids (the task shifts them). Validation comes from `val_files`, a dataset's
-validation split, or `val_fraction` of the training documents: `tail` keeps the first (1 - f) of
-the token stream for training and the last f for validation (nanoGPT's shakespeare_char split),
-`documents` holds out a seeded random f of the documents.
+A window holds B + 1 tokens: B inputs, each with its next token as target, so the model trains at
+all B positions (nanoGPT's x = data[i:i+B], y = data[i+1:i+B+1]). The last window of a split may
+be shorter; `collate` pads it, so no token is lost. Labels are the input ids (the task shifts
+them). Validation comes from `val_files`, a dataset's validation split, or `val_fraction` of the
+training documents: `tail` keeps the first (1 - f) of the token stream for training and the last
+f for validation (nanoGPT's shakespeare_char split), `documents` holds out a seeded random f of
+the documents.
 
 The token streams are cached in `cache_dir/text/<key>/`, the key hashing the sources (paths, sizes,
 mtimes, or dataset fingerprints), the tokenizer and the split settings; a second run memory-maps
@@ -322,15 +324,20 @@ def _write_streams(chunks: Iterator[np.ndarray], targets: list[tuple[Path, int]]
 
 # ----------------------------------------------------------------------------- blocks
 class TokenBlocks(Dataset):
-    """Windows of `block_size` tokens every `stride` tokens over a 1-D token stream in a .npy file.
+    """Windows of `block_size + 1` tokens every `stride` tokens over a 1-D token stream in a .npy file.
 
-    Windows cover the whole stream: the last one ends at its last token and may be shorter. The
-    file is memory-mapped lazily in each process (worker processes open their own map).
+    A window holds `block_size` inputs and their next-token targets (the task feeds all but the
+    last token): the model trains at every one of its positions, as nanoGPT's and litgpt's
+    batches do. With the default stride `block_size`, consecutive windows share one token (the
+    last target of one is the first input of the next), so every token after the first is a
+    target exactly once. Windows cover the whole stream: the last one ends at its last token and
+    may be shorter. The file is memory-mapped lazily in each process (workers open their own map).
     """
 
     def __init__(self, path: str | Path, block_size: int, stride: int | None = None) -> None:
         self.path = Path(path)
         self.block_size = block_size
+        self.window = block_size + 1
         self.stride = stride or block_size
         self._tokens: np.ndarray | None = None
         self.num_tokens = int(self.tokens.shape[0])
@@ -343,16 +350,16 @@ class TokenBlocks(Dataset):
         return self._tokens
 
     def __len__(self) -> int:
-        if self.num_tokens <= self.block_size:
+        if self.num_tokens <= self.window:
             return 1 if self.num_tokens else 0
         # Enough windows that the last one reaches the end of the stream.
-        return -(-(self.num_tokens - self.block_size) // self.stride) + 1
+        return -(-(self.num_tokens - self.window) // self.stride) + 1
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"block {index} out of range for {len(self)} blocks")
         start = index * self.stride
-        window = self.tokens[start : start + self.block_size]  # (<= block_size,)
+        window = self.tokens[start : start + self.window]  # (<= block_size + 1,)
         # No "labels": collate copies input_ids, with -100 on padding.
         return {"input_ids": torch.from_numpy(window.astype(np.int64))}
 
@@ -404,10 +411,11 @@ class TextDataModule(DataModule):
             val_split: How `val_fraction` is held out: "tail" = the last fraction of the token
                 stream (nanoGPT's shakespeare_char split), "documents" = a seeded random fraction
                 of the documents.
-            block_size: Tokens per training sequence; at most the model's block_size.
-            stride: Step between training windows; defaults to `block_size` (no overlap). Smaller
-                values give overlapping windows (1 = every offset, like nanoGPT's random batches).
-                Validation and test blocks never overlap.
+            block_size: Tokens the model sees per sequence; at most the model's block_size. Each
+                window carries one token more, the last position's target.
+            stride: Step between training windows; defaults to `block_size` (each token a target
+                once). Smaller values give overlapping windows (1 = every offset, like nanoGPT's
+                random batches). Validation and test windows always step by `block_size`.
             max_documents: Use only the first N documents of each source (quick experiments).
             batch_size: Sequences per training batch (per device).
             eval_batch_size: Sequences per validation / test batch; defaults to `batch_size`.
@@ -721,7 +729,7 @@ class TextDataModule(DataModule):
         # Checked here rather than when caching: the cache does not depend on block_size, so a
         # cache hit with a larger block_size must still be refused.
         self.train_dataset = TokenBlocks(path / "train.npy", self.block_size, self.stride)
-        # Evaluation blocks never overlap: each token is scored once, as with nanoGPT's estimate.
+        # Evaluation windows step by block_size: each token is scored once.
         self.val_dataset = TokenBlocks(path / "val.npy", self.block_size) if "val" in splits else None
         self.test_dataset = (
             TokenBlocks(path / "test.npy", self.block_size) if "test" in splits else self.val_dataset
@@ -732,5 +740,5 @@ class TextDataModule(DataModule):
             if ds is not None
         )
         rank_zero_info(
-            f"gptlab: {sizes} of {self.block_size} tokens (train stride {self.stride}) from {path}"
+            f"gptlab: {sizes} of {self.block_size} + 1 tokens (train stride {self.stride}) from {path}"
         )

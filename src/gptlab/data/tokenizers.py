@@ -165,8 +165,16 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
 
 def _from_pretrained(source: str | Path) -> PreTrainedTokenizerFast:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        # trust_remote_code=False, explicitly: transformers' default (None) asks on a terminal
+        # and would run a tokenizer's own Python code on "y"; gptlab only loads plain tokenizers.
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError) as err:
+        if "custom code" in str(err):
+            raise ConfigError(
+                f"tokenizer {str(source)!r} ships its own Python code (auto_map in its config), which "
+                f"gptlab does not run; use a tokenizer without custom code (or re-save it as a plain "
+                f"tokenizer.json)"
+            ) from None
         raise ConfigError(
             f"cannot load tokenizer {str(source)!r}: it is neither a tokenizer directory (one holding "
             f"tokenizer.json / tokenizer_config.json) nor a reachable hub name ({err}); to train one "

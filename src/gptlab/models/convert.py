@@ -135,7 +135,17 @@ def load_hf_weights(backbone: torch.nn.Module, directory: str | Path) -> None:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} is not a Hugging Face model directory (no config.json)")
-    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    # Custom model code in the directory runs only if the backbone itself was built trusting it.
+    trust = bool(getattr(backbone, "trust_remote_code", False))
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=trust)
+    except ValueError as err:
+        if "custom code" not in str(err):
+            raise
+        raise CheckpointError(
+            f"{directory} holds a model with its own code (auto_map in config.json), which gptlab does "
+            f"not run unless the backbone sets trust_remote_code: true; do that only for code you trust"
+        ) from None
     if isinstance(backbone, HFBackbone):
         target, source = backbone.model, hf.state_dict()
     elif isinstance(backbone, GPT):

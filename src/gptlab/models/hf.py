@@ -19,7 +19,23 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from gptlab.errors import ConfigError
 from gptlab.models.backbone import Backbone, transformer_flops_per_token
+
+
+def _build(
+    name_or_path: str | None, model_type: str | None, overrides: dict[str, Any], trust_remote_code: bool
+) -> PreTrainedModel:
+    """The transformers model: pretrained from `name_or_path`, or random from `model_type`'s config."""
+    if name_or_path is not None:
+        # dtype=float32: transformers 5 defaults to dtype="auto" (the checkpoint's, often bf16),
+        # but Lightning's precision plugins expect fp32 master weights and cast for compute;
+        # training bf16 weights directly with AdamW loses small updates.
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code, **overrides
+        )
+    config = AutoConfig.for_model(model_type, **overrides)
+    return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 class HFBackbone(Backbone):
@@ -55,16 +71,18 @@ class HFBackbone(Backbone):
                 f"name_or_path={name_or_path!r}, model_type={model_type!r}."
             )
         overrides = dict(config_overrides or {})
-        if name_or_path is not None:
-            # dtype=float32: transformers 5 defaults to dtype="auto" (the checkpoint's, often bf16),
-            # but Lightning's precision plugins expect fp32 master weights and cast for compute;
-            # training bf16 weights directly with AdamW loses small updates.
-            self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code, **overrides
-            )
-        else:
-            config = AutoConfig.for_model(model_type, **overrides)
-            self.model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        self.trust_remote_code = trust_remote_code
+        try:
+            self.model: PreTrainedModel = _build(name_or_path, model_type, overrides, trust_remote_code)
+        except ValueError as err:
+            if "custom code" not in str(err):
+                raise
+            # transformers' message spans lines and suggests the flag without saying what it does.
+            raise ConfigError(
+                f"HFBackbone {name_or_path or model_type!r} ships its own model code (auto_map in its "
+                f"config.json), which gptlab does not run unless asked: set trust_remote_code: true "
+                f"only if you trust that code (it executes on load)"
+            ) from None
 
         # Ask the base model which optional inputs it takes, once, instead of failing per batch:
         # ALiBi models (BLOOM, MPT) take no position_ids.

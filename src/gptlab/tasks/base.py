@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -118,9 +119,17 @@ class TaskModule(L.LightningModule):
 
         The folder is consolidated into a temporary single file first (weights, hyperparameters):
         a model trained with FSDP on many devices loads in one process for evaluation or export.
-        `kwargs` override saved hyperparameters, as in Lightning.
+        `kwargs` override saved hyperparameters, as in Lightning. The file is loaded with
+        `weights_only=True` (unless `weights_only=False` is passed): a checkpoint holding
+        arbitrary Python objects is refused with a CheckpointError before anything is unpickled.
         """
         load = super().load_from_checkpoint
+        if isinstance(checkpoint_path, str | Path):
+            # One clear CheckpointError for a missing, truncated or unsafe file; and weights_only
+            # stays True unless the caller asks otherwise (torch's default can be switched off by
+            # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, Lightning passes None through).
+            verify_checkpoint(checkpoint_path)
+            weights_only = True if weights_only is None else weights_only
         if isinstance(checkpoint_path, str | Path) and is_sharded_checkpoint(checkpoint_path):
             with tempfile.TemporaryDirectory(prefix="gptlab-") as tmp:
                 single = save_consolidated(checkpoint_path, Path(tmp) / "model.ckpt")
@@ -195,6 +204,10 @@ class TaskModule(L.LightningModule):
         if report_metrics is not None:
             report_metrics.update(*inputs)
         return loss
+
+    def positions_fed(self, seq_len: int) -> int:
+        """How many positions of a `seq_len`-token sequence go through the backbone (throughput)."""
+        return seq_len
 
     def is_logging_step(self) -> bool:
         """True on the training steps whose logged values Lightning writes (every log_every_n_steps).
@@ -370,10 +383,13 @@ def seed_step_rng(device: torch.device, seed: int) -> None:
         torch.cuda.default_generators[device.index or 0].manual_seed(seed)
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """Load a gptlab checkpoint safely (`weights_only=True`: no code runs while unpickling).
 
     A sharded FSDP checkpoint (a folder) is consolidated into the same single-file layout.
+    `mmap=True` maps the tensors instead of reading them: a cheap way to check a large file.
+    Raises CheckpointError (one line: the file, why, what to do) for a missing, truncated or
+    unsafe file.
     """
     path = Path(path)
     if is_sharded_checkpoint(path):
@@ -383,13 +399,34 @@ def load_checkpoint(path: str | Path) -> dict:
             f"checkpoint {path} does not exist: check the path (runs live in logs/<experiment>/)"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, foreign pickle, ...
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        # torch's weights-only unpickler refused a global (a class or function to call): the file
+        # holds Python objects, and building them could run any code (CVE-2025-32434 is why
+        # torch >= 2.10 is required). Name the object, never fall back to weights_only=False.
+        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         raise CheckpointError(
-            f"checkpoint {path} cannot be loaded safely "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"checkpoint {path} is not a weights-only checkpoint ({(lines or ['unsafe pickle'])[0][:160]}) "
+            f"and was not loaded, since unpickling it could run code: only load checkpoints you trust, "
+            f"and re-save this one with weights_only-safe contents (tensors, plain dicts / lists, "
+            f"numbers, strings)"
+        ) from None
+    except Exception as err:  # truncated file, not a torch file, ...
+        reason = str(err).splitlines()[0].split(". ")[0][:200]  # torch's first sentence says it
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded safely ({type(err).__name__}: {reason}); "
             f"it may be truncated or not a gptlab checkpoint: use another checkpoint of the run"
         ) from None
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Fail with a CheckpointError unless `path` loads with `weights_only=True` (cheap: memory-mapped).
+
+    The CLI calls it on every checkpoint a command names, before Lightning or anything else reads
+    the file, so that a crafted pickle is refused by gptlab and never unpickled by anyone.
+    """
+    if not is_sharded_checkpoint(path):
+        load_checkpoint(path, mmap=True)
 
 
 def load_backbone_weights(backbone: Backbone, source: str | Path) -> None:
@@ -404,6 +441,19 @@ def load_backbone_weights(backbone: Backbone, source: str | Path) -> None:
     weights = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     if not weights:
         raise CheckpointError(f"init_from={source}: the checkpoint holds no backbone weights")
+    own = backbone.state_dict()
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in weights.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if shapes:
+        # load_state_dict would raise a RuntimeError listing every tensor (a wall of text).
+        raise CheckpointError(
+            f"init_from={source}: its backbone does not match the configured one ({len(shapes)} tensors "
+            f"differ in shape, e.g. {'; '.join(shapes[:2])} (checkpoint vs model)); use the same backbone "
+            f"config as the pretraining run, or leave model.init_args.backbone out to take the checkpoint's"
+        )
     missing, unexpected = backbone.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -15,15 +15,23 @@ class CausalLM(TaskModule):
     """Next-token cross entropy on every labelled position.
 
     Labels arrive aligned with `input_ids` (batch contract); the shift happens here, as in
-    Hugging Face: position t predicts token t+1. Positions labelled -100 (padding, or prompt
-    tokens in SFT) are ignored. Logs train/loss, val/loss, val/ppl and train/tokens.
+    Hugging Face: position t predicts token t+1, and the last token is fed only as a target.
+    Positions labelled -100 (padding, or prompt tokens in SFT) are ignored. Logs train/loss,
+    val/loss, val/ppl and train/tokens.
     """
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.backbone.logits(self.encode(batch))  # (B, T, V)
+        # The last token is only ever a target: it is not fed (its logits would be thrown away).
+        # So a window of block_size + 1 tokens trains every one of the model's block_size
+        # positions, as in nanoGPT (x = data[i:i+T], y = data[i+1:i+T+1]) and litgpt.
+        inputs = {key: batch[key][:, :-1] for key in ("input_ids", "attention_mask") if key in batch}
+        return self.backbone.logits(self.encode(inputs))  # (B, T-1, V)
+
+    def positions_fed(self, seq_len: int) -> int:
+        return seq_len - 1  # the last token is only a target
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = outputs[:, :-1].float()  # (B, T-1, V); fp32 softmax under mixed precision
+        logits = outputs.float()  # (B, T-1, V); fp32 softmax under mixed precision
         targets = batch["labels"][:, 1:]  # (B, T-1)
         # reduction="sum" / count instead of "mean": a batch with no labelled token gives 0, not NaN.
         total = F.cross_entropy(

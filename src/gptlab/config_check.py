@@ -1,0 +1,140 @@
+"""Checks on the user's config files and command line, before LightningCLI parses them.
+
+    argv ──check_config_files()──> every --config file: exists, valid YAML, no key given twice
+         ──LightningCLI / jsonargparse──> parser error? ──one_line_parser_error()──> ConfigError
+
+Two gaps this closes (issue 6, bad-input catalogue):
+
+- PyYAML, and jsonargparse on top of it, silently keep the *last* of two equal keys in one
+  mapping (YAML 1.2 says keys must be unique; PyYAML does not enforce it). A config with
+  `lr: 1e-3` and, further down, `lr: 1e-2` would train with 1e-2 and say nothing. We load every
+  --config file once more with a loader that records each key's line and refuse duplicates,
+  naming the file, both lines and the key.
+- jsonargparse reports a bad key or value as a usage block plus a nested explanation of every
+  Union subtype it tried (70+ lines for one misspelt option). The facts are in there: the key
+  path, the class and the innermost reason; `one_line_parser_error` keeps those, adds the file
+  and line where the key was written, and says where to look for the accepted options.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from gptlab.errors import ConfigError
+
+
+class _KeyLinesLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one)."""
+
+    source = "<config>"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the constructor below reports it
+                continue
+            if first is not None:
+                raise ConfigError(
+                    f"{self.source} line {line}: key '{key}' is given twice in the same mapping (first on "
+                    f"line {first}); YAML would silently keep only the last value: delete one of them"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _config_args(argv: list[str]) -> list[str]:
+    """The values of every `--config X` / `-c X` / `--config=X` in argv."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Refuse a --config that does not exist, is not valid YAML, or gives a key twice.
+
+    An inline YAML string (`--config '{trainer: {max_steps: 5}}'`, which jsonargparse accepts) is
+    checked the same way; a value that is neither a file nor YAML text is a missing file.
+    """
+    for value in _config_args(argv):
+        path = Path(value)
+        if path.is_file():
+            source, text = str(path), None
+        elif "\n" in value or value.lstrip().startswith("{"):
+            source, text = "--config (inline)", value
+        else:
+            raise ConfigError(
+                f"--config {value}: no such file (working directory {Path.cwd()}); check the path"
+            )
+        if text is None:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{source}: not UTF-8 text at byte {err.start}; save it as UTF-8") from None
+        loader_class = type("_Loader", (_KeyLinesLoader,), {"source": source})
+        loader = loader_class(text)
+        try:
+            loader.get_single_data()
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark or err.context_mark
+            where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(
+                f"{source}{where}: not valid YAML ({err.problem or err.context}); fix the syntax there"
+            ) from None
+        finally:
+            loader.dispose()
+
+
+# Lines of jsonargparse's Union explanation that carry no fact of their own.
+_STRUCTURE = re.compile(
+    r"^(- )?(Parser key \"|Does not validate against|Subtypes:|Errors:|Problem with given class_path|"
+    r"Expected a <class 'NoneType'>|Given value type:|Given value:|Not a valid subclass)"
+)
+
+
+def one_line_parser_error(message: str, argv: list[str], subcommand: str | None) -> str:
+    """jsonargparse's multi-line error as one line: key path (class): reason (file line N); what to do."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    classes = re.findall(r"Problem with given class_path '([^']+)'", message)
+    reasons = [line for line in lines if not _STRUCTURE.match(line)]
+    reason = reasons[0] if reasons else lines[0] if lines else message
+    expected = [
+        r.removeprefix("- ").removeprefix("Expected a ") for r in reasons if r.startswith("- Expected a")
+    ]
+    given = re.search(r"^\s*Given value: (.*)$", message, re.M)
+    if expected and len(expected) == len(reasons) and given:
+        # A plain value that matches none of a Union's types (e.g. trainer.precision: bogus).
+        reason = f"{given[1]!r} is none of: {'; '.join(expected)}"
+    key = ".init_args.".join(keys)
+    text = f"{key}: {reason}" if key and not reason.startswith(key) else reason
+    if classes and classes[-1] not in text:
+        text = f"{text} (in {classes[-1]})"
+    # Where the offending key was written: the last name the message quotes ('n_layers', or the
+    # last key of the path) looked up as `name:` in the --config files, in order.
+    option = re.findall(r"[Oo]ption '([A-Za-z_][\w.]*)'", reason)
+    name = (option[-1] if option else keys[-1] if keys else "").split(".")[-1]
+    if name:
+        for value in _config_args(argv):
+            path = Path(value)
+            if not path.is_file():
+                continue
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if re.match(rf"\s*{re.escape(name)}\s*:", line):
+                    text += f" ({path} line {number})"
+                    break
+            else:
+                continue
+            break
+    help_cmd = f"main.py {subcommand} --help" if subcommand else "main.py --help"
+    return f"{text}; see `{help_cmd}` for the accepted keys and types"
