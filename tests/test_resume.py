@@ -278,7 +278,9 @@ def test_interrupt_and_resume_is_exact(work, task, workers, accumulate, signals)
             assert done[-1]["step"] == saved and saved >= step, why
     # The continuation, in another process than the interrupted one, to the end.
     again = run(config, name, *args, resume=True)
-    assert_same_batches(again, ref, batches_before(ref, saved), f"(from step {saved})")
+    assert_same_batches(
+        again, ref, batches_before(ref, saved), f"(from step {saved}, GPTLAB_TEST_SEED={SEED})"
+    )
     assert len(again) == len(ref) - batches_before(ref, saved)
     assert len(list((config.parent / "logs" / name).iterdir())) == 1  # resumed in place
     assert not list((config.parent / "logs" / name).glob("*/checkpoints/last-v*")), "one last.ckpt"
