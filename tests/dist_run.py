@@ -1,18 +1,25 @@
-"""`main.py` plus a recorder callback, for the distributed tests (run as a script, relaunched per rank).
+"""`main.py` plus test callbacks, for the distributed and resume tests (run as a script, relaunched per rank).
 
     python tests/dist_run.py fit --config ... --trainer.callbacks+=dist_run.Recorder
 
 Lightning's launcher re-runs this same script for every extra rank, so `dist_run` is importable
-on all of them (a script's directory is on sys.path). Each rank writes `rank<N>.json` into
-$GPTLAB_TEST_OUT when training ends: its per-step losses, what the optimizer groups hold and how
-the model is wrapped. The json is also the rank's success marker: a rank that crashes or hangs
-writes none.
+on all of them (a script's directory is on sys.path). Into $GPTLAB_TEST_OUT:
+
+- `rank<N>.json` (Recorder) when training ends: per-step losses, what the optimizer groups hold
+  and how the model is wrapped;
+- `steps<N>.jsonl` (StepLog): one line per training batch, flushed as it happens, so a process
+  killed with SIGKILL leaves the record of every batch it finished;
+- `exit<N>` once `main()` has returned normally on rank N: the success marker. A rank that
+  raises, crashes or hangs at any point, also after rank 0 finished, writes none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -69,5 +76,69 @@ class Recorder(L.Callback):
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+def _out() -> Path:
+    return Path(os.environ["GPTLAB_TEST_OUT"])
+
+
+class StepLog(L.Callback):
+    """One JSON line per training batch: step, epoch, loss, learning rate and the samples' identities.
+
+    A sample's identity is a hash of its token ids, so two runs can be compared batch by batch
+    without the data loader's indices.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.file = (_out() / f"steps{trainer.global_rank}.jsonl").open("a")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        ids = [hashlib.sha1(row.cpu().numpy().tobytes()).hexdigest()[:16] for row in batch["input_ids"]]
+        record = {
+            "step": trainer.global_step,  # optimizer steps done, this batch's included
+            "epoch": trainer.current_epoch,
+            "loss": float(outputs["loss"]),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "ids": ids,
+        }
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()  # in the OS's hands: survives a SIGKILL of this process
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.file.close()
+
+
+class PoisonLoss(L.Callback):
+    """Makes the training loss NaN at one optimizer step on one rank (to test NonFiniteLoss)."""
+
+    def __init__(self, step: int, rank: int = 0) -> None:
+        self.step = step  # 1-based: the step that global_step reaches once it is done
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step + 1 == self.step and trainer.global_rank == self.rank:
+            self.hook = pl_module.backbone.register_forward_hook(lambda m, i, out: out * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if getattr(self, "hook", None) is not None:
+            self.hook.remove()
+            self.hook = None
+
+
+class CrashAfterFit(L.Callback):
+    """Rank `rank` dies a few seconds after training ended everywhere (rank 0 has finished by then)."""
+
+    def __init__(self, rank: int = 1, delay: float = 3.0) -> None:
+        self.rank = rank
+        self.delay = delay
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.global_rank == self.rank:
+            time.sleep(self.delay)
+            os._exit(3)  # no Python cleanup, as a segfault or an OOM kill would end it
+
+
 if __name__ == "__main__":
     main()
+    # Reached only when main() returned: rank 0 runs as the launcher's own process, other ranks get
+    # LOCAL_RANK from it (one node).
+    (_out() / f"exit{os.environ.get('LOCAL_RANK', '0')}").write_text("ok")
+    sys.exit(0)

@@ -2,8 +2,10 @@
 
 Every distributed run is `tests/dist_run.py` (main.py plus a recorder callback) launched as a user
 would, with 2 CPU processes, under a hard timeout that kills the whole process group. Each rank
-writes rank<N>.json when training ends: no file, no success. The reference is the same tiny
-experiment in one process with the same global batch (2 x the per-rank batch).
+writes rank<N>.json when training ends and exit<N> once its main() has returned: a run succeeds
+only with both from every rank, whatever the launcher's exit status (Lightning's launcher is
+rank 0, which does not wait for the other ranks' status). The reference is the same tiny
+experiment in one process with the same global batch (2 x the per-rank batch): 4 steps, 20 for DDP.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 PER_RANK_BATCH = 4
 STEPS = 4
+DDP_STEPS = 20  # issue 6, point 7: world size 1 x batch 8 vs 2 x 4, losses within 1e-5 over 20 steps
 N_LAYER = 2
 TIMEOUT = 240  # seconds for one 2-process run; a healthy one takes ~20-40 s on a loaded 2-core machine
 
@@ -59,26 +62,32 @@ def run_dir(config: Path, experiment: str) -> Path:
     return config.parent / "logs" / experiment / "version_0"
 
 
-@pytest.fixture(scope="module")
-def reference(experiment: Path) -> dict:
+def one_process(experiment: Path, name: str, *args: str) -> dict:
     """One process, global batch 2 x PER_RANK_BATCH, in this process (no launch cost)."""
-    out = experiment.parent / "ref_out"
+    out = experiment.parent / f"{name}_out"
     out.mkdir()
     os.environ["GPTLAB_TEST_OUT"] = str(out)
     try:
         main(
-            ["fit", "--config", str(experiment), *OVERRIDES, "--experiment", "ref"]
-            + ["--data.init_args.batch_size", str(2 * PER_RANK_BATCH)]
+            ["fit", "--config", str(experiment), *OVERRIDES, "--experiment", name]
+            + ["--data.init_args.batch_size", str(2 * PER_RANK_BATCH), *args]
         )
     finally:
         del os.environ["GPTLAB_TEST_OUT"]
     record = json.loads((out / "rank0.json").read_text())
-    assert record["world_size"] == 1 and len(record["losses"]) == STEPS
+    assert record["world_size"] == 1
     return record
 
 
-def launch(experiment: Path, name: str, *args: str) -> list[dict]:
-    """Run a 2-process fit; return every rank's record (asserting each rank finished)."""
+@pytest.fixture(scope="module")
+def reference(experiment: Path) -> dict:
+    record = one_process(experiment, "ref")
+    assert len(record["losses"]) == STEPS
+    return record
+
+
+def run_ranks(experiment: Path, name: str, *args: str) -> tuple[int, str, Path]:
+    """Run a 2-process fit under the hard timeout; return (exit status, output, out folder)."""
     out = experiment.parent / f"{name}_out"
     out.mkdir()
     command = [sys.executable, str(REPO / "tests" / "dist_run.py"), "fit", "--config", str(experiment)]
@@ -96,20 +105,45 @@ def launch(experiment: Path, name: str, *args: str) -> list[dict]:
         text=True, start_new_session=True,
     )  # fmt: skip
     try:
+        # Returns once every rank closed the output pipe (they share it), i.e. every rank exited.
         output, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         pytest.fail(f"{name}: no result within {TIMEOUT}s\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
-    missing = [rank for rank in range(2) if not (out / f"rank{rank}.json").is_file()]
-    assert not missing, f"{name}: ranks {missing} wrote no success marker\n{output[-3000:]}"
+    return proc.returncode, output, out
+
+
+def assert_every_rank_succeeded(name: str, code: int, output: str, out: Path) -> None:
+    assert code == 0, output[-3000:]
+    for marker in ("rank", "exit"):
+        missing = [r for r in range(2) if not list(out.glob(f"{marker}{r}*"))]
+        assert not missing, f"{name}: ranks {missing} wrote no {marker} marker\n{output[-3000:]}"
+
+
+def launch(experiment: Path, name: str, *args: str) -> list[dict]:
+    """Run a 2-process fit; return every rank's record (asserting each rank finished)."""
+    code, output, out = run_ranks(experiment, name, *args)
+    assert_every_rank_succeeded(name, code, output, out)
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_a_rank_crashing_after_rank_0_finished_fails_the_run(experiment: Path):
+    code, output, out = run_ranks(
+        experiment, "crash", "--config", str(REPO / "configs/trainer/ddp.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "2",
+        "--trainer.callbacks+=dist_run.CrashAfterFit",
+    )  # fmt: skip
+    # Rank 0 finished cleanly and the launcher (rank 0) exits 0: its status alone would pass.
+    assert code == 0 and (out / "exit0").is_file(), output[-3000:]
+    with pytest.raises(AssertionError, match=r"ranks \[1\] wrote no exit marker"):
+        assert_every_rank_succeeded("crash", code, output, out)
 
 
 def assert_same_losses(records: list[dict], reference: dict) -> None:
     """The mean of the ranks' losses is the one-process loss at every step (equal token counts)."""
-    assert all(r["world_size"] == 2 and len(r["losses"]) == STEPS for r in records)
+    steps = len(reference["losses"])
+    assert all(r["world_size"] == 2 and len(r["losses"]) == steps for r in records)
     mean = torch.tensor([r["losses"] for r in records], dtype=torch.float64).mean(0)
     expected = torch.tensor(reference["losses"], dtype=torch.float64)
     # Two different halves of each batch: the ranks really saw different data.
@@ -127,12 +161,15 @@ def assert_same_weights(checkpoint: dict, reference_ckpt: Path) -> None:
         torch.testing.assert_close(state[key], value, rtol=0, atol=1e-5, msg=key)
 
 
-def test_ddp_matches_one_process(experiment: Path, reference: dict):
+def test_ddp_matches_one_process(experiment: Path):
+    longer = ["--trainer.max_steps", str(DDP_STEPS), "--trainer.val_check_interval", str(DDP_STEPS)]
+    reference = one_process(experiment, "ref20", *longer)
     records = launch(
         experiment, "ddp", "--config", str(REPO / "configs/trainer/ddp.yaml"),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", *longer,
     )  # fmt: skip
     assert {r["strategy"] for r in records} == {"DDPStrategy"}
+    assert len(reference["losses"]) == DDP_STEPS
     assert_same_losses(records, reference)
 
 

@@ -13,6 +13,9 @@ What it adds to LightningCLI:
   `init_from` the backbone config and the tokenizer come from the pretraining run when the YAML
   does not give them; evaluating a checkpoint reuses its backbone config and label names;
 - every run logs throughput and MFU (`throughput.*`, gptlab.callbacks.Throughput);
+- every fit saves `last.ckpt` every `preemption.every_n_steps` steps and on SIGTERM / SIGUSR1
+  (then exits 75, gptlab.resilience.REQUEUE_EXIT_CODE), and stops at a non-finite loss
+  (`nonfinite_loss.policy`);
 - a sharded FSDP checkpoint (a folder) is consolidated on the fly for evaluation under any other
   strategy (e.g. on one device);
 - user errors (`GPTLabError`, a parser error, a Lightning MisconfigurationException) print one
@@ -48,6 +51,7 @@ from gptlab.config_check import check_config_files, one_line_parser_error
 from gptlab.data import DataModule
 from gptlab.errors import CheckpointError, ConfigError, GPTLabError
 from gptlab.reports import write_report
+from gptlab.resilience import NonFiniteLoss, Preemption
 from gptlab.strategies import is_sharded_checkpoint, save_consolidated
 from gptlab.tasks import TaskModule
 from gptlab.tasks.base import load_checkpoint, verify_checkpoint
@@ -438,6 +442,10 @@ class GPTLabCLI(LightningCLI):
         )
         # Always on, like the checkpoint callback: tokens/s, samples/s and MFU for every task.
         parser.add_lightning_class_args(Throughput, "throughput")
+        # Always on: periodic last.ckpt and save-then-exit on SIGTERM / SIGUSR1 (`preemption.*`),
+        # and a NaN / inf training loss stops the run at its step (`nonfinite_loss.*`).
+        parser.add_lightning_class_args(Preemption, "preemption")
+        parser.add_lightning_class_args(NonFiniteLoss, "nonfinite_loss")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

@@ -17,7 +17,8 @@ recipe trains on (`tokenizer_corpus`, `corpus_fingerprint`), does its expensive 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,29 +45,63 @@ class SeededShuffleSampler(DistributedSampler):
     """A permutation of `range(num_samples)` that depends only on (seed, epoch), split across ranks.
 
     A plain shuffled DataLoader draws from a generator whose state depends on how many epochs
-    this process has run, so a restarted job replays other samples (DESIGN.md §6). Lightning
-    calls `set_epoch` before every epoch. With `num_replicas` ranks, rank r takes every
-    `num_replicas`-th index of the same permutation from position r, so the ranks' batches
-    together are the single-process batch of the same global size (the permutation is padded
-    with its own start to a multiple of `num_replicas`, as DistributedSampler does).
+    this process has run, so a restarted job replays other samples (DESIGN.md §6). With
+    `num_replicas` ranks, rank r takes every `num_replicas`-th index of the same permutation from
+    position r, so the ranks' batches together are the single-process batch of the same global
+    size (the permutation is padded with its own start to a multiple of `num_replicas`, as
+    DistributedSampler does).
+
+    Where training is in the data: without `position`, the epoch is the one Lightning sets with
+    `set_epoch` and every pass starts at the beginning. With `position` (a callable returning how
+    many training batches of `batch_size` this rank has consumed since the run began, restored
+    from the checkpoint on resume), each pass starts exactly where training is: epoch
+    `consumed // batches_per_epoch`, skipping the `consumed % batches_per_epoch` batches already
+    trained on. The position is read when a pass starts, not taken from `set_epoch`: Lightning
+    creates the first iterator of a resumed fit (and with workers, fetches from it) before it sets
+    the epoch, and after a checkpoint written at the last batch of an epoch its epoch counter can
+    point at the finished epoch (lightning/pytorch/loops/fit_loop.py `setup_data`, `on_advance_start`).
 
     A DistributedSampler subclass on purpose: Lightning then leaves it alone, instead of wrapping
     it in its own distributed sampler, which would shuffle the order a second time with another seed.
     """
 
-    def __init__(self, num_samples: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        batch_size: int = 1,
+        position: Callable[[], int] | None = None,
+    ) -> None:
         # `range` stands in for the dataset: DistributedSampler only needs its length.
         super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.dataset_size = num_samples
+        self.batch_size = batch_size
+        self.position = position
 
-    def __iter__(self) -> Iterator[int]:
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of `batch_size` in one epoch on this rank (the last one may be short)."""
+        return math.ceil(len(self) / self.batch_size)
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices for `epoch`, in order."""
         # SeedSequence mixes (seed, epoch) properly: seed + epoch would give seed 1 / epoch 1 the
         # same order as seed 2 / epoch 0.
         generator = torch.Generator()
-        generator.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        generator.manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
         order = torch.randperm(self.dataset_size, generator=generator).tolist()
         order += order[: self.total_size - len(order)]  # pad: every rank gets len(self) indices
-        yield from order[self.rank : self.total_size : self.num_replicas]
+        return order[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        if self.position is None:
+            yield from self.order(self.epoch)
+            return
+        epoch, done = divmod(self.position(), self.batches_per_epoch)
+        self.epoch = epoch
+        yield from self.order(epoch)[done * self.batch_size :]
 
 
 class DataModule(L.LightningDataModule):
@@ -114,6 +149,10 @@ class DataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
+        # Training batches this rank has consumed since the run began (the training loop's count,
+        # not the loader's: workers and Lightning's fetcher read ahead). Saved in checkpoints and
+        # restored on resume, it tells the sampler where to continue (exact resume, issue 6).
+        self.train_batches_consumed = 0
 
     # ----------------------------------------------------------------- subclass hooks
     def tokenizer_corpus(self) -> Iterator[str]:
@@ -154,6 +193,22 @@ class DataModule(L.LightningDataModule):
                 self.tokenizer_source, self.cache_dir, corpus_fingerprint=self.corpus_fingerprint()
             )
         return load_tokenizer(self.tokenizer_source)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this for each batch the training loop is about to train on, after its
+        # fetcher's read-ahead: counting here counts consumed batches. A checkpoint is written at
+        # the end of a step or later, so it always includes the batch being trained.
+        if self.trainer is not None and self.trainer.training:
+            self.train_batches_consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning stores this in every checkpoint and hands it back on resume, before the
+        # training loader is built (lightning/pytorch/trainer/connectors/checkpoint_connector.py).
+        return {"train_batches_consumed": self.train_batches_consumed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_batches_consumed = int(state_dict.get("train_batches_consumed", 0))
 
     # ----------------------------------------------------------------- facts for the model
     @property
@@ -247,7 +302,13 @@ class DataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}: no training set; call setup('fit') first")
         # Under DDP / FSDP: {"num_replicas": data-parallel size, "rank": data-parallel rank}.
         shard = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
-        sampler = SeededShuffleSampler(len(self.train_dataset), self.seed, **(shard or {}))
+        sampler = SeededShuffleSampler(
+            len(self.train_dataset),
+            self.seed,
+            **(shard or {}),
+            batch_size=self.batch_size,
+            position=self._train_position,
+        )
         if self.batch_size > len(sampler):
             # Not an error: drop_last is off, so each epoch is one smaller batch of everything this
             # rank has (steps still count; the learning-rate schedule still runs). But it is rarely
@@ -258,6 +319,9 @@ class DataModule(L.LightningDataModule):
                 f"epoch); lower batch_size for several steps per epoch"
             )
         return self._loader(self.train_dataset, self.batch_size, sampler)
+
+    def _train_position(self) -> int:
+        return self.train_batches_consumed
 
     def val_dataloader(self) -> DataLoader | list:
         # An empty list tells Lightning there is nothing to validate (e.g. val_fraction=0).

@@ -15,6 +15,7 @@ initialising the backbone from a pretrained run (`init_from`).
 from __future__ import annotations
 
 import inspect
+import os
 import pickle
 import tempfile
 from pathlib import Path
@@ -225,6 +226,15 @@ class TaskModule(L.LightningModule):
             or (n > 0 and (trainer.global_step + 1) % n == 0)
         )
 
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Dropout (and any other sampling in the step) draws from the global RNG. Reseeding it
+        # from (seed, step, micro-batch, rank) makes the masks of a step the same in a resumed
+        # run as in an uninterrupted one: restoring RNG state would not be enough, because
+        # validation and sample generation draw from it too, at other times (DESIGN.md §6).
+        trainer = self.trainer
+        micro = batch_idx % trainer.accumulate_grad_batches
+        seed_step_rng(self.device, step_seed(trainer.global_step, micro, trainer.global_rank))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.shared_step(batch, "train")
 
@@ -339,6 +349,38 @@ class TaskModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Which task wrote this checkpoint, so that loading it into another task fails clearly.
         checkpoint["gptlab"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    # Steele et al., "Fast splittable pseudorandom number generators" (2014): a cheap 64-bit mixer.
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def step_seed(step: int, micro_batch: int, rank: int) -> int:
+    """The RNG seed of one training micro-batch: a function of (run seed, step, micro-batch, rank).
+
+    The run seed is `seed_everything`'s (Lightning keeps it in $PL_GLOBAL_SEED; 0 when unset).
+    The four numbers are chained through splitmix64, so nearby steps and ranks get unrelated
+    seeds; a few microseconds of Python (numpy's SeedSequence costs ~60 us, torch.manual_seed
+    ~0.5 ms on a CPU-only build, which queues a CUDA seeding call each time).
+    """
+    h = int(os.environ.get("PL_GLOBAL_SEED", 0)) & _MASK64
+    for value in (step, micro_batch, rank):
+        h = _splitmix64(h ^ (value & _MASK64))
+    return h
+
+
+def seed_step_rng(device: torch.device, seed: int) -> None:
+    """Seed the generators a training step draws from: the CPU's and, on a GPU, that device's."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
