@@ -4,7 +4,8 @@
 
 For each seed it trains the same 4 x 4 x 128 character GPT for 2000 steps twice:
 
-    gptlab     `main.py fit --config configs/pretrain/shakespeare_char.yaml --seed_everything S`
+    gptlab     `main.py fit --config configs/pretrain/shakespeare_char.yaml --seed_everything S
+               --data.init_args.seed S` (weights and data order both drawn from the seed)
     reference  nanoGPT's train.py procedure written out in one loop (karpathy/nanoGPT, the
                README's CPU "baby GPT" command): its data prep (65 sorted characters, first 90 %
                train), `get_batch` (12 random offsets per step drawn from the global RNG),
@@ -131,7 +132,8 @@ def gptlab(seed: int, work: Path, extra: list[str]) -> tuple[GPT, torch.Tensor, 
     command = [
         sys.executable, str(REPO / "main.py"), "fit",
         "--config", str(REPO / "configs/pretrain/shakespeare_char.yaml"),
-        "--seed_everything", str(seed), "--logs", str(logs),
+        # the seed draws both the initial weights and the data order (nanoGPT: one torch seed)
+        "--seed_everything", str(seed), "--data.init_args.seed", str(seed), "--logs", str(logs),
         "--data.init_args.cache_dir", str(cache), "--trainer.enable_progress_bar", "false", *extra,
     ]  # fmt: skip
     start = time.perf_counter()

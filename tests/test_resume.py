@@ -287,6 +287,29 @@ def test_interrupt_and_resume_is_exact(work, task, workers, accumulate, signals)
     assert_same_weights(config, name, ref_name)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_kill_after_a_periodic_save_at_an_epoch_end(work, accumulate):
+    """A periodic save that falls on an epoch's last batch, then kill -9: the resume is exact.
+
+    The checkpoint then holds an epoch with every batch done but not ended (saved from that
+    batch's on_train_batch_end): Lightning must close that epoch on restore while the data
+    position moves on to the next epoch's order, epoch labels included.
+    """
+    config, args = work["pretrain"], options(0, accumulate)
+    ref_name, ref = reference(config, "pretrain", args)
+    end = next(ref[i]["step"] for i in range(len(ref) - 1) if ref[i]["epoch"] != ref[i + 1]["epoch"])
+    # No validation save (every 15 batches) may come between the periodic save and the kill.
+    assert batches_before(ref, end + 1) < 15
+    # Periodic saves every epoch: the first one is the first epoch's last batch.
+    name, every = f"pretrain_epoch_end_save_a{accumulate}", ["--preemption.every_n_steps", str(end)]
+    code, output, _ = spawn(config, name, *args, *every, interrupt=(signal.SIGKILL, at_step(end + 1)))
+    assert code == -signal.SIGKILL, output[-3000:]
+    assert checkpoint(config, name)["global_step"] == end
+    again = run(config, name, *args, *every, resume=True)
+    assert_same_batches(again, ref, batches_before(ref, end), f"(from the save at epoch end, step {end})")
+    assert_same_weights(config, name, ref_name)
+
+
 def test_resume_from_a_save_between_micro_batches(work):
     """A validation between the two micro-batches of a step saves last.ckpt there; resuming it is exact.
 
