@@ -343,7 +343,8 @@ def test_same_seed_same_batches_and_order_depends_on_epoch(corpus, tmp_path):
             train_files=str(corpus / "*.txt"), block_size=8, batch_size=4, seed=seed, cache_dir=str(tmp_path)
         )
         loader = dm.train_dataloader()
-        loader.sampler.set_epoch(epoch)
+        # Where training is in the data: `epoch` whole epochs consumed (restored on resume).
+        dm.train_batches_consumed = epoch * loader.sampler.batches_per_epoch
         return [batch["input_ids"] for batch, _ in zip(loader, range(3), strict=False)]
 
     reference = first_batches(7)

@@ -171,7 +171,8 @@ class Preemption(L.Callback):
     @staticmethod
     def _tokens_seen(pl_module: L.LightningModule) -> torch.Tensor | None:
         tokens = getattr(pl_module, "tokens_seen", None)
-        return tokens.detach().cpu().clone() if isinstance(tokens, torch.Tensor) else None
+        # A copy on the device: `.cpu()` here would wait for the GPU at every optimizer step.
+        return tokens.detach().clone() if isinstance(tokens, torch.Tensor) else None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The checkpoint callback saves last.ckpt after validations (and at epoch ends without
