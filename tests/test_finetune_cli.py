@@ -18,9 +18,10 @@ import yaml
 
 from conftest import REPO, shared_data
 from finetune_data import finetune_config, pretrain_config, write_corpus, write_ner, write_sentiment
-from gptlab.cli import GPTLabCLI, main
+from gptlab.cli import GPTLabCLI
 from gptlab.models import HFBackbone
 from gptlab.testing import check_task
+from tiny_runs import run_cli
 
 
 def write_yaml(path: Path, config: dict) -> Path:
@@ -32,18 +33,6 @@ def cli(*args: str, run: bool = True) -> GPTLabCLI:
     """gptlab's CLI on `args`, in-process (pytest's own argv hidden from it)."""
     with mock.patch.object(sys, "argv", sys.argv[:1]):
         return GPTLabCLI(args=list(args), run=run)
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str]:
-    """(exit code, stderr) of `main.py <args>`, in-process."""
-    capsys.readouterr()
-    try:
-        with mock.patch.object(sys, "argv", sys.argv[:1]):
-            main(list(args))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
