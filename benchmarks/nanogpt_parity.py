@@ -14,7 +14,11 @@ For each seed it trains the same 4 x 4 x 128 character GPT for 2000 steps twice:
                every 250 steps) -- on gptlab's GPT module with bias=False, nanoGPT's architecture
                (it differs only in GELU: tanh approximation here, exact in nanoGPT).
 
-Both final models are then scored the same two ways on the same last 10 % of the text:
+Two crossed runs separate what differs (`--only crossed-order` / `--only crossed-randint`, not in
+the default set): nanoGPT's loop from gptlab's seed-1337 initial weights and token stream, with
+gptlab's batch order for data seed S, or with nanoGPT-style random offsets from a generator seeded S.
+
+Every final model is then scored the same two ways on the same last 10 % of the text:
 `full` = every validation token a target once (64 inputs + 1 per window, gptlab's val/loss) and
 `nanogpt` = nanoGPT's 20-batch estimate, averaged over 50 independent draws (its spread shows how
 much one estimate can move). Prints one JSON object per run and a summary table.
@@ -30,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,16 +88,10 @@ def nanogpt_estimate(model: GPT, data: torch.Tensor, generator: torch.Generator 
     return sum(losses) / len(losses)
 
 
-def reference(seed: int) -> tuple[GPT, torch.Tensor, dict]:
-    """Train as nanoGPT's train.py does and return the model, the val tokens and its own log."""
-    text = TEXT.read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
-    n = int(0.9 * len(data))
-    train, val = data[:n], data[n:]
-    torch.manual_seed(seed)
-    model = GPT(len(chars), BLOCK, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
+def nanogpt_loop(
+    model: GPT, train: torch.Tensor, val: torch.Tensor, starts: Callable[[], torch.Tensor]
+) -> dict:
+    """nanoGPT's train.py loop over STEPS steps; `starts()` gives each batch's window offsets."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
@@ -111,7 +110,7 @@ def reference(seed: int) -> tuple[GPT, torch.Tensor, dict]:
             log[it] = {"train": round(train_est, 4), "val": round(val_est, 4)}
         if it == STEPS:  # nanoGPT evaluates at max_iters, then stops
             break
-        ix = torch.randint(len(train) - BLOCK, (BATCH,))
+        ix = starts()
         x = torch.stack([train[i : i + BLOCK] for i in ix])  # (B, T)
         y = torch.stack([train[i + 1 : i + 1 + BLOCK] for i in ix])
         logits = model.logits(model(x))  # (B, T, V)
@@ -121,7 +120,54 @@ def reference(seed: int) -> tuple[GPT, torch.Tensor, dict]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     log["wall_seconds"] = round(time.perf_counter() - start, 1)
-    return model.eval(), val, log
+    model.eval()
+    return log
+
+
+def reference(seed: int) -> tuple[GPT, torch.Tensor, dict]:
+    """nanoGPT end to end: its data preparation, initialisation and random batches."""
+    text = TEXT.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    n = int(0.9 * len(data))
+    train, val = data[:n], data[n:]
+    torch.manual_seed(seed)
+    model = GPT(len(chars), BLOCK, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
+    # get_batch: offsets from the global RNG (which estimate_loss draws from too)
+    log = nanogpt_loop(model, train, val, lambda: torch.randint(len(train) - BLOCK, (BATCH,)))
+    return model, val, log
+
+
+def crossed(seed: int, work: Path, batches: str) -> tuple[GPT, torch.Tensor, dict]:
+    """nanoGPT's loop from gptlab's initial weights (seed 1337) and token stream.
+
+    `batches`: "order" = gptlab's training order for data seed `seed` (SeededShuffleSampler),
+    "randint" = nanoGPT-style offsets from a generator seeded with `seed`.
+    """
+    from gptlab.cli import GPTLabCLI
+
+    cli = GPTLabCLI(
+        args=[
+            "--config", str(REPO / "configs/pretrain/shakespeare_char.yaml"),
+            "--seed_everything", "1337", "--data.init_args.seed", str(seed),
+            "--data.init_args.cache_dir", str(work / "cache"), "--logs", str(work / "crossed-logs"),
+        ],
+        run=False,
+    )  # fmt: skip
+    data = cli.datamodule
+    data.prepare_data()
+    data.setup("fit")
+    train = torch.from_numpy(data.train_dataset.tokens.astype("int64"))
+    val = torch.from_numpy(data.val_dataset.tokens.astype("int64"))
+    if batches == "order":
+        order = iter(data.train_dataloader().sampler)  # window i starts at token i (stride 1)
+        starts = lambda: torch.tensor([next(order) for _ in range(BATCH)])  # noqa: E731
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        starts = lambda: torch.randint(len(train) - BLOCK, (BATCH,), generator=generator)  # noqa: E731
+    model = cli.model.backbone
+    return model, val, nanogpt_loop(model, train, val, starts)
 
 
 def gptlab(seed: int, work: Path, extra: list[str]) -> tuple[GPT, torch.Tensor, dict]:
@@ -151,17 +197,27 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
-    parser.add_argument("--only", choices=["gptlab", "reference"], default=None)
+    parser.add_argument(
+        "--only",
+        choices=["gptlab", "reference", "crossed-order", "crossed-randint"],
+        default=None,
+        help="one kind of run; the crossed ones are not part of the default set",
+    )
     parser.add_argument("--draws", type=int, default=50, help="nanoGPT estimates averaged per model")
     parser.add_argument("--work", default=None, help="where gptlab's runs go (default: a temp dir)")
     args, extra = parser.parse_known_args()  # the rest goes to gptlab's `main.py fit`
     work = Path(args.work or tempfile.mkdtemp(prefix="gptlab-parity-"))
     rows = []
     for seed in args.seeds:
-        for name, train in (("gptlab", gptlab), ("reference", reference)):
-            if args.only not in (None, name):
+        for name in ("gptlab", "reference", "crossed-order", "crossed-randint"):
+            if args.only != name and (args.only is not None or name.startswith("crossed")):
                 continue
-            model, val, log = train(seed, work, extra) if name == "gptlab" else train(seed)
+            if name == "gptlab":
+                model, val, log = gptlab(seed, work, extra)
+            elif name == "reference":
+                model, val, log = reference(seed)
+            else:
+                model, val, log = crossed(seed, work, name.split("-")[1])
             draws = torch.Generator().manual_seed(0)
             estimates = [nanogpt_estimate(model, val, draws) for _ in range(args.draws)]
             row = {
