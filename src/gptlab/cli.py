@@ -114,7 +114,7 @@ _HF_META_KEYS = (
 
 def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
     """The hyperparameters a gptlab checkpoint was built with (its `hyper_parameters`)."""
-    return load_checkpoint(path).get("hyper_parameters", {}) or {}
+    return load_checkpoint(path, mmap=True).get("hyper_parameters", {}) or {}  # tensors not read
 
 
 def _remote_code_message(source: str | Path) -> str:
@@ -347,8 +347,9 @@ class GPTLabCLI(LightningCLI):
         ckpt = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt and Path(ckpt).exists():
             require_complete(ckpt)  # a cut-off or empty file is named as such
-            verify_checkpoint(ckpt)
-            self._check_task_of_checkpoint(ckpt)
+            if not is_sharded_checkpoint(ckpt):
+                # One memory-mapped weights_only load: refuses a crafted pickle, names the task.
+                self._check_task_of_checkpoint(ckpt, load_checkpoint(ckpt, mmap=True))
         # LightningCLI re-applies the checkpoint's hyperparameters over the parsed config, which
         # undoes command-line options such as `test --ckpt_path X --model.init_args.max_new_tokens 64`.
         # The checkpoint of a gptlab run was written from that run's config.yaml: when it is the
@@ -366,7 +367,7 @@ class GPTLabCLI(LightningCLI):
         install_atomic_checkpoints(trainer)
         return trainer
 
-    def _check_task_of_checkpoint(self, ckpt: str) -> None:
+    def _check_task_of_checkpoint(self, ckpt: str, checkpoint: dict) -> None:
         """A checkpoint of another task than the configured model is refused, naming both.
 
         Otherwise Lightning would rebuild the checkpoint's task over the config (and fail later on
@@ -374,9 +375,8 @@ class GPTLabCLI(LightningCLI):
         """
         model = self.config[self.config.subcommand].get("model")
         configured = model.get("class_path") if isinstance(model, Namespace) else None
-        if not configured or Path(ckpt).is_dir():
+        if not configured:
             return
-        checkpoint = load_checkpoint(ckpt, mmap=True)
         written_by = checkpoint.get("gptlab", {}).get("task") or checkpoint.get("hyper_parameters", {}).get(
             "_class_path"
         )
@@ -455,8 +455,8 @@ class GPTLabCLI(LightningCLI):
             found = latest_checkpoint(logs, cfg.experiment)
             # Nothing to resume is not an error: the first run of a preemptible job starts fresh.
             cfg.ckpt_path = ckpt = str(found) if found is not None else None
-        if ckpt and Path(ckpt).exists():
-            verify_checkpoint(ckpt)  # `last`, resolved just now, was not checked while parsing
+            if found is not None:
+                verify_checkpoint(found)  # resolved just now: not checked while parsing
         # (a remote URL, s3://..., is left to Lightning's fsspec loading, with weights_only below)
         local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
         if local and not Path(ckpt).exists():
