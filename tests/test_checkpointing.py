@@ -57,7 +57,7 @@ def test_random_kills_during_saves_leave_a_complete_checkpoint_and_no_temp_files
     - the only other entries are our hidden temp files (`.last.ckpt.tmp-<pid>-<hex>`), and
       `remove_stale` removes exactly those: afterwards the folder holds last.ckpt and the
       unrelated files we planted, untouched.
-    Over the 20 kills, temp files must have been left at least 5 times (kills really landed
+    Over the 20 kills, temp files must have been left at least 3 times (kills really landed
     mid-write), and versions must have advanced (saves really completed between kills).
     """
     folder = tmp_path / "checkpoints"

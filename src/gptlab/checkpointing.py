@@ -32,7 +32,7 @@ import re
 import secrets
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,6 +80,24 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """Yield a temp name beside `path` to build the new entry at; then rename it onto `path`.
+
+    On any exception, KeyboardInterrupt and SystemExit included, the temp entry is removed and
+    the exception goes on; after the rename the folder is fsynced.
+    """
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write `path` through `write(file)` so that readers see the old content or the new, never a part.
 
@@ -89,18 +107,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     temp file stays and is removed at the next fit start, see `remove_stale`.)
     """
     path = Path(path)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "xb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+    with staged(path) as tmp, open(tmp, "xb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -158,18 +168,11 @@ def mark_complete(folder: Path, global_step: int, world_size: int) -> None:
 
 def point_to(path: Path, folder: Path) -> None:
     """Make `path` a link to `folder` in one rename, then remove the older step folders of `path`."""
-    tmp = temp_name(path)
-    os.symlink(folder.name, tmp)  # relative: the run directory can be moved
-    try:
+    with staged(path) as tmp:
+        os.symlink(folder.name, tmp)  # relative: the run directory can be moved
         if path.is_dir() and not path.is_symlink():
             # A folder written in place by an older gptlab (or plain Lightning): replaced once.
             shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
     for old in step_folders(path):
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)
