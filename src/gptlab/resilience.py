@@ -102,6 +102,20 @@ class Preemption(L.Callback):
         # After Lightning's own registration (Trainer._run registers before training starts).
         for signum in self.signals:
             signal.signal(signum, self._on_signal)
+        loop = trainer.fit_loop
+        if (
+            loop.restarted_mid_epoch
+            and loop.epoch_loop.restarted_on_train_batch_end
+            and loop.epoch_loop.batch_progress.is_last_batch
+        ):
+            # Resumed from a save at an epoch's last batch (on_train_batch_end: ours, periodic or on a
+            # signal): Lightning's `FitLoop.reset` has counted that epoch finished, but the loop stays
+            # "restarted mid-epoch" until the next epoch is over, so `on_advance_start` neither
+            # counts the next epoch as started nor calls `on_train_epoch_start`. Every save during
+            # that epoch would then record it as not begun, and a run resumed from one of those
+            # labels its batches one epoch lower (lightning/pytorch/loops/fit_loop.py, `reset` and
+            # `on_advance_start`). The epoch is closed: the next one starts normally.
+            loop.reset_restart_stage()
         self._last_step = trainer.global_step
         self._tokens_at_step = self._tokens_seen(pl_module)
 
