@@ -124,20 +124,34 @@ def prepare_tokens(data: Path, cache: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- (a) gptlab
-def run_gptlab(cfg: BenchConfig, args: argparse.Namespace, device: str) -> dict:
+def run_gptlab(cfg: BenchConfig, args: argparse.Namespace, device: str, tokens_path: Path | None = None) -> dict:
+    """gptlab's `fit`; with `args.interleaved`, a TorchLoop step after every gptlab step (one process)."""
     import lightning as L
 
     from gptlab.cli import GPTLabCLI
 
+    steps = args.warmup + args.steps
     stamps: list[tuple[float, float]] = []
+    loop = TorchLoop(cfg, steps, device, tokens_path) if args.interleaved else None
+    # Interleaved: spans[f][i] = (wall, CPU) seconds of step i of framework f. A gptlab step runs
+    # from the end of the previous torch step to this on_train_batch_end (all of Lightning's work
+    # between two batches, data loading included); the torch step follows it at once.
+    spans: dict[str, list[tuple[float, float]]] = {"gptlab": [], "torch": []}
+    resumed: list[tuple[float, float]] = []
 
     class StepTimer(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             sync(device)
             stamps.append(now())
+            if loop is None:
+                return
+            if resumed:
+                spans["gptlab"].append(tuple(b - a for a, b in zip(resumed[-1], stamps[-1])))
+            loop.step()
+            resumed.append(now())
+            spans["torch"].append(tuple(b - a for a, b in zip(stamps[-1], resumed[-1])))
 
     baseline = rss_kib()
-    steps = args.warmup + args.steps
     backbone = "--model.init_args.backbone.init_args."
     cli = GPTLabCLI(
         args=[
@@ -162,6 +176,16 @@ def run_gptlab(cfg: BenchConfig, args: argparse.Namespace, device: str) -> dict:
         run=False,
     )  # fmt: skip
     cli.trainer.callbacks.append(StepTimer())
+    if loop is not None:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        tokens = cfg.batch_size * cfg.block_size
+        out = {}
+        for framework, timed in spans.items():
+            timed = timed[args.warmup :]
+            wall, cpu = (sum(t[i] for t in timed) for i in (0, 1))
+            out[framework] = {"steps": len(timed), "tokens_per_sec": len(timed) * tokens / wall,
+                              "tokens_per_cpu_sec": len(timed) * tokens / cpu}  # fmt: skip
+        return out
     if not args.profile:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         return {
@@ -205,44 +229,63 @@ def step_profile(stats: pstats.Stats, steps: int) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- (b) plain PyTorch
+class TorchLoop:
+    """The minimal loop: batch = stacked windows, forward, loss, backward, clip, AdamW step.
+
+    The floor for framework overhead: the same GPT module, nothing around it. `step()` trains one
+    batch; the same windows in the same order as gptlab's loader (T + 1 tokens, stride 1, seeded
+    permutation): T inputs and their T next-token targets.
+    """
+
+    def __init__(self, cfg: BenchConfig, total_steps: int, device: str, tokens_path: Path) -> None:
+        import numpy as np
+        import torch
+
+        from gptlab.data import SeededShuffleSampler
+        from gptlab.models import GPT
+        from gptlab.optim import WarmupCosine
+
+        torch.manual_seed(1337)
+        self.device, self.cfg = device, cfg
+        self.tokens = torch.from_numpy(np.load(tokens_path).astype(np.int64))
+        T = cfg.block_size
+        self.model = GPT(cfg.vocab_size, T, cfg.n_layer, cfg.n_head, cfg.n_embd, 0.0, cfg.bias).to(device)
+        # nanoGPT's groups: decay matrices, not biases / norms.
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        keep = [p for p in self.model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+        # Fused, as the gptlab configs.
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+        self.scheduler = WarmupCosine(self.optimizer, cfg.warmup_steps, total_steps, 0.1)
+        self.order = iter(SeededShuffleSampler(len(self.tokens) - T, 1337))
+        self.offsets = torch.arange(T + 1)
+
+    def step(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        starts = torch.tensor([next(self.order) for _ in range(self.cfg.batch_size)])
+        window = self.tokens[starts[:, None] + self.offsets].to(self.device, non_blocking=True)  # (B, T + 1)
+        logits = self.model.logits(self.model(window[:, :-1]))  # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), window[:, 1:].reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        sync(self.device)
+        return loss
+
+
 def run_torch(cfg: BenchConfig, args: argparse.Namespace, device: str, tokens_path: Path) -> dict:
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from gptlab.data import SeededShuffleSampler
-    from gptlab.models import GPT
-    from gptlab.optim import WarmupCosine
-
-    torch.manual_seed(1337)
     baseline = rss_kib()
-    tokens = torch.from_numpy(np.load(tokens_path).astype(np.int64))
-    T, B = cfg.block_size, cfg.batch_size
-    model = GPT(cfg.vocab_size, T, cfg.n_layer, cfg.n_head, cfg.n_embd, 0.0, cfg.bias).to(device)
-    # nanoGPT's groups: decay matrices, not biases / norms.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    keep = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # as the gptlab configs
     steps = args.warmup + args.steps
-    scheduler = WarmupCosine(optimizer, cfg.warmup_steps, steps, 0.1)
-    # The same windows in the same order as gptlab's loader (T + 1 tokens, stride 1, seeded
-    # permutation): T inputs and their T next-token targets.
-    order = iter(SeededShuffleSampler(len(tokens) - T, 1337))
-    offsets = torch.arange(T + 1)
+    loop = TorchLoop(cfg, steps, device, tokens_path)
     stamps = []
     for _ in range(steps):
-        starts = torch.tensor([next(order) for _ in range(B)])
-        window = tokens[starts[:, None] + offsets].to(device, non_blocking=True)  # (B, T + 1)
-        logits = model.logits(model(window[:, :-1]))  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), window[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        sync(device)
+        loss = loop.step()
         stamps.append(now())
+    B, T = cfg.batch_size, cfg.block_size
     return {**rates(stamps, args.warmup, B * T), "final_loss": loss.item(), **memory_report(device, baseline)}
 
 
@@ -307,7 +350,7 @@ def child(args: argparse.Namespace) -> None:
     if args.batch_size:
         cfg.batch_size = args.batch_size
     if args.framework == "gptlab":
-        result = run_gptlab(cfg, args, device)
+        result = run_gptlab(cfg, args, device, args.tokens)
     elif args.framework == "torch":
         result = run_torch(cfg, args, device, args.tokens)
     else:
@@ -333,6 +376,8 @@ def launch(framework: str, config: str, args: argparse.Namespace, tokens: Path, 
         command.append("--gptlab-args=" + " ".join(args.gptlab_args))
     if args.profile:
         command.append("--profile")
+    if args.interleaved:
+        command.append("--interleaved")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
     log = workdir / f"{config}-{framework}.log"
     with log.open("a") as out:
@@ -434,6 +479,31 @@ def summarize(results: dict, clock: str) -> str:
     return "\n".join(lines)
 
 
+def interleaved(args: argparse.Namespace) -> None:
+    """gptlab against the torch loop step by step in one process: a ratio that load cannot skew.
+
+    Separate processes see different background load (on a shared machine the same run's rate
+    moves by up to 1.5x); alternating single steps exposes both loops to the same load, the same
+    CPU frequency and each other's cache traffic.
+    """
+    tokens = prepare_tokens(args.data, args.cache)
+    workdir = Path(tempfile.mkdtemp(prefix="gptlab-interleaved-"))
+    clocks = [("tokens_per_cpu_sec", "tokens/CPU-s"), ("tokens_per_sec", "tokens/s")]
+    print("| config | round | " + " | ".join(f"gptlab {u} | torch {u} | ratio" for _, u in clocks) + " |")
+    print("|---|---|" + "---|---|---|" * len(clocks))
+    for name in args.configs.split(","):
+        ratios: dict[str, list[float]] = {key: [] for key, _ in clocks}
+        for round_ in range(args.rounds):
+            run = launch("gptlab", name, args, tokens, workdir)
+            cells = []
+            for key, _ in clocks:
+                ratios[key].append(run["gptlab"][key] / run["torch"][key])
+                cells.append(f"{run['gptlab'][key]:,.0f} | {run['torch'][key]:,.0f} | {ratios[key][-1]:.3f}")
+            print(f"| {name} | {round_ + 1} | " + " | ".join(cells) + " |", flush=True)
+        medians = " | ".join(f"| | {statistics.median(ratios[key]):.3f}" for key, _ in clocks)
+        print(f"| {name} | median | {medians} |")
+
+
 def profile(args: argparse.Namespace) -> None:
     """Print where gptlab's training step spends its CPU time, per config (one profiled run each)."""
     tokens = prepare_tokens(args.data, args.cache)
@@ -477,6 +547,11 @@ def main() -> None:
         help="extra main.py options for the gptlab runs (to profile)",
     )
     parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="one process per round: a torch-loop step after every gptlab step (load hits both alike)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="profile one gptlab run per config (cProfile) instead of timing",
@@ -498,6 +573,9 @@ def main() -> None:
         parser.error(f"unknown --configs {sorted(unknown)}; choose from {sorted(CONFIGS)}")
     if args.profile:
         profile(args)
+        return
+    if args.interleaved:
+        interleaved(args)
         return
     results = orchestrate(args)
     clocks = ["cpu", "wall"] if results["device"] == "cpu" else ["wall"]

@@ -13,11 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from conftest import REPO, TINY_CORPUS, shared_data, tiny_config
 from gptlab import callbacks as gcallbacks
-from gptlab.callbacks import Compile, SampleGeneration, Throughput, measure_matmul_flops
+from gptlab.callbacks import Compile, ProgressBar, SampleGeneration, Throughput, measure_matmul_flops
 from gptlab.cli import GPTLabCLI, latest_checkpoint, main
 from gptlab.data import SeededShuffleSampler
 from gptlab.errors import CheckpointError
@@ -137,6 +138,29 @@ def test_overlay_trains_on_cpu(tiny: Path, overlay: str):
     assert {"train/tokens_per_sec", "train/samples_per_sec", "train/mfu", "train/loss"} <= tags
     assert [e.step for e in events.Scalars("train/tokens_per_sec")] == [1, 3, 5]  # steps 2, 4, 6
     assert all(e.value > 0 for e in events.Scalars("train/mfu"))
+
+
+def test_progress_bar_numbers_refresh_at_logging_steps(tiny: Path, monkeypatch):
+    """The CLI's bar (gptlab ProgressBar) moves every batch and recollects its numbers only when logged."""
+    updates, refreshed = [0], []
+    collect = RichProgressBar._update_metrics
+    monkeypatch.setattr(
+        RichProgressBar, "_update_metrics", lambda self, *a: (updates.__setitem__(0, updates[0] + 1), collect(self, *a))
+    )
+    batch_end = ProgressBar.on_train_batch_end
+
+    def spy(self, trainer, *args):
+        before = updates[0]
+        batch_end(self, trainer, *args)
+        refreshed.append((trainer.global_step, updates[0] > before))
+
+    monkeypatch.setattr(ProgressBar, "on_train_batch_end", spy)
+    cli = fit(tiny, "bar", "--trainer.enable_progress_bar", "true", "--trainer.log_every_n_steps", "2")
+    bar = cli.trainer.progress_bar_callback
+    assert type(bar) is ProgressBar
+    assert refreshed == [(1, False), (2, True), (3, False), (4, True), (5, False), (6, True)]
+    # What it shows: the values logged at the last logging step.
+    assert {"train/loss", "train/tokens_per_sec"} <= set(bar.get_metrics(cli.trainer, cli.model))
 
 
 def test_debug_overlay_runs(tiny: Path):

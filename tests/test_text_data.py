@@ -84,6 +84,22 @@ def test_overlapping_windows_cover_the_stream_to_its_end(corpus, tmp_path):
     assert val[0] + sum((p[1:] for p in val[1:]), []) == dm.val_dataset.tokens.tolist()
 
 
+def test_batched_fetch_equals_one_window_at_a_time(corpus, tmp_path):
+    # The DataLoader fetches a batch through __getitems__ (one gather); the last, shorter window
+    # and out-of-range indices go through __getitem__.
+    dm = ready(train_files=str(corpus / "*.txt"), block_size=16, stride=5, cache_dir=str(tmp_path / "cache"))
+    dataset = dm.train_dataset
+    last = len(dataset) - 1
+    for indices in ([3, 0, 7], [last, 1], [0]):
+        got = [item["input_ids"].tolist() for item in dataset.__getitems__(indices)]
+        assert got == [dataset[i]["input_ids"].tolist() for i in indices]
+    with pytest.raises(IndexError):
+        dataset.__getitems__([0, last + 1])
+    batch = next(iter(dm.train_dataloader()))
+    order = list(dm.train_dataloader().sampler)[: dm.batch_size]
+    assert batch["input_ids"].tolist() == [dataset[i]["input_ids"].tolist() for i in order]
+
+
 def test_tiny_shakespeare_splits_like_nanogpt(tmp_path):
     path = shared_data("tinyshakespeare/input.txt")
     text = path.read_text(encoding="utf-8")

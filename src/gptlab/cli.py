@@ -40,12 +40,13 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from gptlab.callbacks import Checkpoint, Throughput
+from gptlab.callbacks import Checkpoint, ProgressBar, Throughput
 from gptlab.checkpointing import install_atomic_checkpoints, require_complete, resume_checkpoint
 from gptlab.config_check import check_config_files, one_line_parser_error
 from gptlab.data import DataModule
@@ -365,6 +366,9 @@ class GPTLabCLI(LightningCLI):
         # Atomic checkpoint writes for every strategy that saves through a CheckpointIO, and the
         # cleanup of what killed saves left behind (gptlab.checkpointing).
         install_atomic_checkpoints(trainer)
+        bar = trainer.progress_bar_callback
+        if type(bar) is RichProgressBar:  # Lightning's default, or the plain class from a config
+            trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar.like(bar)
         return trainer
 
     def _check_task_of_checkpoint(self, ckpt: str, checkpoint: dict) -> None:

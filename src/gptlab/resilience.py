@@ -124,7 +124,8 @@ class Preemption(L.Callback):
         if step == self._last_step:  # accumulating: the optimizer has not stepped yet
             return
         self._last_step = step
-        self._tokens_at_step = self._tokens_seen(pl_module)
+        if trainer.accumulate_grad_batches > 1:  # only a save between micro-batches needs it
+            self._tokens_at_step = self._tokens_seen(pl_module)
         # Every rank takes part in the reduction at every step, so all see the same answer.
         stop = _reduce_any(trainer, pl_module.device, self.received is not None)
         periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0

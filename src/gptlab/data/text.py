@@ -363,6 +363,15 @@ class TokenBlocks(Dataset):
         # No "labels": collate copies input_ids, with -100 on padding.
         return {"input_ids": torch.from_numpy(window.astype(np.int64))}
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """A batch of windows in one gather (the DataLoader calls this instead of `__getitem__` per item)."""
+        starts = np.asarray(indices, dtype=np.int64) * self.stride
+        if len(starts) == 0 or starts.min() < 0 or starts.max() + self.window > self.num_tokens:
+            # Out of range, or the last (possibly short) window: one at a time, with their checks.
+            return [self[i] for i in indices]
+        windows = torch.from_numpy(self.tokens[starts[:, None] + np.arange(self.window)].astype(np.int64))
+        return [{"input_ids": row} for row in windows]  # (block_size + 1,) views of one array
+
     def __getstate__(self) -> dict[str, Any]:
         # Pickle the path, not the mapped array (which would copy the whole stream).
         return {**self.__dict__, "_tokens": None}
