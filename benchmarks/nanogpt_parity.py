@@ -235,6 +235,13 @@ def main() -> None:
     for r in rows:
         est = f"{r['nanogpt_mean']:.4f} +- {r['nanogpt_std']:.4f}"
         print(f"{r['run']:<10} {r['seed']:>5} {r['full']:>9.4f} {est:>28} {r['wall_seconds']:>7}")
+    for name in dict.fromkeys(r["run"] for r in rows):
+        full = [r["full"] for r in rows if r["run"] == name]
+        if len(full) > 1:
+            print(
+                f"{name}: mean {statistics.mean(full):.4f}, sd {statistics.stdev(full):.4f} over "
+                f"{len(full)} seeds; {sum(f <= 1.90 for f in full)} of {len(full)} at or below 1.90"
+            )
 
 
 if __name__ == "__main__":

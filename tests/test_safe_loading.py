@@ -83,6 +83,57 @@ def test_consolidated_sharded_checkpoint_loads_weights_only(tmp_path):
     assert loaded["global_step"] == 3 and loaded["hyper_parameters"]["names"] == ["a"]
 
 
+def _sharded(folder: Path, extra: dict | None = None, meta: dict | None = None) -> Path:
+    """A sharded (DCP) checkpoint folder as the FSDP strategy writes it: tensors, non-tensor entries, meta.pt."""
+    import torch.distributed.checkpoint as dcp
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    state = {"state_dict": {"backbone.wte.weight": torch.randn(4, 2)}, "optimizer_0": {"lr": 0.1, **(extra or {})}}
+    dcp.save(state, checkpoint_id=folder)
+    torch.save(meta or {"hyper_parameters": {"lr": 0.1}, "global_step": 3}, folder / _METADATA_FILENAME)
+    return folder
+
+
+def test_crafted_sharded_checkpoint_is_refused_before_dcp_reads_it(tmp_path):
+    # torch.distributed.checkpoint unpickles `.metadata` with pickle.load and non-tensor entries
+    # with torch.load(weights_only=False): each of the three places can carry a payload.
+    import pickle
+
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    from gptlab.strategies import consolidate_checkpoint, save_consolidated
+    from gptlab.tasks.base import verify_checkpoint
+
+    genuine = _sharded(tmp_path / "genuine")
+    verify_checkpoint(genuine)
+    assert consolidate_checkpoint(genuine)["global_step"] == 3
+    markers = {name: tmp_path / f"{name}.PWNED" for name in ("metadata", "entry", "meta")}
+    folders = {
+        "metadata": _sharded(tmp_path / "metadata"),
+        "entry": _sharded(tmp_path / "entry", extra={"payload": _Marker(markers["entry"])}),
+        "meta": _sharded(tmp_path / "meta", meta={"global_step": 3, "payload": _Marker(markers["meta"])}),
+    }
+    (folders["metadata"] / ".metadata").write_bytes(pickle.dumps(_Marker(markers["metadata"])))
+    for name, folder in folders.items():
+        for load in (
+            lambda: verify_checkpoint(folder),  # what the CLI calls on every checkpoint it is given
+            lambda: consolidate_checkpoint(folder),
+            lambda: save_consolidated(folder, tmp_path / "single.ckpt"),
+            lambda: CausalLM.load_from_checkpoint(folder),
+        ):
+            with pytest.raises(CheckpointError, match=r"does not load safely.*refusing to read the folder"):
+                load()
+        assert not markers[name].exists(), name
+    assert not (tmp_path / "single.ckpt").exists()
+    # The threat is real: DCP's own loading runs the payloads of the first two.
+    for name in ("metadata", "entry"):
+        try:
+            _load_distributed_checkpoint(folders[name])
+        except BaseException:  # noqa: BLE001 - DCP's CheckpointException is one; the payload ran before
+            pass
+        assert markers[name].exists(), name
+
+
 @pytest.mark.slow
 def test_crafted_pickle_is_refused_by_every_cli_entry_point(tiny_runs, tmp_path, capsys):
     run = tiny_runs.runs["causal_lm"]

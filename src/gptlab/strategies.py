@@ -24,6 +24,11 @@ any number of devices: `consolidate_checkpoint` turns a folder into the single-f
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import importlib
+import io
+import pickle
 import re
 import secrets
 from datetime import timedelta
@@ -218,6 +223,65 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / _METADATA_FILENAME).is_file()
 
 
+# What torch.distributed.checkpoint pickles into a folder's `.metadata`: its own dataclasses and
+# enums, torch sizes, dtypes and layouts, and paths.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+_DCP_METADATA = ".metadata"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP `.metadata` file, refusing every global outside `_DCP_*` (pickle docs,
+    "Restricting Globals"): torch reads that file with a plain `pickle.load`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _DCP_MODULES:
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        elif (module, name) in _DCP_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not something a sharded checkpoint holds")
+
+
+def verify_sharded_checkpoint(path: str | Path) -> None:
+    """Refuse a sharded checkpoint folder unless it loads without running code (CheckpointError).
+
+    torch.distributed.checkpoint unpickles the folder's `.metadata` with a plain `pickle.load`
+    and its non-tensor entries (optimizer hyperparameters, ...) with `torch.load(weights_only=False)`,
+    so a crafted folder would run code while loading. Here the metadata is read with an allowlist
+    of the classes DCP writes, and every non-tensor entry and Lightning's `meta.pt` with
+    `weights_only=True`, before DCP or Lightning reads anything. Tensors DCP loads weights-only itself.
+    """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    path = Path(path)
+    what = path / _DCP_METADATA
+    try:
+        with open(what, "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+        items = metadata.state_dict_metadata
+        for index, info in metadata.storage_data.items():
+            if not isinstance(items.get(index.fqn), BytesStorageMetadata):
+                continue
+            what = path / info.relative_path
+            if getattr(info, "transform_descriptors", None):
+                raise pickle.UnpicklingError(f"entry {index.fqn} is stored with transforms gptlab never writes")
+            with open(what, "rb") as file:
+                file.seek(info.offset)
+                torch.load(io.BytesIO(file.read(info.length)), map_location="cpu", weights_only=True)
+        what = path / _METADATA_FILENAME
+        torch.load(what, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means: do not let DCP unpickle it
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        raise CheckpointError(
+            f"sharded checkpoint {path}: {what.name} does not load safely ({reason}); refusing to read "
+            f"the folder. Use a checkpoint written by gptlab, from a source you trust"
+        ) from None
+
+
 def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a sharded checkpoint folder into one single-device Lightning checkpoint dict (in CPU memory).
 
@@ -233,6 +297,7 @@ def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     from torch.distributed.checkpoint.api import CheckpointException
 
+    verify_sharded_checkpoint(path)
     try:
         checkpoint = _load_distributed_checkpoint(path)
     # A missing shard, a truncated file, a foreign folder; DCP's own error is a BaseException.

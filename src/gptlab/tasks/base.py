@@ -30,7 +30,13 @@ from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine, apply_lr_scales, no_decay_names, param_groups
 from gptlab.reports import Report
-from gptlab.strategies import consolidate_checkpoint, is_sharded_checkpoint, parallelize, save_consolidated
+from gptlab.strategies import (
+    consolidate_checkpoint,
+    is_sharded_checkpoint,
+    parallelize,
+    save_consolidated,
+    verify_sharded_checkpoint,
+)
 
 STAGES = ("train", "val", "test")
 
@@ -425,7 +431,9 @@ def verify_checkpoint(path: str | Path) -> None:
     The CLI calls it on every checkpoint a command names, before Lightning or anything else reads
     the file, so that a crafted pickle is refused by gptlab and never unpickled by anyone.
     """
-    if not is_sharded_checkpoint(path):
+    if is_sharded_checkpoint(path):
+        verify_sharded_checkpoint(path)
+    else:
         load_checkpoint(path, mmap=True)
 
 
