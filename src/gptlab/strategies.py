@@ -260,18 +260,20 @@ def verify_sharded_checkpoint(path: str | Path) -> None:
     path = Path(path)
     what = path / _DCP_METADATA
     try:
-        with open(what, "rb") as file:
-            metadata = _MetadataUnpickler(file).load()
-        items = metadata.state_dict_metadata
-        for index, info in metadata.storage_data.items():
-            if not isinstance(items.get(index.fqn), BytesStorageMetadata):
-                continue
-            what = path / info.relative_path
-            if getattr(info, "transform_descriptors", None):
-                raise pickle.UnpicklingError(f"entry {index.fqn} is stored with transforms gptlab never writes")
+        # Without it DCP reads nothing (and fails on its own, named by consolidate_checkpoint).
+        if what.is_file():
             with open(what, "rb") as file:
-                file.seek(info.offset)
-                torch.load(io.BytesIO(file.read(info.length)), map_location="cpu", weights_only=True)
+                metadata = _MetadataUnpickler(file).load()
+            items = metadata.state_dict_metadata
+            for index, info in metadata.storage_data.items():
+                if not isinstance(items.get(index.fqn), BytesStorageMetadata):
+                    continue
+                what = path / info.relative_path
+                if getattr(info, "transform_descriptors", None):
+                    raise pickle.UnpicklingError(f"entry {index.fqn} is stored with transforms gptlab never writes")
+                with open(what, "rb") as file:
+                    file.seek(info.offset)
+                    torch.load(io.BytesIO(file.read(info.length)), map_location="cpu", weights_only=True)
         what = path / _METADATA_FILENAME
         torch.load(what, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means: do not let DCP unpickle it
