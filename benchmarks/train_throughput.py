@@ -124,7 +124,9 @@ def prepare_tokens(data: Path, cache: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- (a) gptlab
-def run_gptlab(cfg: BenchConfig, args: argparse.Namespace, device: str, tokens_path: Path | None = None) -> dict:
+def run_gptlab(
+    cfg: BenchConfig, args: argparse.Namespace, device: str, tokens_path: Path | None = None
+) -> dict:
     """gptlab's `fit`; with `args.interleaved`, a TorchLoop step after every gptlab step (one process)."""
     import lightning as L
 
@@ -146,10 +148,10 @@ def run_gptlab(cfg: BenchConfig, args: argparse.Namespace, device: str, tokens_p
             if loop is None:
                 return
             if resumed:
-                spans["gptlab"].append(tuple(b - a for a, b in zip(resumed[-1], stamps[-1])))
+                spans["gptlab"].append(tuple(b - a for a, b in zip(resumed[-1], stamps[-1], strict=True)))
             loop.step()
             resumed.append(now())
-            spans["torch"].append(tuple(b - a for a, b in zip(stamps[-1], resumed[-1])))
+            spans["torch"].append(tuple(b - a for a, b in zip(stamps[-1], resumed[-1], strict=True)))
 
     baseline = rss_kib()
     backbone = "--model.init_args.backbone.init_args."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,38 @@ def run_main(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Com
         timeout=timeout,
         env=env,
     )
+
+
+def start_dist_run(args: list[str], cwd: Path, out: Path) -> subprocess.Popen:
+    """`python tests/dist_run.py <args>` recording into `out` ($GPTLAB_TEST_OUT), output piped.
+
+    In a new session, so that one signal to its process group reaches every rank and loader
+    worker (Lightning's launcher starts the other ranks as children of rank 0).
+    """
+    env = {
+        **os.environ,
+        "GPTLAB_TEST_OUT": str(out),
+        "PYTHONWARNINGS": "ignore",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "dist_run.py"), *args], cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def finish_dist_run(proc: subprocess.Popen, name: str, timeout: float) -> tuple[int, str]:
+    """(exit status, output) once every process of `proc`'s group closed the shared pipe.
+
+    Past `timeout` seconds the whole group is killed and the test fails with the output's tail.
+    """
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{name}: no result within {timeout:.0f}s\n{output[-3000:]}")
+    return proc.returncode, output
 
 
 TINY_CORPUS = [

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_CORPUS, tiny_config
+from conftest import REPO, TINY_CORPUS, finish_dist_run, start_dist_run, tiny_config
 from gptlab.cli import main
 from gptlab.tasks import CausalLM
 from gptlab.tasks.base import load_checkpoint
@@ -90,28 +87,11 @@ def run_ranks(experiment: Path, name: str, *args: str) -> tuple[int, str, Path]:
     """Run a 2-process fit under the hard timeout; return (exit status, output, out folder)."""
     out = experiment.parent / f"{name}_out"
     out.mkdir()
-    command = [sys.executable, str(REPO / "tests" / "dist_run.py"), "fit", "--config", str(experiment)]
+    command = ["fit", "--config", str(experiment)]
     command += [*OVERRIDES, "--experiment", name, "--data.init_args.batch_size", str(PER_RANK_BATCH), *args]
-    env = {
-        **os.environ,
-        "GPTLAB_TEST_OUT": str(out),
-        "PYTHONWARNINGS": "ignore",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    # A new session so that a hang can be ended for every rank at once (Lightning's launcher
-    # starts rank 1 as a child of rank 0).
-    proc = subprocess.Popen(
-        command, cwd=experiment.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        # Returns once every rank closed the output pipe (they share it), i.e. every rank exited.
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{name}: no result within {TIMEOUT}s\n{output[-3000:]}")
-    return proc.returncode, output, out
+    # Returns once every rank closed the output pipe (they share it), i.e. every rank exited.
+    code, output = finish_dist_run(start_dist_run(command, experiment.parent, out), name, TIMEOUT)
+    return code, output, out
 
 
 def assert_every_rank_succeeded(name: str, code: int, output: str, out: Path) -> None:

@@ -21,8 +21,6 @@ import math
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +29,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_CORPUS, tiny_config
+from conftest import REPO, TINY_CORPUS, finish_dist_run, start_dist_run, tiny_config
 from finetune_data import finetune_config, write_sentiment
 from gptlab.cli import main
 from gptlab.resilience import REQUEUE_EXIT_CODE
@@ -130,20 +128,11 @@ def spawn(
     (a lost node); SLURM too signals every task of a job.
     """
     out = new_out(config, name)
-    argv = [sys.executable, str(REPO / "tests" / "dist_run.py"), *command(config, name, list(args), resume)]
+    argv = command(config, name, list(args), resume)
     if devices > 1:
         argv += ["--config", str(REPO / "configs/trainer/ddp.yaml"), "--trainer.accelerator", "cpu"]
         argv += ["--trainer.devices", str(devices)]
-    env = {
-        **os.environ,
-        "GPTLAB_TEST_OUT": str(out),
-        "PYTHONWARNINGS": "ignore",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    proc = subprocess.Popen(
-        argv, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )  # fmt: skip
+    proc = start_dist_run(argv, config.parent, out)
     deadline = time.monotonic() + TIMEOUT
     if interrupt is not None:
         signum, when = interrupt
@@ -152,13 +141,8 @@ def spawn(
                 os.killpg(proc.pid, signum)
                 break
             time.sleep(0.005)
-    try:
-        output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{name}: no result within {TIMEOUT}s\n{output[-3000:]}")
-    return proc.returncode, output, out
+    code, output = finish_dist_run(proc, name, max(1.0, deadline - time.monotonic()))
+    return code, output, out
 
 
 def at_step(step: int) -> Callable[[list[dict]], bool]:

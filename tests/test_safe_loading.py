@@ -84,11 +84,14 @@ def test_consolidated_sharded_checkpoint_loads_weights_only(tmp_path):
 
 
 def _sharded(folder: Path, extra: dict | None = None, meta: dict | None = None) -> Path:
-    """A sharded (DCP) checkpoint folder as the FSDP strategy writes it: tensors, non-tensor entries, meta.pt."""
+    """A sharded (DCP) checkpoint folder as FSDP writes it: tensors, non-tensor entries, meta.pt."""
     import torch.distributed.checkpoint as dcp
     from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-    state = {"state_dict": {"backbone.wte.weight": torch.randn(4, 2)}, "optimizer_0": {"lr": 0.1, **(extra or {})}}
+    state = {
+        "state_dict": {"backbone.wte.weight": torch.randn(4, 2)},
+        "optimizer_0": {"lr": 0.1, **(extra or {})},
+    }
     dcp.save(state, checkpoint_id=folder)
     torch.save(meta or {"hyper_parameters": {"lr": 0.1}, "global_step": 3}, folder / _METADATA_FILENAME)
     return folder
@@ -116,13 +119,13 @@ def test_crafted_sharded_checkpoint_is_refused_before_dcp_reads_it(tmp_path):
     (folders["metadata"] / ".metadata").write_bytes(pickle.dumps(_Marker(markers["metadata"])))
     for name, folder in folders.items():
         for load in (
-            lambda: verify_checkpoint(folder),  # what the CLI calls on every checkpoint it is given
-            lambda: consolidate_checkpoint(folder),
-            lambda: save_consolidated(folder, tmp_path / "single.ckpt"),
-            lambda: CausalLM.load_from_checkpoint(folder),
+            verify_checkpoint,  # what the CLI calls on every checkpoint it is given
+            consolidate_checkpoint,
+            lambda path: save_consolidated(path, tmp_path / "single.ckpt"),
+            CausalLM.load_from_checkpoint,
         ):
             with pytest.raises(CheckpointError, match=r"does not load safely.*refusing to read the folder"):
-                load()
+                load(folder)
         assert not markers[name].exists(), name
     assert not (tmp_path / "single.ckpt").exists()
     # The threat is real: DCP's own loading runs the payloads of the first two.

@@ -144,9 +144,12 @@ def test_progress_bar_numbers_refresh_at_logging_steps(tiny: Path, monkeypatch):
     """The CLI's bar (gptlab ProgressBar) moves every batch and recollects its numbers only when logged."""
     updates, refreshed = [0], []
     collect = RichProgressBar._update_metrics
-    monkeypatch.setattr(
-        RichProgressBar, "_update_metrics", lambda self, *a: (updates.__setitem__(0, updates[0] + 1), collect(self, *a))
-    )
+
+    def counted(self, *args):
+        updates[0] += 1
+        collect(self, *args)
+
+    monkeypatch.setattr(RichProgressBar, "_update_metrics", counted)
     batch_end = ProgressBar.on_train_batch_end
 
     def spy(self, trainer, *args):

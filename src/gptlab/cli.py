@@ -53,7 +53,7 @@ from gptlab.data import DataModule
 from gptlab.errors import CheckpointError, ConfigError, GPTLabError
 from gptlab.reports import write_report
 from gptlab.resilience import NonFiniteLoss, Preemption
-from gptlab.strategies import is_sharded_checkpoint, save_consolidated, verify_sharded_checkpoint
+from gptlab.strategies import is_sharded_checkpoint, save_consolidated
 from gptlab.tasks import TaskModule
 from gptlab.tasks.base import load_checkpoint, verify_checkpoint
 
@@ -352,7 +352,7 @@ class GPTLabCLI(LightningCLI):
                 # One memory-mapped weights_only load: refuses a crafted pickle, names the task.
                 self._check_task_of_checkpoint(ckpt, load_checkpoint(ckpt, mmap=True))
             else:
-                verify_sharded_checkpoint(ckpt)  # before the FSDP strategy hands it to DCP
+                verify_checkpoint(ckpt)  # before the FSDP strategy hands the folder to DCP
         # LightningCLI re-applies the checkpoint's hyperparameters over the parsed config, which
         # undoes command-line options such as `test --ckpt_path X --model.init_args.max_new_tokens 64`.
         # The checkpoint of a gptlab run was written from that run's config.yaml: when it is the

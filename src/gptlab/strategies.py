@@ -270,7 +270,8 @@ def verify_sharded_checkpoint(path: str | Path) -> None:
                     continue
                 what = path / info.relative_path
                 if getattr(info, "transform_descriptors", None):
-                    raise pickle.UnpicklingError(f"entry {index.fqn} is stored with transforms gptlab never writes")
+                    why = f"entry {index.fqn} is stored with transforms gptlab never writes"
+                    raise pickle.UnpicklingError(why)
                 with open(what, "rb") as file:
                     file.seek(info.offset)
                     torch.load(io.BytesIO(file.read(info.length)), map_location="cpu", weights_only=True)
