@@ -171,10 +171,13 @@ def _missing(path: Path, columns: Sequence[str], present: Sequence[str], header:
     shown = ", ".join(shorten(repr(c), 60) for c in present[:20])
     hint = "set text_column / label_column to the file's column names"
     if header and looks_like_data(present):
-        example = [f"col{i}" for i in range(len(present))]
+        # Two columns are almost always text and label: the module's default column names.
+        example = (
+            "[text, label]" if len(present) == 2 else f"[{', '.join(f'col{i}' for i in range(len(present)))}]"
+        )
         hint = (
             f"its first line looks like data, not a header: if the file has no header line, set "
-            f"data.init_args.column_names to one name per column (e.g. {example}) "
+            f"data.init_args.column_names to one name per column (e.g. column_names: {example}) "
             f"or header: false and text_column / label_column by position (0, 1, ...)"
         )
     return DataError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {shown}); {hint}")
