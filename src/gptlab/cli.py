@@ -38,6 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
@@ -55,7 +56,7 @@ from gptlab.reports import write_report
 from gptlab.resilience import NonFiniteLoss, Preemption
 from gptlab.strategies import is_sharded_checkpoint, save_consolidated
 from gptlab.tasks import TaskModule
-from gptlab.tasks.base import load_checkpoint, verify_checkpoint
+from gptlab.tasks.base import RUN_CODE_KEYS, load_checkpoint, records_remote_code, verify_checkpoint
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 
@@ -184,6 +185,42 @@ def pretrained_tokenizer(source: str | Path) -> Path | None:
     return run / "tokenizer" if run is not None and (run / "tokenizer").is_dir() else None
 
 
+def is_run_config(path: str | Path) -> bool:
+    """A config file that `fit` wrote into a run directory (beside `checkpoints/`): a record of a run."""
+    path = Path(path)
+    return (path.parent / "checkpoints").is_dir() or (path.parent / "hparams.yaml").is_file()
+
+
+def user_asks_for_remote_code(argv: list[str]) -> bool:
+    """Whether the user's own config files or command-line options turn on a run-code setting
+    (`trust_remote_code`). Config files inside a run directory and checkpoints are records of what
+    a run did, not the user's consent to run a model's code now (docs/design.md, safe loading).
+    """
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if name in ("-c", "--config"):
+            if is_run_config(value):
+                continue
+            try:
+                data = yaml.safe_load(Path(value).read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            if records_remote_code(data):
+                return True
+        elif name.startswith("--") and name.endswith(RUN_CODE_KEYS):
+            if str(yaml.safe_load(value or "false")).lower() in ("true", "yes", "1"):
+                return True
+        elif name.startswith("--") and any(key in value for key in RUN_CODE_KEYS):
+            try:
+                if records_remote_code(yaml.safe_load(value)):
+                    return True
+            except yaml.YAMLError:
+                continue
+    return False
+
+
 def _label_names_of(datamodule: Any) -> list[str] | None:
     # Data modules of labelled data (classification, token classification) expose `label_names`.
     return getattr(datamodule, "label_names", None)
@@ -309,6 +346,8 @@ class GPTLabCLI(LightningCLI):
         check_config_files([str(a) for a in self._argv])
         # The checkpoint as given, when evaluation reads a consolidated copy of a sharded one.
         self._ckpt_source: str | None = None
+        # Where a backbone config filled in from a record came from (a checkpoint, init_from).
+        self._backbone_source: str | None = None
         self._consolidated_dir: tempfile.TemporaryDirectory | None = None
         super().__init__(
             model_class=TaskModule,
@@ -485,6 +524,7 @@ class GPTLabCLI(LightningCLI):
                 ),
             )
         self._fill_from_checkpoints(cfg, ckpt)
+        self._refuse_recorded_remote_code(cfg, ckpt)
         # Evaluate with the tokenizer the run trained with, unless one is given explicitly.
         explicit = any("tokenizer" in a for a in self._argv)
         if self.subcommand in EVAL_SUBCOMMANDS and run and (run / "tokenizer").is_dir() and not explicit:
@@ -520,6 +560,7 @@ class GPTLabCLI(LightningCLI):
             model.backbone = Namespace(
                 class_path=backbone["class_path"], init_args=Namespace(**backbone.get("init_args", {}))
             )
+            self._backbone_source = str(source)
             rank_zero_info(f"gptlab: backbone {model.backbone.class_path} configured as in {source}")
         if init_from and data is not None and "tokenizer" in data and not isinstance(data.tokenizer, str):
             tokenizer = pretrained_tokenizer(init_from)
@@ -542,6 +583,33 @@ class GPTLabCLI(LightningCLI):
             names = checkpoint_hparams(ckpt).get("label_names")
             if names:
                 data.label_names = list(names)
+
+    def _refuse_recorded_remote_code(self, cfg: Namespace, ckpt: str | None) -> None:
+        """A backbone that would run its model's own code (trust_remote_code) must be asked for by
+        the user's own config or command line, never by a checkpoint or a run folder's config.yaml.
+        """
+        model = cfg.model.get("init_args") if isinstance(cfg.get("model"), Namespace) else None
+        backbone = model.get("backbone") if model is not None else None
+        if not isinstance(backbone, Namespace) or not records_remote_code(backbone.get("init_args")):
+            return
+        if user_asks_for_remote_code(self._argv):
+            return
+        configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
+        records = [c for c in configs if is_run_config(c)]
+        source = self._backbone_source or (records[0] if records else f"the checkpoint {ckpt}")
+        init_args = {**backbone.init_args.as_dict(), "trust_remote_code": True}
+        flow = json.dumps({"class_path": backbone.class_path, "init_args": init_args})
+        how = (
+            "--model.init_args.backbone.init_args.trust_remote_code true"
+            if records and not self._backbone_source
+            else f"--model.init_args.backbone '{flow}'"
+        )
+        raise ConfigError(
+            f"model.init_args.backbone.init_args.trust_remote_code: true comes from {source}, not from "
+            f"your config or command line; a checkpoint or a run folder is a record, not consent to "
+            f"run the model's own code: if you trust that code, add {how} to the command (or set it in "
+            f"your own config)"
+        )
 
     # ----------------------------------------------------------------- sharded checkpoints
     def _ckpt_for_strategy(self) -> None:
