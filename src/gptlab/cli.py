@@ -44,7 +44,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from gptlab.callbacks import Checkpoint, ProgressBar, Throughput
@@ -265,6 +265,39 @@ def check_writable_dir(directory: Path, what: str) -> None:
         )
 
 
+# Set by rank 0 for the processes Lightning launches (they inherit the environment): the run
+# directory it claimed, so that every rank logs into the same version_N.
+CLAIMED_RUN_ENV = "GPTLAB_CLAIMED_RUN"
+
+
+def claim_version(root: Path) -> int:
+    """Create `root/version_N` for the next free N and return N; atomic across processes.
+
+    Lightning's loggers list `root` and take the highest version + 1, so two runs started at the
+    same moment pick the same N and share one directory. `mkdir` without exist_ok is the
+    create-exclusive step: whoever creates the directory owns it, the other tries N + 1.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [p.name.split("_", 1)[1] for p in root.glob("version_*") if p.is_dir()]
+    version = max((int(t) for t in taken if t.isdigit()), default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
+
+
+def remove_empty_parents(directory: Path, stop: Path) -> None:
+    """Remove `directory` and its parents up to (not including) `stop` while they are empty."""
+    while directory != stop and stop in directory.parents and directory.is_dir():
+        try:
+            directory.rmdir()  # only succeeds on an empty directory
+        except OSError:
+            return
+        directory = directory.parent
+
+
 def remove_traces(log_dir: Path, before: set[Path] | None) -> None:
     """Undo what a command that failed before training wrote into `log_dir` (logger files, config.yaml).
 
@@ -348,7 +381,24 @@ class GPTLabCLI(LightningCLI):
         self._ckpt_source: str | None = None
         # Where a backbone config filled in from a record came from (a checkpoint, init_from).
         self._backbone_source: str | None = None
+        # The run directory this command claimed (created) and the nearest folder above it that
+        # existed before: what a failure before training removes again.
+        self._claimed: Path | None = None
+        self._existed: Path | None = None
+        self._batches = _BatchSeen()
         self._consolidated_dir: tempfile.TemporaryDirectory | None = None
+        try:
+            self._start(args, run)
+        except BaseException:
+            # Whatever stopped the command (a bad input, a bug, Ctrl-C) before it trained leaves
+            # no half-made run folder behind.
+            self._remove_claimed_run()
+            raise
+        finally:
+            if self._claimed is not None and os.environ.get(CLAIMED_RUN_ENV) == str(self._claimed):
+                del os.environ[CLAIMED_RUN_ENV]
+
+    def _start(self, args: ArgsType, run: bool) -> None:
         super().__init__(
             model_class=TaskModule,
             datamodule_class=DataModule,
@@ -435,6 +485,50 @@ class GPTLabCLI(LightningCLI):
                 f"--config; <run>/config.yaml is found beside the checkpoint) or a checkpoint of this task"
             )
 
+    def _claim_run_dirs(self, cfg: Namespace) -> None:
+        """Give every TensorBoard / CSV logger of a new run a version_N this process created itself."""
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+        claimed: dict[Path, int] = {}
+        for logger in loggers:
+            if not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
+                continue
+            cls = task_class_of(str(logger.get("class_path")))
+            args = logger.init_args
+            if (
+                cls is None
+                or not issubclass(cls, CSVLogger | TensorBoardLogger)
+                or args.get("version") is not None
+            ):
+                continue
+            name = args.get("name", "lightning_logs")
+            root = Path(args.get("save_dir") or ".") / (name or "")
+            inherited = os.environ.get(CLAIMED_RUN_ENV)
+            if inherited and Path(inherited).parent == root:
+                args.version = Path(inherited).name  # a rank launched by rank 0: its directory
+                continue
+            if rank_zero_only.rank != 0:
+                continue  # launched by another tool: rank 0's directory reaches it by broadcast
+            if root not in claimed:
+                existed = root
+                while not existed.exists() and existed != existed.parent:
+                    existed = existed.parent
+                claimed[root] = claim_version(root)
+                if self._claimed is None:
+                    self._claimed, self._existed = root / f"version_{claimed[root]}", existed
+                    os.environ[CLAIMED_RUN_ENV] = str(self._claimed)
+            args.version = f"version_{claimed[root]}"
+
+    def _remove_claimed_run(self) -> None:
+        """Remove the run directory this command claimed (and the empty folders it created above
+        it), unless the run trained: a failure before the first batch leaves nothing behind."""
+        if self._claimed is None or self._batches.seen:
+            return
+        remove_traces(self._claimed, None)  # keeps everything once a checkpoint was written
+        if not self._claimed.exists() and self._existed is not None:
+            remove_empty_parents(self._claimed.parent, self._existed)
+
     def _run_subcommand(self, subcommand: str) -> None:
         # A command that fails before its first batch (bad data found in setup, a model / data
         # mismatch) leaves no half-made run behind: Lightning creates the logger's directory and event file
@@ -443,7 +537,9 @@ class GPTLabCLI(LightningCLI):
         logger = self.trainer.logger if self.trainer.is_global_zero else None
         log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
         before = set(log_dir.rglob("*")) if log_dir is not None and log_dir.exists() else None
-        batches = _BatchSeen()
+        if log_dir is not None and log_dir == self._claimed:
+            before = None  # claimed (created empty) by this command
+        batches = self._batches
         self.trainer.callbacks.append(batches)
         try:
             try:
@@ -454,7 +550,7 @@ class GPTLabCLI(LightningCLI):
                 if "`val_check_interval`" not in str(err) or isinstance(err, GPTLabError):
                     raise
                 raise ConfigError(f"trainer.val_check_interval: {' '.join(str(err).split())}") from None
-        except (GPTLabError, MisconfigurationException):
+        except BaseException:
             if log_dir is not None and not batches.seen:
                 remove_traces(log_dir, before)
             raise
@@ -525,6 +621,7 @@ class GPTLabCLI(LightningCLI):
             )
         self._fill_from_checkpoints(cfg, ckpt)
         self._refuse_recorded_remote_code(cfg, ckpt)
+        self._claim_run_dirs(cfg)
         # Evaluate with the tokenizer the run trained with, unless one is given explicitly.
         explicit = any("tokenizer" in a for a in self._argv)
         if self.subcommand in EVAL_SUBCOMMANDS and run and (run / "tokenizer").is_dir() and not explicit:
