@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -126,3 +127,46 @@ def test_an_unexpected_exception_before_training_leaves_no_run_folder(tiny_runs,
         with pytest.raises(RuntimeError, match="bug"):
             main(["fit", "--config", str(path)])
     assert list(logs.rglob("*")) == [logs / "causal_lm"]
+
+
+def test_export_overwrite_replaces_only_an_earlier_export(tiny_runs, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    run = logs / "exp" / "version_0"
+    shutil.copytree(tiny_runs.runs["causal_lm"], run)
+    last = run / "checkpoints" / "last.ckpt"
+    stray = tmp_path / "notes"
+    stray.mkdir()
+    (stray / "todo.txt").write_text("mine")
+    (stray / "drafts").mkdir()
+    cases = {
+        "the run itself": (run, "holds the checkpoint being exported"),
+        "the logs root": (logs, "holds the checkpoint being exported"),
+        "the checkpoints folder": (run / "checkpoints", "holds the checkpoint being exported"),
+        "another run": (tiny_runs.runs["classification"].parent, "contains a run folder or checkpoints"),
+        "a folder of other files": (stray, "does not look like a model directory written by export"),
+        "a file": (stray / "todo.txt", "is a file, not an export directory"),
+    }
+    for name, (out, needle) in cases.items():
+        before = (
+            {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.is_dir() else out.read_bytes()
+        )
+        code, err = run_cli(
+            capsys, "export", "--ckpt_path", str(last), "--out", str(out), "--overwrite", "true"
+        )
+        assert code == 2 and len(err.strip().splitlines()) == 1, (name, err)
+        assert needle in err and f"--out {out}" in err, (name, err)
+        after = (
+            {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.is_dir() else out.read_bytes()
+        )
+        assert after == before, f"{name}: export --overwrite changed it"
+    # An earlier export is replaced, and its files are readable by others as normal files are.
+    out = tmp_path / "export"
+    assert run_cli(capsys, "export", "--ckpt_path", str(last), "--out", str(out))[0] == 0
+    (out / "stale.txt").write_text("old")
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(last), "--out", str(out), "--overwrite", "true")
+    assert code == 0, err
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
