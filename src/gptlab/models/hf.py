@@ -40,7 +40,11 @@ def _build(
             return AutoModelForCausalLM.from_pretrained(
                 name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code, **overrides
             )
-        except OSError as err:  # missing directory, no network, no weights: a user error
+        except (OSError, ValueError) as err:
+            # A missing directory, no network, no config.json or weights: a user error. (A model
+            # with its own code is a ValueError too, answered by the caller.)
+            if isinstance(err, ValueError) and "custom code" in str(err):
+                raise
             raise ConfigError(_load_failure(name_or_path, err)) from None
     try:
         config = AutoConfig.for_model(model_type, **overrides)
@@ -54,7 +58,7 @@ def _build(
     return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def _load_failure(name_or_path: str, err: OSError) -> str:
+def _load_failure(name_or_path: str, err: Exception) -> str:
     """One line on why `from_pretrained(name_or_path)` failed and what to do."""
     path = Path(name_or_path).expanduser()
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
