@@ -3,6 +3,7 @@ integer label names, a run without validation, files checked at `fit`."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -164,3 +165,85 @@ def test_integer_label_names_and_a_run_without_validation(tmp_path, capsys, recw
     assert code == 0, err
     report = (best.parent.parent / "reports" / "test_report.txt").read_text()
     assert "\n           0     " in report and "\n           1     " in report  # integer names label the rows
+
+
+# ----------------------------------------------------------------------------- instruction data
+INSTRUCTIONS = [
+    {"id": "a", "instruction": "Add the numbers.", "instances": [{"input": "2 3", "output": "5"}]},
+    {"id": "b", "instruction": "Say hello.", "instances": [{"input": "", "output": "hello"}]},
+]
+TEMPLATE = (
+    "{{ instruction }}\n{% if instances[0].input %}\nInput: {{ instances[0].input }}\n{% endif %}\nOutput: "
+)
+
+
+def sft(tmp_path, tokenizer_dir, records, stage="fit", **kwargs):
+    from gptlab.data import SFTDataModule
+
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = {"train_files": str(path), "tokenizer": tokenizer_dir, "val_fraction": 0.0, **kwargs}
+    if stage == "test":
+        args["test_files"] = args.pop("train_files")
+    dm = SFTDataModule(**args)
+    dm.prepare_data()
+    dm.setup(stage)
+    return dm, path
+
+
+def test_nested_fields_and_a_jinja_template_with_an_optional_part(tmp_path, tokenizer_dir):
+    dm, _ = sft(
+        tmp_path,
+        tokenizer_dir,
+        INSTRUCTIONS,
+        stage="test",
+        prompt_template=TEMPLATE,
+        completion_field="instances.0.output",
+    )
+    items = dm.test_dataset.items
+    # The empty input leaves no "Input:" line and no blank line behind.
+    assert [i["prompt"] for i in items] == ["Add the numbers.\nInput: 2 3\nOutput: ", "Say hello.\nOutput: "]
+    assert [i["reference"] for i in items] == ["5", "hello"]
+    # A plain field path for the prompt as well (no template).
+    dm, _ = sft(
+        tmp_path,
+        tokenizer_dir,
+        INSTRUCTIONS,
+        stage="test",
+        prompt_field="instances.0.input",
+        completion_field="instances.0.output",
+    )
+    assert [i["prompt"] for i in dm.test_dataset.items] == ["2 3", ""]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (
+            {"prompt_template": TEMPLATE, "completion_field": "instances.1.output"},
+            ["line 1: no item 1 in 'instances' (a list of 1)", "completion_field"],
+        ),
+        (
+            {"prompt_template": TEMPLATE, "completion_field": "instances.0.answer"},
+            ["line 1: no 'answer' in 'instances.0'", "'input', 'output'"],
+        ),
+        (
+            {"prompt_template": "{{ instructions }}: ", "completion_field": "instances.0.output"},
+            ["line 1: prompt_template uses a value the record does not have", "'instructions' is undefined"],
+        ),
+    ],
+)
+def test_nested_field_and_template_errors_name_the_record_and_the_path(
+    tmp_path, tokenizer_dir, args, needles
+):
+    with pytest.raises(DataError) as err:
+        sft(tmp_path, tokenizer_dir, INSTRUCTIONS, **args)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_a_broken_jinja_template_is_a_config_error(tmp_path, tokenizer_dir):
+    from gptlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a valid Jinja template"):
+        sft(tmp_path, tokenizer_dir, INSTRUCTIONS, prompt_template="{% if instruction %}{{ instruction }}")

@@ -72,6 +72,7 @@ def encode_texts(
         return encoded
     hits = [i for i, ids in enumerate(encoded["input_ids"]) if unk in ids]
     if hits:
+        # Counted per example (`wheres`): an SFT record gives several texts.
         examples = []
         for i in hits[:3]:
             spans = tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)
@@ -82,7 +83,8 @@ def encode_texts(
             }
             examples.append(f"{wheres[i]}: {', '.join(sorted(map(repr, unknown)))}")
         rank_zero_warn(
-            f"gptlab: {what}: {len(hits)} of {len(texts)} examples hold text the tokenizer has no token "
+            f"gptlab: {what}: {len(dict.fromkeys(wheres[i] for i in hits))} of {len(set(wheres))} examples "
+            f"hold text the tokenizer has no token "
             f"for, encoded as {tokenizer.unk_token!r} (e.g. {'; '.join(examples)}); a tokenizer trained "
             f"on text that contains it (or a byte-level BPE) would keep it"
         )
