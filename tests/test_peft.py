@@ -179,7 +179,8 @@ def lora_run(bases) -> Path:
 def test_peft_target_modules_that_match_nothing(bases, tmp_path, capsys):
     lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["query", "value"]}}
     path = fit_config(bases, tmp_path, "gpt", peft=lora)
-    line = one_line_error(*run_cli(capsys, "fit", "--config", str(path)), "target_modules", "matches no module")
+    code, err = run_cli(capsys, "fit", "--config", str(path))
+    line = one_line_error(code, err, "target_modules", "matches no module")
     assert "c_attn (Linear)" in line and "lm_head (Linear)" in line  # the backbone's own names
     assert not (tmp_path / "logs").exists()
 
@@ -187,7 +188,8 @@ def test_peft_target_modules_that_match_nothing(bases, tmp_path, capsys):
 def test_adapter_checkpoint_on_another_base(bases, lora_run, tmp_path, capsys):
     other = save_llama(tmp_path / "other_llama", bases.tokenizer, seed=1)
     before = snapshot(lora_run.parent.parent)
-    code, err = run_cli(capsys, "test", "--ckpt_path", str(lora_run), "--model.init_args.init_from", str(other))
+    args = ["--ckpt_path", str(lora_run), "--model.init_args.init_from", str(other)]
+    code, err = run_cli(capsys, "test", *args)
     line = one_line_error(code, err, "trained on the base", bases.llama, str(other), "fingerprint")
     assert "load it on the base it was trained on" in line
     assert snapshot(lora_run.parent.parent) == before
