@@ -12,6 +12,7 @@ like our GPT.
 from __future__ import annotations
 
 import inspect
+import os
 from collections import Counter
 from typing import Any
 
@@ -28,6 +29,11 @@ def _build(
 ) -> PreTrainedModel:
     """The transformers model: pretrained from `name_or_path`, or random from `model_type`'s config."""
     if name_or_path is not None:
+        name_or_path = os.path.expanduser(name_or_path)  # "~/.cache/gptlab/models/..." in YAML
+        if name_or_path.startswith(("/", "./", "../")) and not os.path.isdir(name_or_path):
+            # A path, not a hub name ("org/name"): say so instead of a hub lookup error.
+            hint = " (make it with: python scripts/get_smollm2.py)" if "SmolLM2" in name_or_path else ""
+            raise ConfigError(f"HFBackbone name_or_path={name_or_path}: no such directory{hint}")
         # dtype=float32: transformers 5 defaults to dtype="auto" (the checkpoint's, often bf16),
         # but Lightning's precision plugins expect fp32 master weights and cast for compute;
         # training bf16 weights directly with AdamW loses small updates.
@@ -45,8 +51,8 @@ class HFBackbone(Backbone):
     weights, built from ``AutoConfig.for_model(model_type, **config_overrides)``).
 
     Args:
-        name_or_path: Local directory (from ``save_pretrained``) or hub name (e.g. "gpt2") of a
-            pretrained causal LM. Hub names need network access on first use.
+        name_or_path: Local directory (from ``save_pretrained``; ``~`` expands) or hub name (e.g.
+            "gpt2") of a pretrained causal LM. Hub names need network access on first use.
         model_type: A transformers model type (e.g. "gpt2", "llama") to build with random weights,
             offline. Use ``config_overrides`` to make it small.
         config_overrides: Config fields to set, e.g. {"n_layer": 2, "n_embd": 64}. With
