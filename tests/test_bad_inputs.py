@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 6, point 6; the table is docs/bad_inputs.md): every row is a test here.
+"""The bad-input catalogue (the table is docs/bad_inputs.md): every row is a test here.
 
 Each bad input must stop `main.py` with exit status 2 and ONE line `gptlab: error: ...` that names
 what is wrong, where (file, line, key) and what to do; no traceback, no usage wall; before training

@@ -1,4 +1,4 @@
-"""Safe loading (issue 6, point 4): what gptlab writes loads with weights_only=True, a crafted pickle is
+"""Safe loading (docs/design.md §6.3): what gptlab writes loads with weights_only=True, a crafted pickle is
 refused by every entry point without running, remote code stays off, exports are safetensors.
 
 The crafted checkpoint is a real `torch.save` of a dict holding an object whose `__reduce__` would

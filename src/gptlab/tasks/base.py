@@ -236,7 +236,7 @@ class TaskModule(L.LightningModule):
         # Dropout (and any other sampling in the step) draws from the global RNG. Reseeding it
         # from (seed, step, micro-batch, rank) makes the masks of a step the same in a resumed
         # run as in an uninterrupted one: restoring RNG state would not be enough, because
-        # validation and sample generation draw from it too, at other times (DESIGN.md §6).
+        # validation and sample generation draw from it too, at other times (docs/design.md §6.1).
         trainer = self.trainer
         micro = batch_idx % trainer.accumulate_grad_batches
         seed_step_rng(self.device, step_seed(trainer.global_step, micro, trainer.global_rank))
@@ -373,8 +373,8 @@ def step_seed(step: int, micro_batch: int, rank: int) -> int:
 
     The run seed is `seed_everything`'s (Lightning keeps it in $PL_GLOBAL_SEED; 0 when unset).
     The four numbers are chained through splitmix64, so nearby steps and ranks get unrelated
-    seeds; a few microseconds of Python (numpy's SeedSequence costs ~60 us, torch.manual_seed
-    ~0.5 ms on a CPU-only build, which queues a CUDA seeding call each time).
+    seeds; plain integer arithmetic, far cheaper than numpy's SeedSequence or torch.manual_seed
+    (which also queues a CUDA seeding call on every call).
     """
     h = int(os.environ.get("PL_GLOBAL_SEED", 0)) & _MASK64
     for value in (step, micro_batch, rank):
