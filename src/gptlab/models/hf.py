@@ -60,6 +60,10 @@ class HFBackbone(Backbone):
             config (e.g. dropout).
         trust_remote_code: Allow models whose code lives in the checkpoint directory / hub repo.
             Only enable for sources you trust: it executes that code.
+        gradient_checkpointing: Activation checkpointing through transformers'
+            ``gradient_checkpointing_enable`` (non-reentrant): each decoder layer is recomputed
+            in the backward pass instead of keeping its activations; about one extra forward per
+            step for a fraction of the activation memory. Weights and outputs are unchanged.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class HFBackbone(Backbone):
         model_type: str | None = None,
         config_overrides: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if (name_or_path is None) == (model_type is None):
@@ -96,6 +101,14 @@ class HFBackbone(Backbone):
         self._takes_position_ids = "position_ids" in params
         self._takes_use_cache = "use_cache" in params
         self._block_class = _find_block_class(self.model)
+        if gradient_checkpointing:
+            # Active in training mode only, as in transformers; non-reentrant keeps the RNG state
+            # (same dropout masks) and works when the inputs need no grad (frozen embeddings, LoRA).
+            options = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
     # -- Backbone interface ------------------------------------------------------------------
 
