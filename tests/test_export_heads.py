@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from gptlab.errors import CheckpointError
 from gptlab.export import check_classifier_export, ensure_pad_token, to_hf_classifier
 from gptlab.models import GPT, HFBackbone
 from gptlab.tasks import SequenceClassification, TokenClassification
+from test_bad_inputs import one_line_error
 from tiny_runs import run_cli
 
 TEXTS = ["the movie was good great", "bad awful plot", "a"]
@@ -141,3 +143,16 @@ def test_llama_head_with_a_bias_or_mean_pooling_is_refused(tokenizer):
     )
     with pytest.raises(CheckpointError, match="pooling='mean'"):
         to_hf_classifier(mean.eval(), tokenizer)
+
+
+def test_export_of_a_mean_pooled_classifier_is_refused(tiny_runs, tmp_path, capsys):
+    """Mean pooling has no transformers counterpart: one line, exit 2, nothing written."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs.runs["classification"], run)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"]["pooling"] = "mean"
+    torch.save(checkpoint, ckpt)
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "out"))
+    one_line_error(code, err, "pooling='mean'", "model.init_args.pooling: last")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no out, no temporary directory

@@ -333,3 +333,16 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind):
     assert torch.equal(plain_loss, ckpt_loss)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_pretrained_hf_backbone_trains_in_training_mode(tmp_path):
+    """from_pretrained returns eval mode; the backbone must not keep it (dropout and checkpointing off)."""
+    torch.manual_seed(0)
+    HFBackbone(model_type="llama", config_overrides=TINY_LLAMA_OVERRIDES).model.save_pretrained(tmp_path)
+    backbone = HFBackbone(name_or_path=str(tmp_path), gradient_checkpointing=True)
+    assert all(m.training for m in backbone.modules())
+    calls = []
+    for layer in backbone.model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    backbone(torch.randint(0, 96, (2, 8))).sum().backward()
+    assert len(calls) == 2 * len(backbone.model.model.layers)  # each layer recomputed in backward

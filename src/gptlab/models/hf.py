@@ -95,6 +95,11 @@ class HFBackbone(Backbone):
                 f"only if you trust that code (it executes on load)"
             ) from None
 
+        # from_pretrained returns the model in eval mode, and Lightning keeps every module's mode as
+        # built: without this, dropout (and transformers' gradient checkpointing, active in training
+        # mode only) would stay off for a whole fine-tune (docs/design.md, "Known traps").
+        self.model.train()
+
         # Ask the base model which optional inputs it takes, once, instead of failing per batch:
         # ALiBi models (BLOOM, MPT) take no position_ids.
         params = inspect.signature(self.model.base_model.forward).parameters
