@@ -131,6 +131,7 @@ class HFBackbone(Backbone):
                 f"model_type={model_type!r}: remove one of them"
             )
         overrides = dict(config_overrides or {})
+        self.name_or_path = name_or_path  # where pretrained weights come back from (peft checkpoints)
         self.trust_remote_code = trust_remote_code
         try:
             self.model: PreTrainedModel = _build(name_or_path, model_type, overrides, trust_remote_code)

@@ -44,7 +44,7 @@ from gptlab.metrics.classification import (
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine
 from gptlab.reports import Report, write_text
-from gptlab.tasks.base import TaskModule
+from gptlab.tasks.base import PeftConfig, TaskModule
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -76,6 +76,7 @@ class SequenceClassification(TaskModule):
         init_from: str | None = None,
         freeze_backbone: bool = False,
         backbone_lr_scale: float = 1.0,
+        peft: PeftConfig | None = None,
     ) -> None:
         """
         Args:
@@ -96,6 +97,7 @@ class SequenceClassification(TaskModule):
             init_from: initialise the backbone from a gptlab checkpoint or HF model directory.
             freeze_backbone: train the head only.
             backbone_lr_scale: the backbone's learning rate as a fraction of the head's.
+            peft: a peft config (e.g. peft.LoraConfig): adapters on a frozen backbone (see TaskModule).
         """
         if not label_names:
             raise ConfigError(
@@ -106,7 +108,7 @@ class SequenceClassification(TaskModule):
             raise ConfigError(f"pooling={pooling!r} must be 'last' or 'mean'")
         if not 0.0 < threshold < 1.0:
             raise ConfigError(f"threshold={threshold} must be between 0 and 1")
-        super().__init__(backbone, optimizer, scheduler, init_from, freeze_backbone, backbone_lr_scale)
+        super().__init__(backbone, optimizer, scheduler, init_from, freeze_backbone, backbone_lr_scale, peft)
         self.label_names = list(label_names)
         self.pooling = pooling
         self.multi_label = multi_label
@@ -176,6 +178,7 @@ class SequenceClassification(TaskModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("hyper_parameters", {}).get("label_names")
         if saved is not None and list(saved) != self.label_names:
             raise CheckpointError(
