@@ -44,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DEFAULT_TOKENIZER, DataError, DataModule
+from gptlab.data.base import DataError, DataModule
 from gptlab.data.tokenizers import TokenizerRecipe, tokenizer_fingerprint
 from gptlab.errors import ConfigError
 
@@ -383,7 +383,7 @@ class TextDataModule(DataModule):
 
     def __init__(
         self,
-        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        tokenizer: TokenizerRecipe | str | None = None,
         train_files: str | list[str] | None = None,
         val_files: str | list[str] | None = None,
         test_files: str | list[str] | None = None,
