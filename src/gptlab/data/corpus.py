@@ -45,7 +45,7 @@ MAX_CHARS = 1 << 15  # characters per piece
 BATCH_CHARS = 1 << 22  # characters per encode_batch_fast call
 BLOCK_CHARS = 1 << 20  # characters read from a file at a time
 PROBE_CHARS = 256  # context on each side of a cut when checking it
-COPY_TOKENS = 1 << 24  # tokens per copy when splitting a stream into files
+COPY_TOKENS = 1 << 22  # tokens per copy when splitting a stream into files
 
 
 # ----------------------------------------------------------------------------- reading and cutting
@@ -115,7 +115,8 @@ class TokenWriter:
 
     def write(self, tokens: np.ndarray) -> None:
         """Append `tokens` (cast to the file's dtype)."""
-        self.file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        # A contiguous slice of a memory-mapped stream of the same dtype is written without a copy.
+        self.file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
         self.count += len(tokens)
 
     def close(self) -> None:

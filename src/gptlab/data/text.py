@@ -105,12 +105,12 @@ def _kind(path: Path) -> Literal["text", "json", "parquet"]:
 
 def _check_utf8(path: Path) -> tuple[str | None, bool]:
     """(problem or None, whether the file holds any non-whitespace text)."""
-    # Incremental decoding in 16 MiB chunks: constant memory, and the byte offset of a bad byte.
+    # Incremental decoding in 1 MiB chunks: constant memory, and the byte offset of a bad byte.
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, content = 0, False
     with path.open("rb") as f:
         while True:
-            chunk = f.read(1 << 24)
+            chunk = f.read(1 << 20)
             pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
             try:
                 text = decoder.decode(chunk, final=not chunk)
