@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 import gptlab.data.corpus as corpus
 from gptlab.data import BPE, Char, TextDataModule
-from gptlab.data.corpus import CorpusEncoder, TokenWriter, cut_text, read_blocks, shorten
+from gptlab.data.corpus import Batch, CorpusEncoder, TokenWriter, cut_text, read_blocks, shorten
 
 WORDS = "the quick brown fox jumps over a lazy dog while 42 cats, 7 owls and 1999 ants (mostly) watch".split()
 
@@ -111,6 +111,15 @@ def test_chunked_stream_equals_whole_document_tokenization(bpe, small_chunks):
         stream, encoder = encode(tokenizer, [[t[i : i + 100] for i in range(0, len(t), 100)] for t in texts])
         assert stream == whole(tokenizer, texts)
         assert encoder.cuts.made > 50 and encoder.cuts.changed == 0
+
+
+def test_a_tokenizer_without_a_rust_backend_is_called_itself(bpe, small_chunks):
+    text = prose(300, seed=8)
+    encoder = CorpusEncoder(bpe)
+    encoder.backend = None  # as for a tokenizer with no backend_tokenizer
+    chunks: list[np.ndarray] = []
+    encoder.encode([[text]], chunks.append, np.dtype(np.uint32))
+    assert np.concatenate(chunks).tolist() == whole(bpe, [text]) and encoder.cuts.made > 20
 
 
 def llama3_style() -> PreTrainedTokenizerFast:
@@ -215,13 +224,13 @@ def test_python_memory_stays_bounded_on_a_long_line(tmp_path, monkeypatch):
     ]:
         monkeypatch.setattr(corpus, name, value)
     sizes: list[tuple[int, int]] = []
-    original = CorpusEncoder._encode
+    original = CorpusEncoder._encode_batch
 
-    def spy(self: CorpusEncoder, texts: list[str]) -> list[list[int]]:
-        sizes.append((max(map(len, texts)), sum(map(len, texts))))
-        return original(self, texts)
+    def spy(self: CorpusEncoder, batch: Batch) -> list[list[int]]:
+        sizes.append((max(map(len, batch.pieces)), sum(map(len, batch.pieces))))
+        return original(self, batch)
 
-    monkeypatch.setattr(CorpusEncoder, "_encode", spy)
+    monkeypatch.setattr(CorpusEncoder, "_encode_batch", spy)
     dm = TextDataModule(tokenizer=Char(), train_files=str(path), block_size=8, cache_dir=str(tmp_path / "c"))
     tokenizer = Char().train(cut_text(read_blocks(path)))
     next(dm.documents("train"))  # the files' checks (UTF-8, not empty) run once, before tracing

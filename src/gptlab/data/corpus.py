@@ -29,9 +29,12 @@ encoding the whole document. Documents up to MAX_CHARS characters are never cut.
 
 from __future__ import annotations
 
+import itertools
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -44,7 +47,7 @@ from gptlab.data.base import DataError
 MAX_CHARS = 1 << 15  # characters per piece
 BATCH_CHARS = 1 << 22  # characters per encode_batch_fast call
 BLOCK_CHARS = 1 << 20  # characters read from a file at a time
-PROBE_CHARS = 256  # context on each side of a cut when checking it
+PROBE_CHARS = 128  # context on each side of a cut when checking it
 COPY_TOKENS = 1 << 22  # tokens per copy when splitting a stream into files
 
 
@@ -167,26 +170,50 @@ class CutReport:
     example: str = ""  # the text around the first changed cut, for the warning
 
 
+@dataclass
+class Batch:
+    """Pieces for one encode call, where their documents end, and the cuts to check."""
+
+    pieces: list[str] = field(default_factory=list)
+    ends: list[bool] = field(default_factory=list)  # whether pieces[i] is the last of its document
+    probes: list[tuple[str, str]] = field(default_factory=list)  # (left, right) of each cut
+    chars: int = 0
+
+    def add(self, piece: str, end: bool) -> None:
+        self.pieces.append(piece)
+        self.ends.append(end)
+        self.chars += len(piece)
+
+
 class CorpusEncoder:
     """Encodes documents into one token stream with <eos> after each, in bounded memory.
 
     As `tokenizer(text, add_special_tokens=False, split_special_tokens=True)`: no BOS/EOS added
     by the tokenizer's template, and a literal "<|endoftext|>" in the text is text, not a separator.
+
+        main thread    read + cut batch k+1  |  ids of batch k -> .npy   |  read + cut batch k+2 ...
+        encode thread  encode batch k (Rust, GIL released, Rayon pool)  |  encode batch k+1 ...
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
-        # A private copy of the Rust tokenizer: its settings change here, the caller's stay.
-        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self.backend.encode_special_tokens = True  # transformers' split_special_tokens=True
-        # A saved tokenizer.json may carry truncation or padding; transformers turns them off per call.
-        self.backend.no_truncation()
-        self.backend.no_padding()
+        self.backend: Tokenizer | None = None
+        if getattr(tokenizer, "backend_tokenizer", None) is not None:
+            # A private copy of the Rust tokenizer: its settings change here, the caller's stay.
+            self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+            self.backend.encode_special_tokens = True  # transformers' split_special_tokens=True
+            # A saved tokenizer.json may carry truncation or padding; transformers turns them off per call.
+            self.backend.no_truncation()
+            self.backend.no_padding()
         self.cuts = CutReport()
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         try:
+            if self.backend is None:  # a tokenizer without a Rust backend (e.g. SentencePiece's own)
+                return self.tokenizer(
+                    texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False
+                )["input_ids"]
             return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
         except Exception as err:  # the Rust tokenizers raise a bare Exception
             chars = set().union(*map(set, texts))
@@ -199,14 +226,32 @@ class CorpusEncoder:
             )
             raise DataError(f"the tokenizer cannot encode this text ({err}){hint}") from None
 
-    def _check_cuts(self, probes: list[tuple[str, str]]) -> None:
-        # encode(l + r) == encode(l) + encode(r): the cut changed nothing near it.
-        ids = self._encode([text for left, right in probes for text in (left + right, left, right)])
-        for i, (left, right) in enumerate(probes):
-            self.cuts.made += 1
-            if ids[3 * i] != ids[3 * i + 1] + ids[3 * i + 2]:
-                self.cuts.changed += 1
-                self.cuts.example = self.cuts.example or f"{left[-20:]!r} | {right[:20]!r}"
+    def _encode_batch(self, batch: Batch) -> list[list[int]]:
+        # The cuts' checks ride in the same call: (l + r, l, r) after the pieces.
+        return self._encode(
+            batch.pieces + [t for left, right in batch.probes for t in (left + right, left, right)]
+        )
+
+    def _batches(self, documents: Iterable[Iterable[str]]) -> Iterator[Batch]:
+        batch = Batch()
+        for document in documents:
+            previous = None
+            for piece in cut_text(document):
+                if previous is not None:
+                    # One piece behind, so that the last piece of a document is known as such.
+                    batch.add(previous, end=False)
+                    batch.probes.append((previous[-PROBE_CHARS:], piece[:PROBE_CHARS]))
+                    if batch.chars >= BATCH_CHARS:
+                        yield batch
+                        batch = Batch()
+                previous = piece
+            if previous is not None:
+                batch.add(previous, end=True)
+                if batch.chars >= BATCH_CHARS:
+                    yield batch
+                    batch = Batch()
+        if batch.pieces:
+            yield batch
 
     def encode(
         self, documents: Iterable[Iterable[str]], write: Callable[[np.ndarray], None], dtype: np.dtype
@@ -217,48 +262,35 @@ class CorpusEncoder:
         with no text are left out (they would add a lone <eos>).
         """
         lengths = array("q")
-        pieces: list[str] = []
-        ends: list[bool] = []  # whether pieces[i] is the last of its document
-        probes: list[tuple[str, str]] = []
-        chars = 0
         current = 0  # tokens of the document being written, across batches
 
-        def flush() -> None:
-            nonlocal chars, current
-            flat: list[int] = []
-            for ids, end in zip(self._encode(pieces), ends, strict=True):
-                flat.extend(ids)
-                current += len(ids)
+        def finish(batch: Batch, encoded: Future[list[list[int]]]) -> None:
+            nonlocal current
+            ids = encoded.result()
+            parts: list[Iterable[int]] = []
+            for piece_ids, end in zip(ids, batch.ends, strict=False):  # the probes' ids follow
+                parts.append(piece_ids)
+                current += len(piece_ids)
                 if end:
-                    flat.append(self.eos_id)
+                    parts.append((self.eos_id,))
                     lengths.append(current + 1)
                     current = 0
-            if probes:
-                self._check_cuts(probes)
-            write(np.array(flat, dtype=dtype))
-            pieces.clear()
-            ends.clear()
-            probes.clear()
-            chars = 0
+            write(np.fromiter(itertools.chain.from_iterable(parts), dtype=dtype))
+            for i, (left, right) in enumerate(batch.probes):
+                # encode(l + r) == encode(l) + encode(r): the cut changed nothing near it.
+                whole, *halves = ids[len(batch.pieces) + 3 * i : len(batch.pieces) + 3 * i + 3]
+                self.cuts.made += 1
+                if whole != halves[0] + halves[1]:
+                    self.cuts.changed += 1
+                    self.cuts.example = self.cuts.example or f"{left[-20:]!r} | {right[:20]!r}"
 
-        for document in documents:
-            previous = None
-            for piece in cut_text(document):
-                if previous is not None:
-                    # One piece behind, so the last piece of the document is known when added.
-                    pieces.append(previous)
-                    ends.append(False)
-                    probes.append((previous[-PROBE_CHARS:], piece[:PROBE_CHARS]))
-                    chars += len(previous)
-                    if chars >= BATCH_CHARS:
-                        flush()
-                previous = piece
-            if previous is not None:
-                pieces.append(previous)
-                ends.append(True)
-                chars += len(previous)
-                if chars >= BATCH_CHARS:
-                    flush()
-        if pieces:
-            flush()
+        # One batch encodes while the one before it is written and the next one read.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptlab-encode") as pool:
+            pending: deque[tuple[Batch, Future[list[list[int]]]]] = deque()
+            for batch in self._batches(documents):
+                pending.append((batch, pool.submit(self._encode_batch, batch)))
+                if len(pending) > 1:
+                    finish(*pending.popleft())
+            while pending:
+                finish(*pending.popleft())
         return np.array(lengths, dtype=np.int64)
