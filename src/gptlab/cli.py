@@ -427,7 +427,12 @@ class GPTLabCLI(LightningCLI):
             default="default",
             help="Experiment name: runs land in logs/<experiment>/version_N/.",
         )
-        parser.add_argument("--logs", type=str, default="logs", help="Root directory of all runs.")
+        # `--logs_root` is the spelling that survives launchers: torchrun's parser reads options
+        # placed after the script too and prefix-matches `--logs` to its own `--logs-specs`
+        # (docs/multinode.md). `--logs` stays an alias, and `logs:` the key in YAML.
+        parser.add_argument(
+            "--logs_root", "--logs", dest="logs", type=str, default="logs", help="Root directory of all runs."
+        )
         # Always present and configurable as `checkpoint.*`: best by the monitored metric, and last.
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         # The data module knows the labels (given, or read cheaply from the training labels); the
