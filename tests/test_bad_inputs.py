@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 6, point 6; the table is docs/bad_inputs.md): every row is a test here.
+"""The bad-input catalogue (the table is docs/bad_inputs.md): every row is a test here.
 
 Each bad input must stop `main.py` with exit status 2 and ONE line `gptlab: error: ...` that names
 what is wrong, where (file, line, key) and what to do; no traceback, no usage wall; before training
@@ -327,6 +327,34 @@ def test_init_from_a_checkpoint_whose_backbone_differs(causal, classifier, tmp_p
     code, err = run_cli(capsys, "fit", "--config", str(config))
     one_line_error(code, err, "init_from=", "does not match", "same backbone config")
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+BACKBONE_ROWS = {
+    # id: (HFBackbone init_args, needles in the one line)
+    "hub_name_offline": (
+        {"name_or_path": "gptlab-tests/no-such-model"},
+        ["name_or_path=gptlab-tests/no-such-model", "hub could not be reached", "local directory"],
+    ),
+    "missing_directory": ({"name_or_path": "{tmp}/no/such/dir"}, ["no such directory", "save_pretrained"]),
+    "both_sources": (
+        {"name_or_path": "gpt2", "model_type": "gpt2"},
+        ["exactly one of name_or_path", "remove one of them"],
+    ),
+}
+
+
+@pytest.mark.parametrize("row", list(BACKBONE_ROWS))
+def test_backbone_that_cannot_load(row, causal, tmp_path, capsys, monkeypatch):
+    # No network, as with HF_HUB_OFFLINE=1 (read by huggingface_hub when it is imported).
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    init_args, needles = BACKBONE_ROWS[row]
+    init_args = {k: v.format(tmp=tmp_path) for k, v in init_args.items()}
+    backbone = {"class_path": "gptlab.models.HFBackbone", "init_args": init_args}
+    config = write_config(
+        tmp_path / "c.yaml", causal[0], logs=str(tmp_path / "logs"), **{"model.init_args.backbone": backbone}
+    )
+    one_line_error(*run_cli(capsys, "fit", "--config", str(config)), *needles)
+    assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").rglob("*"))
 
 
 def _truncated(run: Path, tmp: Path) -> Path:

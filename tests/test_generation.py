@@ -8,6 +8,7 @@ would spend most of its time importing).
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -146,6 +147,11 @@ def test_test_report_scores_the_generations(sft_run: Path):
             "10",
         ]
     )
+    # Reports and predictions get the mode a plain write gives (the umask's), readable by others.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [*(sft_run / "reports").glob("test_report.*"), sft_run / "predictions.jsonl"]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     lines = (sft_run / "predictions.jsonl").read_text().splitlines()
     predictions = [json.loads(line) for line in lines]
     assert [p["prompt"] for p in predictions] == [s["prompt"] for s in report["samples"]]

@@ -344,7 +344,7 @@ class ProgressBar(RichProgressBar):
 
     What the bar shows beside the batch counter (train/loss, tokens/s, MFU, ...) is logged every
     `trainer.log_every_n_steps` steps; Lightning's bar recollects all of it from the logger
-    connector after every batch, about 0.1 ms of Python per step (benchmarks/train_throughput.py).
+    connector after every batch, a visible share of a small model's step (benchmarks/train_throughput.py).
     Here the counter moves every batch and the numbers at logging steps and epoch ends.
     gptlab's CLI uses it in place of Lightning's default `RichProgressBar` (with its settings).
     """

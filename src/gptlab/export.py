@@ -47,16 +47,19 @@ def export(
         out: the directory to write; it must not exist (or be empty) unless overwrite is true.
         tokenizer: the tokenizer directory or hub name to ship with the model; default: the run's
             own `<run>/tokenizer`, saved beside the checkpoints by `fit`.
-        overwrite: replace an existing non-empty `out`.
+        overwrite: replace an existing non-empty `out` that holds an earlier export (a flat model
+            directory with config.json); never a run folder, a logs root or the checkpoint's folder.
     """
     from gptlab.cli import run_dir_of  # not at import time: cli.py imports this module lazily too
 
     out_dir = Path(out)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ConfigError(
-            f"--out {out_dir} already exists and is not empty: choose another directory or pass "
-            f"--overwrite true"
-        )
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise ConfigError(
+                f"--out {out_dir} already exists and is not empty: give --out a new directory, or pass "
+                f"--overwrite true to replace an earlier export there"
+            )
+        check_overwritable(out_dir, Path(ckpt_path))
     task = _load_task(Path(ckpt_path))
     source = tokenizer
     if source is None:
@@ -93,6 +96,8 @@ def export(
         info = {"checkpoint": str(ckpt_path), "task": type(task).__name__, "tokenizer": str(source)}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         diff = check_export(backbone, tmp)
+        for path in tmp.iterdir():  # safetensors' writer leaves 0600; files of an export are shared
+            path.chmod(0o666 & ~umask)
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         tmp.rename(out_dir)
@@ -100,6 +105,32 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {ckpt_path} to {out_dir} (transformers logits match gptlab's: max |diff| {diff:.1e})")
     return out_dir
+
+
+def check_overwritable(out_dir: Path, ckpt_path: Path) -> None:
+    """`--overwrite` replaces an earlier export, nothing else: never the checkpoint being exported,
+    a run folder or a logs root (`--out logs` would otherwise delete every run)."""
+    out = out_dir.resolve()
+    what = "delete it: give --out a new directory (or remove the old one yourself)"
+    if out == ckpt_path.resolve() or out in ckpt_path.resolve().parents:
+        raise ConfigError(
+            f"--out {out_dir} holds the checkpoint being exported ({ckpt_path}); --overwrite would {what}"
+        )
+    if not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not an export directory; --overwrite would {what}")
+    runs = [p for p in out_dir.rglob("*") if p.name == "checkpoints" or p.suffix == ".ckpt"]
+    if runs:
+        raise ConfigError(
+            f"--out {out_dir} contains a run folder or checkpoints ({runs[0]}); --overwrite would {what}"
+        )
+    entries = list(out_dir.iterdir())
+    folders = [p.name for p in entries if p.is_dir()]
+    if not any((out_dir / name).is_file() for name in (EXPORT_INFO, "config.json")) or folders:
+        reason = f"it holds folders ({', '.join(sorted(folders)[:3])})" if folders else "no config.json"
+        raise ConfigError(
+            f"--out {out_dir} does not look like a model directory written by export ({reason}); "
+            f"--overwrite only replaces an earlier export, and would {what}"
+        )
 
 
 def to_hf_model(backbone: torch.nn.Module, tokenizer) -> PreTrainedModel:

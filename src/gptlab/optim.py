@@ -3,7 +3,7 @@
 Weight decay applies to matrices (linear and embedding weights) only, never to biases and norm
 gains (GPT-2/nanoGPT practice). The groups are decided from parameter *names* recorded before any
 strategy wraps the model: FSDP may flatten parameters to 1-D, which would make a "decay if
-p.dim() >= 2" rule silently decay nothing (DESIGN.md, known traps).
+p.dim() >= 2" rule silently decay nothing (docs/design.md §8).
 """
 
 from __future__ import annotations

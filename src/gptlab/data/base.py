@@ -8,7 +8,7 @@ A subclass reads one data shape (plain text, text + label, ...). It provides the
 recipe trains on (`tokenizer_corpus`, `corpus_fingerprint`), does its expensive one-time work in
 `prepare_datasets` (cached on disk), and sets `train_dataset` / `val_dataset` / `test_dataset` in
 `setup_datasets`. Items are dicts with `input_ids` and optionally `attention_mask` and `labels`;
-`collate` turns a list of them into the batch contract (DESIGN.md §3):
+`collate` turns a list of them into the batch contract (docs/design.md §4.1):
 
     input_ids       int64 (B, T)  right-padded with the pad id
     attention_mask  int64 (B, T)  1 on real tokens
@@ -47,7 +47,7 @@ class SeededShuffleSampler(DistributedSampler):
     """A permutation of `range(num_samples)` that depends only on (seed, epoch), split across ranks.
 
     A plain shuffled DataLoader draws from a generator whose state depends on how many epochs
-    this process has run, so a restarted job replays other samples (DESIGN.md §6). With
+    this process has run, so a restarted job replays other samples (docs/design.md §6.1). With
     `num_replicas` ranks, rank r takes every `num_replicas`-th index of the same permutation from
     position r, so the ranks' batches together are the single-process batch of the same global
     size (the permutation is padded with its own start to a multiple of `num_replicas`, as
@@ -153,7 +153,7 @@ class DataModule(L.LightningDataModule):
         self.test_dataset: Dataset | None = None
         # Training batches this rank has consumed since the run began (the training loop's count,
         # not the loader's: workers and Lightning's fetcher read ahead). Saved in checkpoints and
-        # restored on resume, it tells the sampler where to continue (exact resume, issue 6).
+        # restored on resume, it tells the sampler where to continue (exact resume, docs/design.md §6.1).
         self.train_batches_consumed = 0
 
     # ----------------------------------------------------------------- subclass hooks

@@ -136,6 +136,16 @@ class TaskModule(L.LightningModule):
             # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, Lightning passes None through).
             verify_checkpoint(checkpoint_path)
             weights_only = True if weights_only is None else weights_only
+            if "backbone" not in kwargs and not is_sharded_checkpoint(checkpoint_path):
+                # The recorded backbone is data, not consent: it never switches on remote code.
+                hparams = load_checkpoint(checkpoint_path, mmap=True).get("hyper_parameters") or {}
+                if records_remote_code(hparams.get("backbone")):
+                    raise CheckpointError(
+                        f"{checkpoint_path}: its recorded backbone sets trust_remote_code: true, which "
+                        f"would run the model's own code; gptlab does not turn that on because a "
+                        f"checkpoint says so: if you trust that code, pass the backbone yourself, "
+                        f"load_from_checkpoint(path, backbone=HFBackbone(..., trust_remote_code=True))"
+                    )
         if isinstance(checkpoint_path, str | Path) and is_sharded_checkpoint(checkpoint_path):
             with tempfile.TemporaryDirectory(prefix="gptlab-") as tmp:
                 single = save_consolidated(checkpoint_path, Path(tmp) / "model.ckpt")
@@ -236,7 +246,7 @@ class TaskModule(L.LightningModule):
         # Dropout (and any other sampling in the step) draws from the global RNG. Reseeding it
         # from (seed, step, micro-batch, rank) makes the masks of a step the same in a resumed
         # run as in an uninterrupted one: restoring RNG state would not be enough, because
-        # validation and sample generation draw from it too, at other times (DESIGN.md §6).
+        # validation and sample generation draw from it too, at other times (docs/design.md §6.1).
         trainer = self.trainer
         micro = batch_idx % trainer.accumulate_grad_batches
         seed_step_rng(self.device, step_seed(trainer.global_step, micro, trainer.global_rank))
@@ -373,8 +383,8 @@ def step_seed(step: int, micro_batch: int, rank: int) -> int:
 
     The run seed is `seed_everything`'s (Lightning keeps it in $PL_GLOBAL_SEED; 0 when unset).
     The four numbers are chained through splitmix64, so nearby steps and ranks get unrelated
-    seeds; a few microseconds of Python (numpy's SeedSequence costs ~60 us, torch.manual_seed
-    ~0.5 ms on a CPU-only build, which queues a CUDA seeding call each time).
+    seeds; plain integer arithmetic, far cheaper than numpy's SeedSequence or torch.manual_seed
+    (which also queues a CUDA seeding call on every call).
     """
     h = int(os.environ.get("PL_GLOBAL_SEED", 0)) & _MASK64
     for value in (step, micro_batch, rank):
@@ -423,6 +433,24 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
             f"checkpoint {path} cannot be loaded safely ({type(err).__name__}: {reason}); "
             f"it may be truncated or not a gptlab checkpoint: use another checkpoint of the run"
         ) from None
+
+
+# Backbone settings that make a model run code shipped with its weights (transformers' auto_map).
+RUN_CODE_KEYS = ("trust_remote_code",)
+
+
+def records_remote_code(value: object) -> bool:
+    """True when a recorded config (nested dicts / lists / Namespaces) turns on a run-code setting."""
+    if hasattr(value, "as_dict"):  # a jsonargparse Namespace
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return any(
+            (key in RUN_CODE_KEYS and str(item).lower() in ("true", "yes", "1")) or records_remote_code(item)
+            for key, item in value.items()
+        )
+    if isinstance(value, list | tuple):
+        return any(records_remote_code(item) for item in value)
+    return False
 
 
 def verify_checkpoint(path: str | Path) -> None:

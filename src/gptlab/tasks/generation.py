@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from gptlab.errors import ConfigError
 from gptlab.generate import decode_completion, generate_batch
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine
-from gptlab.reports import Report
+from gptlab.reports import Report, write_text
 from gptlab.tasks.causal_lm import CausalLM
 
 # lm-evaluation-harness's GSM8K "strict-match" filter: the number after "#### ".
@@ -245,16 +243,8 @@ class Generation(CausalLM):
         # One file per process under several devices (each holds its share of the prompts).
         name = "predictions.jsonl" if self.trainer.world_size == 1 else f"predictions.rank{rank}.jsonl"
         path = run / name
-        run.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=run, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for record in self.predictions:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)  # whole or not at all
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Whole or not at all, with the mode a plain write gives (umask), like the reports.
+        write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.predictions))
         rank_zero_info(f"gptlab: {len(self.predictions)} completions written to {path}")
 
     # ----------------------------------------------------------------- the report
