@@ -94,25 +94,58 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_launches: list[str] = []  # every launch's tag, for the cleanup after each test
+
+
 def start(command: list[str], out: Path, log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `command` in the repository root, in its own session, its output into out/<log>."""
+    """Start `command` in the repository root, its output into out/<log>.
+
+    Every process it starts inherits GPTLAB_TEST_LAUNCH=out/<log>: torchrun starts its workers in
+    sessions of their own, so a process group does not hold "every process of a node", this tag does.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    tag = str(out / log)
     env = {
         **os.environ,
         "GPTLAB_TEST_OUT": str(out),
+        "GPTLAB_TEST_LAUNCH": tag,
         "PYTHONWARNINGS": "ignore",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
         **(env or {}),
     }
+    _launches.append(tag)
     with open(out / log, "w") as file:
-        return subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=file, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=file, stderr=subprocess.STDOUT)
+    proc.gptlab_tag = tag
+    return proc
+
+
+def kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILL every process started by `proc`'s launch (kill -9 of a whole node), then reap it."""
+    kill_tagged(proc.gptlab_tag)
+    proc.wait()
+
+
+def kill_tagged(tag: str) -> None:
+    needle = f"GPTLAB_TEST_LAUNCH={tag}\0".encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes():
+                os.kill(int(environ.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):  # ended meanwhile, or not ours to read
+            continue
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    yield
+    while _launches:
+        kill_tagged(_launches.pop())
 
 
 def finish(procs: list[subprocess.Popen], out: Path, name: str, timeout: float) -> list[int]:
-    """Exit statuses once every process ended; past `timeout` all their process groups are killed."""
+    """Exit statuses once every process ended; past `timeout` every process of every launch is killed."""
     deadline = time.monotonic() + timeout
     codes = []
     for proc in procs:
@@ -120,17 +153,9 @@ def finish(procs: list[subprocess.Popen], out: Path, name: str, timeout: float) 
             codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 1)))
         except subprocess.TimeoutExpired:
             for other in procs:
-                kill_group(other)
+                kill_launch(other)
             pytest.fail(f"{name}: no result within {timeout:.0f}s\n{tails(out)}")
     return codes
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def tails(out: Path) -> str:
@@ -345,11 +370,11 @@ def test_lost_node_fails_both_and_resumes_exactly(two_node_ddp: Path, tmp_path_f
     while not stalled.exists():  # rank 1 finished step 3 (after the periodic save at step 2)
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             for proc in procs:
-                kill_group(proc)
+                kill_launch(proc)
             pytest.fail(f"rank 1 never reached step 3\n{tails(out)}")
         time.sleep(0.2)
     assert torch.load(last_checkpoint(experiment), weights_only=True)["global_step"] == 2
-    kill_group(procs[1])  # kill -9 of every process of node 1: its torchrun agent and its rank
+    kill_launch(procs[1])  # kill -9 of every process of node 1: its torchrun agent and its rank
     killed = time.monotonic()
     codes = finish(procs[:1], out, "node 0 after node 1 was lost", LOST_NODE_BOUND)
     assert codes[0] != 0 and time.monotonic() - killed < LOST_NODE_BOUND, tails(out)
