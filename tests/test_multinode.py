@@ -466,8 +466,8 @@ def test_hybrid_sharding_equals_fsdp_and_reads_anywhere(tmp_path_factory):
     expected = records(one_node(plain, "fsdp", 4), 4)
     for record, one in zip(got, expected, strict=True):
         # Replicated across the 2 nodes, sharded over the 2 processes of each; plain FSDP: 4 shards.
-        assert record["mesh"] == [2, 2] and record["placements"] == ["Replicate()", "Shard(dim=0)"]
-        assert one["mesh"] == [4] and one["placements"] == ["Shard(dim=0)"]
+        assert record["mesh"] == [2, 2] and record["placements"] == ["R", "S(0)"]
+        assert one["mesh"] == [4] and one["placements"] == ["S(0)"]
         torch.testing.assert_close(record["losses"], one["losses"], rtol=0, atol=1e-5)
     # The sharded checkpoint reads like plain FSDP's: consolidated on one device, also in Python.
     assert last_checkpoint(hybrid).is_dir()
