@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,17 @@ def test_test_from_checkpoint_alone_writes_reports(fitted_run: Path):
         torch.tensor(report["metrics"]["loss"]).exp().item(), rel=1e-5
     )
     assert report["metrics"]["tokens_evaluated"] > 0
+    # Perplexity's unit is named; bits per byte divide the same total loss by the scored text's bytes.
+    metrics = report["metrics"]
+    assert metrics["bits_per_byte"] == pytest.approx(
+        metrics["loss"] * metrics["tokens_evaluated"] / math.log(2) / metrics["bytes_evaluated"], rel=1e-6
+    )
+    # A byte-level BPE token holds at least one byte (eos, none); merges make it several on average.
+    assert metrics["tokens_evaluated"] < metrics["bytes_evaluated"] < 8 * metrics["tokens_evaluated"]
+    assert (
+        "per token of the tokenizer" in report["meta"]["perplexity"]
+        and "(300 tokens)" in report["meta"]["perplexity"]
+    )
     assert report["meta"]["checkpoint"].endswith("last.ckpt")
     assert "perplexity" in (reports / "test_report.md").read_text()
     assert "perplexity" in result.stdout and "perplexity" in (reports / "test_report.txt").read_text()
