@@ -7,6 +7,7 @@ written with save_pretrained, the tiny run's tokenizer beside them). Commands ru
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -224,3 +225,63 @@ def test_init_from_a_peft_checkpoint(bases, lora_run, tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     code, err = run_cli(capsys, "fit", "--config", str(path))
     one_line_error(code, err, f"init_from={lora_run} is a peft checkpoint", "--merged true")
+
+
+# ----------------------------------------------------------------- export
+@pytest.fixture(scope="module")
+def gpt_lora_run(bases) -> Path:
+    """The last.ckpt of one LoRA fine-tune on the GPT base (read only)."""
+    from gptlab.cli import main
+
+    tmp = bases.tmp / "gpt_lora_run"
+    tmp.mkdir()
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        main(["fit", "--config", str(fit_config(bases, tmp, "gpt", peft=LORA))])
+    return tmp / "logs" / "classification" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("base", ["gpt", "llama"])
+def test_export_writes_the_adapter_in_peft_format_and_merged_on_request(
+    bases, lora_run, gpt_lora_run, tmp_path, base, capsys
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from gptlab.export import export, to_hf_model
+
+    ckpt = gpt_lora_run if base == "gpt" else lora_run
+    task = SequenceClassification.load_from_checkpoint(ckpt).eval()
+    # Trained adapters changed the base's function (B is no longer zero).
+    assert any(p.abs().max() > 0 for n, p in task.named_parameters() if ".lora_B." in n)
+    ids = torch.arange(16)[None] % 300
+    with torch.no_grad():
+        ours = task.backbone.logits(task.backbone(ids))
+
+    adapter = export(str(ckpt), str(tmp_path / "adapter"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    # The base, as transformers gets it: the HF directory itself, or (our GPT) a plain export of it.
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == (bases.llama if base == "llama" else None)  # a .ckpt is no transformers base
+    if base == "llama":
+        hf_base = AutoModelForCausalLM.from_pretrained(bases.llama, dtype=torch.float32)
+    else:
+        from transformers import AutoTokenizer
+
+        from gptlab.adapters import without_adapters
+
+        plain = to_hf_model(without_adapters(task.backbone), AutoTokenizer.from_pretrained(adapter))
+        plain.save_pretrained(tmp_path / "gpt_base")
+        hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt_base", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(hf_base, adapter).eval()(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    merged = tmp_path / "merged"
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(merged), "--merged", "true")
+    assert code == 0, err
+    assert not (merged / "adapter_config.json").exists()
+    with torch.no_grad():
+        plain_logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(plain_logits, ours, rtol=0, atol=1e-5)
