@@ -513,6 +513,30 @@ def test_remove_traces_keeps_what_existed_and_any_run_that_trained(tmp_path):
 
 
 # ----------------------------------------------------------------- the table cannot rot
+def test_gguf_conversion_without_its_packages(tmp_path, capsys, monkeypatch):
+    """scripts/get_smollm2.py without gguf / accelerate: one line naming the pip command."""
+    import importlib.util
+
+    from gptlab.models import gguf
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "gguf" else find_spec(name))
+    with pytest.raises(SystemExit) as exit_info:
+        gguf.main(["--cache_dir", str(tmp_path / "cache")])
+    one_line_error(exit_info.value.code, capsys.readouterr().err, "needs gguf", "pip install 'gptlab[gguf]'")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_smollm2_config_before_the_conversion(tmp_path, capsys, monkeypatch):
+    """The SmolLM2 configs name the converted directory; before get_smollm2.py ran, say how to make it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(REPO)
+    config = REPO / "configs" / "finetune" / "sst2_smollm2.yaml"
+    code, err = run_cli(capsys, "fit", "--config", str(config), "--logs", str(tmp_path / "logs"))
+    one_line_error(code, err, "SmolLM2-135M-Instruct: no such directory", "python scripts/get_smollm2.py")
+    assert not (tmp_path / "logs").exists()
+
+
 def test_catalogue_table_names_existing_tests():
     """Every row of docs/bad_inputs.md names a test that exists (file, function, parametrize id)."""
     rows = [line for line in DOC.read_text().splitlines() if re.match(r"\|\s*\d+\s*\|", line)]

@@ -228,49 +228,73 @@ def test_init_from_a_peft_checkpoint(bases, lora_run, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------- export
-@pytest.fixture(scope="module")
-def gpt_lora_run(bases) -> Path:
-    """The last.ckpt of one LoRA fine-tune on the GPT base (read only)."""
+def fit_run(bases: SimpleNamespace, name: str, config: dict) -> Path:
+    """`fit` of `config` under bases.tmp/<name>; its last.ckpt."""
     from gptlab.cli import main
 
-    tmp = bases.tmp / "gpt_lora_run"
+    tmp = bases.tmp / name
     tmp.mkdir()
+    path = tmp / "config.yaml"
+    config["logs"] = str(tmp / "logs")
+    path.write_text(yaml.safe_dump(config))
     with mock.patch.object(sys, "argv", sys.argv[:1]):
-        main(["fit", "--config", str(fit_config(bases, tmp, "gpt", peft=LORA))])
-    return tmp / "logs" / "classification" / "version_0" / "checkpoints" / "last.ckpt"
+        main(["fit", "--config", str(path)])
+    return tmp / "logs" / config["experiment"] / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def lm_runs(bases, tiny_runs) -> dict[str, Path]:
+    """LoRA fine-tunes of a language model (CausalLM) on each base: {base: last.ckpt}."""
+    runs = {}
+    for base in ("gpt", "llama"):
+        config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+        model = config["model"]["init_args"]
+        model.pop("backbone")  # taken from init_from, with its tokenizer
+        model.update(init_from=getattr(bases, base), peft=LORA)
+        config["data"]["init_args"]["cache_dir"] = str(bases.tmp / "cache")
+        config["trainer"].update(max_steps=4, val_check_interval=2)
+        runs[base] = fit_run(bases, f"lm_{base}", config)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def gpt_lora_run(bases) -> Path:
+    """A LoRA classifier fine-tune on the GPT base: last.ckpt (read only)."""
+    config = finetune_config(bases.tmp, "classification", bases.sentiment, init_from=bases.gpt, peft=LORA)
+    config["trainer"].update(max_steps=4, val_check_interval=2)
+    return fit_run(bases, "gpt_classifier", config)
 
 
 @pytest.mark.parametrize("base", ["gpt", "llama"])
 def test_export_writes_the_adapter_in_peft_format_and_merged_on_request(
-    bases, lora_run, gpt_lora_run, tmp_path, base, capsys
+    bases, lm_runs, tmp_path, base, capsys
 ):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gptlab.export import export, to_hf_model
+    from gptlab.adapters import without_adapters
+    from gptlab.export import to_hf_model
+    from gptlab.tasks import CausalLM
 
-    ckpt = gpt_lora_run if base == "gpt" else lora_run
-    task = SequenceClassification.load_from_checkpoint(ckpt).eval()
-    # Trained adapters changed the base's function (B is no longer zero).
+    ckpt = lm_runs[base]
+    task = CausalLM.load_from_checkpoint(ckpt).eval()
+    # Training moved the adapters off their start (LoRA's B = 0).
     assert any(p.abs().max() > 0 for n, p in task.named_parameters() if ".lora_B." in n)
     ids = torch.arange(16)[None] % 300
     with torch.no_grad():
         ours = task.backbone.logits(task.backbone(ids))
 
-    adapter = export(str(ckpt), str(tmp_path / "adapter"))
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
-        p.name for p in adapter.iterdir()
-    }
-    # The base, as transformers gets it: the HF directory itself, or (our GPT) a plain export of it.
+    adapter = tmp_path / "adapter"
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(adapter))
+    assert code == 0, err
+    files = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
     recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert recorded == (bases.llama if base == "llama" else None)  # a .ckpt is no transformers base
+    # The base as transformers has it: the Hugging Face directory, or (our GPT) its plain export.
     if base == "llama":
         hf_base = AutoModelForCausalLM.from_pretrained(bases.llama, dtype=torch.float32)
     else:
-        from transformers import AutoTokenizer
-
-        from gptlab.adapters import without_adapters
-
         plain = to_hf_model(without_adapters(task.backbone), AutoTokenizer.from_pretrained(adapter))
         plain.save_pretrained(tmp_path / "gpt_base")
         hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt_base", dtype=torch.float32)
@@ -285,3 +309,25 @@ def test_export_writes_the_adapter_in_peft_format_and_merged_on_request(
     with torch.no_grad():
         plain_logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
     torch.testing.assert_close(plain_logits, ours, rtol=0, atol=1e-5)
+
+
+def test_export_of_a_peft_classifier_merged(gpt_lora_run, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "classifier"
+    code, err = run_cli(
+        capsys, "export", "--ckpt_path", str(gpt_lora_run), "--out", str(out), "--merged", "true"
+    )
+    assert code == 0, err
+    task = SequenceClassification.load_from_checkpoint(gpt_lora_run).eval()
+    batch = {"input_ids": torch.arange(3, 11)[None], "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**batch).logits, task(batch), rtol=0, atol=1e-5)
+    assert hf.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_export_of_a_peft_classifier_without_merged(gpt_lora_run, tmp_path, capsys):
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(gpt_lora_run), "--out", str(tmp_path / "x"))
+    one_line_error(code, err, "is a peft SequenceClassification", "pass --merged true")
+    assert not (tmp_path / "x").exists()

@@ -181,7 +181,9 @@ def _from_pretrained(source: str | Path) -> PreTrainedTokenizerFast:
     try:
         # trust_remote_code=False, explicitly: transformers' default (None) asks on a terminal
         # and would run a tokenizer's own Python code on "y"; gptlab only loads plain tokenizers.
-        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+        # "~/.cache/gptlab/models/..." in YAML: expanded like HFBackbone's name_or_path
+        source = os.path.expanduser(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
         if "custom code" in str(err):
             raise ConfigError(

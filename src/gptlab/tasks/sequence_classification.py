@@ -68,6 +68,7 @@ class SequenceClassification(TaskModule):
         label_names: list[str] | None = None,
         pooling: Literal["last", "mean"] = "last",
         dropout: float = 0.1,
+        head_bias: bool = True,
         multi_label: bool = False,
         threshold: float = 0.5,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -86,6 +87,9 @@ class SequenceClassification(TaskModule):
                 saved with the checkpoint.
             pooling: `last` (the last non-pad token, right for causal backbones) or `mean`.
             dropout: dropout on the pooled state before the linear head.
+            head_bias: a bias in the linear head. transformers' *ForSequenceClassification have
+                none: `main.py export` moves it into the final norm's bias where there is one (our
+                GPT, GPT-2); for backbones without (Llama's RMSNorm) set false to export.
             multi_label: any number of labels per text (sigmoid + BCE) instead of exactly one.
             threshold: with multi_label, a label is predicted when its probability reaches this.
             optimizer: called with the parameter groups (see TaskModule).
@@ -109,7 +113,9 @@ class SequenceClassification(TaskModule):
         self.pooling = pooling
         self.multi_label = multi_label
         self.threshold = threshold
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.hidden_size, len(label_names)))
+        self.head = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(self.backbone.hidden_size, len(label_names), bias=head_bias)
+        )
         self.configure_metrics()
         self._predictions: list[str] = []
 
