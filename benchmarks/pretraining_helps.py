@@ -1,6 +1,6 @@
 """Does pretraining help? The same small GPT fine-tuned from random init and from a gptlab checkpoint.
 
-    corpus     SST-2 train.tsv sentences + CoNLL-2003 eng.train sentences (labels dropped) -> .txt
+    corpus     scripts/prepare_english_small.py: SST-2 + CoNLL-2003 training sentences, labels dropped
     pretrain   configs/pretrain/english_small.yaml (+ Tiny Shakespeare), causal LM, fixed steps
     finetune   configs/finetune/{sst2,conll2003}.yaml, twice each with identical settings and steps:
                  random      backbone config and tokenizer of the pretraining run, random weights
@@ -11,13 +11,11 @@ Every phase is a plain `python main.py ...` subprocess (printed before it runs),
 can be reproduced by hand. Results go to <work>/results.json and a Markdown table on stdout.
 
     nice -n 5 python benchmarks/pretraining_helps.py            # all stages, ~30 min on 2 CPU cores
-    python benchmarks/pretraining_helps.py --stage corpus       # only write the pretraining corpus
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -34,26 +32,6 @@ TASKS = {
     "sst2": ("configs/finetune/sst2.yaml", "accuracy", "SST-2 test.tsv accuracy"),
     "conll2003": ("configs/finetune/conll2003.yaml", "entity_f1", "CoNLL-2003 eng.testb entity F1"),
 }
-
-
-def write_corpus(data: Path, out: Path) -> list[Path]:
-    """The unlabeled text of the two tasks' training splits, one sentence per line."""
-    out.mkdir(parents=True, exist_ok=True)
-    sst2 = out / "sst2_train.txt"
-    with (data / "sst2" / "train.tsv").open(encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(rows)  # header
-        sst2.write_text("".join(row[0].strip() + "\n" for row in rows), encoding="utf-8")
-    conll = out / "conll2003_train.txt"
-    sentences, words = [], []
-    for line in (data / "conll2003" / "eng.train").read_text(encoding="utf-8").splitlines() + [""]:
-        if line.strip() and not line.startswith("-DOCSTART-"):
-            words.append(line.split()[0])
-        elif words:
-            sentences.append(" ".join(words))
-            words = []
-    conll.write_text("\n".join(sentences) + "\n", encoding="utf-8")
-    return [sst2, conll]
 
 
 def main_py(*args: str, log: Path) -> float:
@@ -122,8 +100,8 @@ def main() -> None:
 
     corpus = work / "corpus"
     if args.stage in ("all", "corpus"):
-        files = write_corpus(REPO / "data", corpus)
-        print(f"corpus: {', '.join(f'{p} ({p.stat().st_size / 1e6:.1f} MB)' for p in files)}")
+        script = REPO / "scripts" / "prepare_english_small.py"
+        subprocess.run([sys.executable, str(script), "--out", str(corpus)], check=True)
     if args.stage in ("all", "pretrain"):
         seconds = main_py(
             "fit", "--config", "configs/pretrain/english_small.yaml",

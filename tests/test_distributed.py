@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 PER_RANK_BATCH = 4
 STEPS = 4
-DDP_STEPS = 20  # issue 6, point 7: world size 1 x batch 8 vs 2 x 4, losses within 1e-5 over 20 steps
+DDP_STEPS = 20  # world size 1 x batch 8 vs 2 x 4, losses within 1e-5 over 20 steps
 N_LAYER = 2
 TIMEOUT = 240  # seconds for one 2-process run; a healthy one takes ~20-40 s on a loaded 2-core machine
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from gptlab.errors import ConfigError
 from gptlab.models import GPT, Backbone, HFBackbone, KVCache
 from gptlab.models.convert import from_gpt2_state_dict, gpt2_config, gpt_to_gpt2_state_dict
 from gptlab.models.gpt import Block
@@ -291,5 +293,137 @@ def test_hf_backbone_tiny_llama() -> None:
     "kwargs", [{}, {"name_or_path": "some/dir", "model_type": "gpt2"}], ids=["neither", "both"]
 )
 def test_hf_backbone_needs_exactly_one_source(kwargs: dict) -> None:
-    with pytest.raises(ValueError, match="exactly one of name_or_path"):
+    with pytest.raises(ConfigError, match="exactly one of name_or_path"):
         HFBackbone(**kwargs)
+
+
+# -- every family reproduces the Hugging Face model's own logits ----------------------------------
+
+_TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+_GQA = dict(num_key_value_heads=2)
+# The 17 families of the review, each tiny; what a family needs beyond _TINY, and its own logits
+# step set away from its default where the default is the identity (Granite's logits_scaling=1).
+FAMILIES = {
+    "gpt2": {},
+    "llama": _GQA,
+    "qwen2": _GQA,
+    "qwen3": {**_GQA, "head_dim": 8},
+    "mistral": _GQA,
+    "gpt_neox": {},
+    "opt": {"word_embed_proj_dim": 16},  # projects below hidden_size before the head
+    "phi": {},
+    "phi3": {**_GQA, "pad_token_id": 0},
+    "gemma": {**_GQA, "head_dim": 8},
+    "gemma2": {**_GQA, "head_dim": 8, "final_logit_softcapping": 0.5},
+    "bloom": {},
+    "falcon": {},
+    "gptj": {"rotary_dim": 4},
+    "granite": {**_GQA, "logits_scaling": 4.0},
+    "cohere": {**_GQA, "logit_scale": 0.25},
+    "olmo2": _GQA,
+}
+
+
+def _check_family_logits(family: str) -> None:
+    torch.manual_seed(0)
+    backbone = HFBackbone(model_type=family, config_overrides={**_TINY, **FAMILIES[family]})
+    assert backbone.training  # built for training, like any nn.Module
+    backbone.eval()
+    ids = torch.randint(0, 128, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        hidden = backbone(ids, mask)
+        ours = backbone.logits(hidden)
+        theirs = backbone.model(input_ids=ids, attention_mask=mask).logits
+    assert hidden.shape == (2, 9, backbone.hidden_size) and ours.shape == (2, 9, backbone.vocab_size)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hf_backbone_reproduces_the_logits_of_every_family(family: str) -> None:
+    _check_family_logits(family)
+
+
+@pytest.mark.parametrize("family", ["granite"])
+def test_hf_backbone_reproduces_scaled_logits(family: str) -> None:
+    # Granite divides the LM head's output by logits_scaling inside its own forward.
+    _check_family_logits(family)
+
+
+def test_hf_backbone_refuses_a_family_whose_logits_it_does_not_reproduce(monkeypatch) -> None:
+    # As if gptlab did not know Gemma 2's final soft-capping: the build-time probe catches it.
+    monkeypatch.setattr("gptlab.models.hf._SOFTCAP", "no_such_field")
+    overrides = {**_TINY, **FAMILIES["gemma2"]}
+    with pytest.raises(ConfigError, match="Gemma2ForCausalLM computes its logits in a way") as err:
+        HFBackbone(model_type="gemma2", config_overrides=overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_hf_backbone_load_errors_are_one_line(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no such directory") as err:
+        HFBackbone(name_or_path=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="does not hold a loadable causal LM"):
+        HFBackbone(name_or_path=str(tmp_path))
+    with pytest.raises(ConfigError, match="model_type='lama' is not a model type"):
+        HFBackbone(model_type="lama")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "hf"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind):
+    """The option recomputes every block in backward (counted) and changes no number, dropout included."""
+
+    def build(checkpointing: bool):
+        torch.manual_seed(0)
+        if kind == "gpt":
+            model = GPT(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1,
+                        gradient_checkpointing=checkpointing)  # fmt: skip
+        else:
+            overrides = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, attention_dropout=0.1)  # fmt: skip
+            model = HFBackbone(
+                model_type="llama", config_overrides=overrides, gradient_checkpointing=checkpointing
+            )
+        return model.train()
+
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for checkpointing in (False, True):
+        model = build(checkpointing)
+        calls = []
+        for block in (m for m in model.modules() if isinstance(m, model.block_class)):
+            # On the block's MLP: transformers checkpoints `forward`, not `__call__` (hooks of the
+            # block itself run once), and the recomputation stops once the saved tensors are back.
+            block.mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        torch.manual_seed(2)  # the same dropout masks in both runs
+        loss = F.cross_entropy(model.logits(model(ids)).flatten(0, 1)[:-1], ids.flatten()[1:])
+        forwards = len(calls)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        # 2 blocks: run once each without checkpointing; with it, once more each in backward
+        assert (forwards, len(calls)) == ((2, 2) if not checkpointing else (2, 4))
+    (plain_loss, plain_grads), (ckpt_loss, ckpt_grads) = results
+    assert torch.equal(plain_loss, ckpt_loss)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_pretrained_hf_backbone_trains_in_training_mode(tmp_path):
+    """from_pretrained returns eval mode; the backbone must not keep it (dropout and checkpointing off)."""
+    torch.manual_seed(0)
+    HFBackbone(model_type="llama", config_overrides=TINY_LLAMA_OVERRIDES).model.save_pretrained(tmp_path)
+    backbone = HFBackbone(name_or_path=str(tmp_path), gradient_checkpointing=True)
+    assert all(m.training for m in backbone.modules())
+    calls = []
+    for layer in backbone.model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    backbone(torch.randint(0, 96, (2, 8))).sum().backward()
+    assert len(calls) == 2 * len(backbone.model.model.layers)  # each layer recomputed in backward

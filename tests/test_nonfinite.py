@@ -1,4 +1,4 @@
-"""Non-finite losses (issue 6, point 5).
+"""Non-finite losses (docs/design.md §6.2).
 
 A batch with nothing to learn from gives loss 0 (never NaN) in every task, with finite gradients;
 a NaN loss in a real `fit` stops the run at its step (exit 2, the last good checkpoint intact),

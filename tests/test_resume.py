@@ -1,4 +1,4 @@
-"""Exact resume after kill -9 and preemption signals, and determinism (issue 6, points 1, 2 and 7).
+"""Exact resume after kill -9 and preemption signals, and determinism (docs/design.md §6.1).
 
 Every run is a real `fit` (main.py plus dist_run.StepLog, which writes one JSON line per training
 batch as it happens). A run is killed with SIGKILL at a random step in the middle of an epoch, or

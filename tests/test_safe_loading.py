@@ -1,4 +1,4 @@
-"""Safe loading (issue 6, point 4): what gptlab writes loads with weights_only=True, a crafted pickle is
+"""Safe loading (docs/design.md §6.3): what gptlab writes loads with weights_only=True, a crafted pickle is
 refused by every entry point without running, remote code stays off, exports are safetensors.
 
 The crafted checkpoint is a real `torch.save` of a dict holding an object whose `__reduce__` would
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -224,6 +225,76 @@ def test_remote_code_is_refused_unless_the_config_asks(tiny_runs, tmp_path, caps
     with pytest.raises(ConfigError, match="own Python code"):
         load_tokenizer(str(tok_dir))
     assert not marker.exists(), "custom code ran"
+
+
+def _remote_code_record(tiny_runs, tmp_path: Path, model_dir: Path) -> Path:
+    """A copy of the classifier run whose checkpoint and config.yaml record an HFBackbone on
+    `model_dir` with trust_remote_code: true (what a run that trusted that code would record)."""
+    run = tmp_path / "logs" / "remote" / "version_0"
+    shutil.copytree(tiny_runs.runs["classification"], run)
+    backbone = {
+        "class_path": "gptlab.models.HFBackbone",
+        "init_args": {"name_or_path": str(model_dir), "trust_remote_code": True},
+    }
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["hyper_parameters"]["backbone"] = backbone
+    torch.save(checkpoint, last)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["init_args"]["backbone"] = backbone
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return last
+
+
+def test_a_recorded_trust_remote_code_never_switches_it_on(tiny_runs, tmp_path, capsys):
+    from gptlab.cli import user_asks_for_remote_code
+    from gptlab.tasks import SequenceClassification
+
+    model_dir = tmp_path / "custom"
+    marker = _custom_code_model(model_dir)
+    last = _remote_code_record(tiny_runs, tmp_path, model_dir)
+    # A fine-tune config that leaves the backbone out (as every shipped one does) + init_from.
+    config = yaml.safe_load(tiny_runs.configs["classification"].read_text())
+    config["model"]["init_args"]["backbone"] = None
+    config["logs"] = str(tmp_path / "new_logs")
+    own = tmp_path / "finetune.yaml"
+    own.write_text(yaml.safe_dump(config))
+    commands = {
+        "init_from": (["fit", "--config", str(own), "--model.init_args.init_from", str(last)], str(last)),
+        "test (run dir)": (["test", "--ckpt_path", str(last)], str(last.parent.parent / "config.yaml")),
+        "validate --config": (
+            ["validate", "--config", str(own), "--ckpt_path", str(last)],
+            f"the checkpoint {last}",
+        ),
+    }
+    for name, (args, source) in commands.items():
+        code, err = run_cli(capsys, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (name, err)
+        assert f"trust_remote_code: true comes from {source}" in err, (name, err)
+        assert "not consent" in err and "trust_remote_code" in err.split("add ")[-1], (name, err)
+        assert not marker.exists(), f"{name}: the model's own code ran"
+    assert not (tmp_path / "new_logs").exists()
+    # The Python entry point (and export, which uses it) refuses the record as well.
+    with pytest.raises(CheckpointError, match="trust_remote_code: true.*pass the backbone yourself"):
+        SequenceClassification.load_from_checkpoint(last)
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(last), "--out", str(tmp_path / "out"))
+    assert code == 2 and "trust_remote_code" in err and not (tmp_path / "out").exists(), err
+    assert not marker.exists()
+    # Only the user's own config or command line is consent; a run folder's config.yaml is not.
+    run_config = str(last.parent.parent / "config.yaml")
+    assert not user_asks_for_remote_code(["test", "--config", run_config, "--ckpt_path", str(last)])
+    flag = "--model.init_args.backbone.init_args.trust_remote_code"
+    assert user_asks_for_remote_code(["test", "--config", run_config, flag, "true"])
+    assert user_asks_for_remote_code(["test", f"{flag}=true"])
+    assert not user_asks_for_remote_code(["test", flag, "false"])
+    trusting = tmp_path / "trusting.yaml"
+    trusting.write_text(
+        yaml.safe_dump({"model": {"init_args": {"backbone": {"init_args": {"trust_remote_code": True}}}}})
+    )
+    assert user_asks_for_remote_code(["fit", "-c", str(trusting)])
+    assert user_asks_for_remote_code(
+        ["fit", "--model.init_args.backbone", '{"init_args": {"trust_remote_code": true}}']
+    )
 
 
 def test_every_from_pretrained_call_passes_trust_remote_code():

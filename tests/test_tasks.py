@@ -119,3 +119,45 @@ def test_overfits_one_batch():
         final = model.loss(model(batch), batch).item()
     assert final < 0.05, final
     assert int(model.tokens_seen) == 150 * batch["input_ids"].numel()
+
+
+class _ModeProbe(L.Callback):
+    """Records, during each training step, which modules are not in train mode."""
+
+    def __init__(self) -> None:
+        self.in_eval: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.in_eval.append([name for name, m in pl_module.named_modules() if not m.training])
+
+
+@pytest.mark.parametrize("route", ["gpt", "model_type", "name_or_path", "init_from"])
+def test_every_backbone_trains_in_train_mode(route, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gptlab.models import HFBackbone
+
+    overrides = dict(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.1)
+    saved = tmp_path / "hf"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", **overrides)).save_pretrained(saved)
+    backbone = {
+        "gpt": lambda: tiny_gpt(dropout=0.1),
+        "model_type": lambda: HFBackbone(model_type="gpt2", config_overrides=overrides),
+        # from_pretrained returns its model in eval mode: dropout would be off for the whole run
+        "name_or_path": lambda: HFBackbone(name_or_path=str(saved)),
+        "init_from": lambda: HFBackbone(model_type="gpt2", config_overrides=overrides),
+    }[route]()
+    init_from = str(saved) if route == "init_from" else None
+    model = CausalLM(backbone=backbone, scheduler=None, init_from=init_from)
+    probe = _ModeProbe()
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[probe],
+    )
+    trainer.fit(model, train_dataloaders=DataLoader([lm_batch(batch_size=2)] * 2, batch_size=None))
+    assert probe.in_eval == [[], []]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 
@@ -344,7 +344,7 @@ class ProgressBar(RichProgressBar):
 
     What the bar shows beside the batch counter (train/loss, tokens/s, MFU, ...) is logged every
     `trainer.log_every_n_steps` steps; Lightning's bar recollects all of it from the logger
-    connector after every batch, about 0.1 ms of Python per step (benchmarks/train_throughput.py).
+    connector after every batch, a visible share of a small model's step (benchmarks/train_throughput.py).
     Here the counter moves every batch and the numbers at logging steps and epoch ends.
     gptlab's CLI uses it in place of Lightning's default `RichProgressBar` (with its settings).
     """
@@ -388,6 +388,32 @@ class Checkpoint(ModelCheckpoint):
             key = self.__dict__["_state_key"] = super().state_key
         return key
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # The data module's setup ran before this hook: whether there is validation is known.
+        data = trainer.datamodule
+        self._without_validation = (
+            stage == "fit"
+            and self.monitor is not None
+            and self.save_top_k != 0
+            and (trainer.limit_val_batches == 0 or getattr(data, "val_dataset", True) is None)
+        )
+        if self._without_validation:
+            rank_zero_warn(
+                f"gptlab: this run has no validation data (no val_files, no validation split, "
+                f"val_fraction=0): nothing computes checkpoint.monitor={self.monitor!r}, so "
+                f"{self.filename or 'best'}.ckpt is written at the end of training with the final "
+                f"weights, like last.ckpt; give data.init_args.val_files or a val_fraction > 0 to "
+                f"select by validation"
+            )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if getattr(self, "_without_validation", False):
+            # The README's next commands read best.ckpt: without a monitored metric it is the
+            # final state (Lightning would write none at all).
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         try:
             super()._save_checkpoint(trainer, filepath)
@@ -399,3 +425,25 @@ class Checkpoint(ModelCheckpoint):
                 f"before are unchanged: free space in {Path(filepath).parent} (or set --logs to another "
                 f"disk) and resume with --ckpt_path last"
             ) from None
+
+
+class LearningRate(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor``, on in every run (`lr_monitor.*`): the learning rate of
+    every parameter group, as ``lr/decay``, ``lr/no_decay`` (and ``..._lr_x<scale>`` groups with a
+    backbone_lr_scale); ``lr-<Optimizer>/<group>`` without a scheduler.
+
+    With no logger (``trainer.logger: false``) there is nowhere to write: it does nothing, where
+    Lightning's would stop the run.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)

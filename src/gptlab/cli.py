@@ -38,15 +38,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from gptlab.callbacks import Checkpoint, ProgressBar, Throughput
+from gptlab.adapters import require_peft
+from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, Throughput
 from gptlab.checkpointing import install_atomic_checkpoints, require_complete, resume_checkpoint
 from gptlab.config_check import check_config_files, one_line_parser_error
 from gptlab.data import DataModule
@@ -55,7 +57,7 @@ from gptlab.reports import write_report
 from gptlab.resilience import NonFiniteLoss, Preemption
 from gptlab.strategies import is_sharded_checkpoint, save_consolidated
 from gptlab.tasks import TaskModule
-from gptlab.tasks.base import load_checkpoint, verify_checkpoint
+from gptlab.tasks.base import RUN_CODE_KEYS, load_checkpoint, records_remote_code, verify_checkpoint
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 
@@ -184,23 +186,105 @@ def pretrained_tokenizer(source: str | Path) -> Path | None:
     return run / "tokenizer" if run is not None and (run / "tokenizer").is_dir() else None
 
 
+def is_run_config(path: str | Path) -> bool:
+    """A config file that `fit` wrote into a run directory (beside `checkpoints/`): a record of a run."""
+    path = Path(path)
+    return (path.parent / "checkpoints").is_dir() or (path.parent / "hparams.yaml").is_file()
+
+
+def user_asks_for_remote_code(argv: list[str]) -> bool:
+    """Whether the user's own config files or command-line options turn on a run-code setting
+    (`trust_remote_code`). Config files inside a run directory and checkpoints are records of what
+    a run did, not the user's consent to run a model's code now (docs/design.md, safe loading).
+    """
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if name in ("-c", "--config"):
+            if is_run_config(value):
+                continue
+            try:
+                data = yaml.safe_load(Path(value).read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            if records_remote_code(data):
+                return True
+        elif name.startswith("--") and name.endswith(RUN_CODE_KEYS):
+            if str(yaml.safe_load(value or "false")).lower() in ("true", "yes", "1"):
+                return True
+        elif name.startswith("--") and any(key in value for key in RUN_CODE_KEYS):
+            try:
+                if records_remote_code(yaml.safe_load(value)):
+                    return True
+            except yaml.YAMLError:
+                continue
+    return False
+
+
 def _label_names_of(datamodule: Any) -> list[str] | None:
     # Data modules of labelled data (classification, token classification) expose `label_names`.
     return getattr(datamodule, "label_names", None)
 
 
+def retarget_loggers(trainer_cfg: Namespace, save_dir: Path, name: str, version: str) -> None:
+    """Point every configured logger that takes `save_dir` / `version` (TensorBoard, CSV, ...) at
+    `save_dir/name/version`; loggers that write elsewhere (e.g. to a tracking server) are kept as
+    configured. `trainer.logger: false` keeps no logger, with the run as the Trainer's root dir.
+    """
+    import inspect
+
+    if trainer_cfg.logger is False:
+        trainer_cfg.default_root_dir = str(save_dir / name / version)
+        return
+    loggers = trainer_cfg.logger if isinstance(trainer_cfg.logger, list) else [trainer_cfg.logger]
+    for logger in loggers:
+        if not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
+            continue
+        cls = task_class_of(str(logger.get("class_path")))
+        params = inspect.signature(cls).parameters if cls is not None else {}
+        if "save_dir" not in params or "version" not in params:
+            continue
+        logger.init_args.save_dir, logger.init_args.version = str(save_dir), version
+        if "name" in params:
+            logger.init_args.name = name
+
+
+def _recorded(text: str) -> dict:
+    """A saved run config without `ckpt_path` (which every resume sets): what the run is made of."""
+    config = yaml.safe_load(text) or {}
+    return {k: v for k, v in config.items() if k != "ckpt_path"} if isinstance(config, dict) else config
+
+
 class RunDirectory(SaveConfigCallback):
     """Writes `config.yaml` and the tokenizer into the run directory when `fit` starts.
 
-    A resumed run (same directory) keeps the files it already has: nothing is overwritten.
-    Evaluation subcommands write nothing here; `test` writes its reports from the CLI.
+    `config.yaml` is always the config of the newest command that trained the run: a resumed run
+    with other settings (e.g. a new `--trainer.max_steps`) moves the previous one to
+    `config.<n>.yaml` (n = 1, 2, ... in order, config.1.yaml being the first run's) and records its
+    own; a resume that changes nothing but `ckpt_path` keeps the file as it is. The tokenizer is
+    written once. Evaluation subcommands write nothing here; `test` writes its reports from the CLI.
     """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
         log_dir = Path(trainer.log_dir)
-        if not (log_dir / self.config_filename).exists():
+        path = log_dir / self.config_filename
+        action = "write"
+        if trainer.is_global_zero and path.exists():
+            ours = self.parser.dump(self.config, skip_none=False)
+            action = "keep" if _recorded(path.read_text()) == _recorded(ours) else "rotate"
+        action = trainer.strategy.broadcast(action)
+        if action == "rotate" and trainer.is_global_zero:
+            n = 1
+            while (log_dir / f"{path.stem}.{n}{path.suffix}").exists():
+                n += 1
+            path.rename(log_dir / f"{path.stem}.{n}{path.suffix}")
+            rank_zero_info(
+                f"gptlab: {path} now records this resumed run; the previous one is {path.stem}.{n}.yaml"
+            )
+        if action != "keep":
             super().setup(trainer, pl_module, stage)
         tokenizer_dir = log_dir / "tokenizer"
         datamodule = trainer.datamodule
@@ -226,6 +310,39 @@ def check_writable_dir(directory: Path, what: str) -> None:
             f"{what} {directory}: {existing} is not writable by this user; choose another directory "
             f"or fix its permissions"
         )
+
+
+# Set by rank 0 for the processes Lightning launches (they inherit the environment): the run
+# directory it claimed, so that every rank logs into the same version_N.
+CLAIMED_RUN_ENV = "GPTLAB_CLAIMED_RUN"
+
+
+def claim_version(root: Path) -> int:
+    """Create `root/version_N` for the next free N and return N; atomic across processes.
+
+    Lightning's loggers list `root` and take the highest version + 1, so two runs started at the
+    same moment pick the same N and share one directory. `mkdir` without exist_ok is the
+    create-exclusive step: whoever creates the directory owns it, the other tries N + 1.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [p.name.split("_", 1)[1] for p in root.glob("version_*") if p.is_dir()]
+    version = max((int(t) for t in taken if t.isdigit()), default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
+
+
+def remove_empty_parents(directory: Path, stop: Path) -> None:
+    """Remove `directory` and its parents up to (not including) `stop` while they are empty."""
+    while directory != stop and stop in directory.parents and directory.is_dir():
+        try:
+            directory.rmdir()  # only succeeds on an empty directory
+        except OSError:
+            return
+        directory = directory.parent
 
 
 def remove_traces(log_dir: Path, before: set[Path] | None) -> None:
@@ -292,6 +409,9 @@ class _Parser(LightningArgumentParser):
             return super().error(message, ex)
         argv = getattr(self, "_gptlab_argv", None) or sys.argv[1:]
         subcommand = argv[0] if argv and not argv[0].startswith("-") else None
+        if "peft" in message:
+            # A peft config class that cannot be imported: say which package is missing.
+            require_peft()
         raise ConfigError(one_line_parser_error(message, argv, subcommand)) from None
 
 
@@ -309,7 +429,26 @@ class GPTLabCLI(LightningCLI):
         check_config_files([str(a) for a in self._argv])
         # The checkpoint as given, when evaluation reads a consolidated copy of a sharded one.
         self._ckpt_source: str | None = None
+        # Where a backbone config filled in from a record came from (a checkpoint, init_from).
+        self._backbone_source: str | None = None
+        # The run directory this command claimed (created) and the nearest folder above it that
+        # existed before: what a failure before training removes again.
+        self._claimed: Path | None = None
+        self._existed: Path | None = None
+        self._batches = _BatchSeen()
         self._consolidated_dir: tempfile.TemporaryDirectory | None = None
+        try:
+            self._start(args, run)
+        except BaseException:
+            # Whatever stopped the command (a bad input, a bug, Ctrl-C) before it trained leaves
+            # no half-made run folder behind.
+            self._remove_claimed_run()
+            raise
+        finally:
+            if self._claimed is not None and os.environ.get(CLAIMED_RUN_ENV) == str(self._claimed):
+                del os.environ[CLAIMED_RUN_ENV]
+
+    def _start(self, args: ArgsType, run: bool) -> None:
         super().__init__(
             model_class=TaskModule,
             datamodule_class=DataModule,
@@ -396,6 +535,50 @@ class GPTLabCLI(LightningCLI):
                 f"--config; <run>/config.yaml is found beside the checkpoint) or a checkpoint of this task"
             )
 
+    def _claim_run_dirs(self, cfg: Namespace) -> None:
+        """Give every TensorBoard / CSV logger of a new run a version_N this process created itself."""
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+        claimed: dict[Path, int] = {}
+        for logger in loggers:
+            if not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
+                continue
+            cls = task_class_of(str(logger.get("class_path")))
+            args = logger.init_args
+            if (
+                cls is None
+                or not issubclass(cls, CSVLogger | TensorBoardLogger)
+                or args.get("version") is not None
+            ):
+                continue
+            name = args.get("name", "lightning_logs")
+            root = Path(args.get("save_dir") or ".") / (name or "")
+            inherited = os.environ.get(CLAIMED_RUN_ENV)
+            if inherited and Path(inherited).parent == root:
+                args.version = Path(inherited).name  # a rank launched by rank 0: its directory
+                continue
+            if rank_zero_only.rank != 0:
+                continue  # launched by another tool: rank 0's directory reaches it by broadcast
+            if root not in claimed:
+                existed = root
+                while not existed.exists() and existed != existed.parent:
+                    existed = existed.parent
+                claimed[root] = claim_version(root)
+                if self._claimed is None:
+                    self._claimed, self._existed = root / f"version_{claimed[root]}", existed
+                    os.environ[CLAIMED_RUN_ENV] = str(self._claimed)
+            args.version = f"version_{claimed[root]}"
+
+    def _remove_claimed_run(self) -> None:
+        """Remove the run directory this command claimed (and the empty folders it created above
+        it), unless the run trained: a failure before the first batch leaves nothing behind."""
+        if self._claimed is None or self._batches.seen:
+            return
+        remove_traces(self._claimed, None)  # keeps everything once a checkpoint was written
+        if not self._claimed.exists() and self._existed is not None:
+            remove_empty_parents(self._claimed.parent, self._existed)
+
     def _run_subcommand(self, subcommand: str) -> None:
         # A command that fails before its first batch (bad data found in setup, a model / data
         # mismatch) leaves no half-made run behind: Lightning creates the logger's directory and event file
@@ -404,7 +587,9 @@ class GPTLabCLI(LightningCLI):
         logger = self.trainer.logger if self.trainer.is_global_zero else None
         log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
         before = set(log_dir.rglob("*")) if log_dir is not None and log_dir.exists() else None
-        batches = _BatchSeen()
+        if log_dir is not None and log_dir == self._claimed:
+            before = None  # claimed (created empty) by this command
+        batches = self._batches
         self.trainer.callbacks.append(batches)
         try:
             try:
@@ -415,7 +600,7 @@ class GPTLabCLI(LightningCLI):
                 if "`val_check_interval`" not in str(err) or isinstance(err, GPTLabError):
                     raise
                 raise ConfigError(f"trainer.val_check_interval: {' '.join(str(err).split())}") from None
-        except (GPTLabError, MisconfigurationException):
+        except BaseException:
             if log_dir is not None and not batches.seen:
                 remove_traces(log_dir, before)
             raise
@@ -427,7 +612,12 @@ class GPTLabCLI(LightningCLI):
             default="default",
             help="Experiment name: runs land in logs/<experiment>/version_N/.",
         )
-        parser.add_argument("--logs", type=str, default="logs", help="Root directory of all runs.")
+        # `--logs_root` is the spelling that survives launchers: torchrun's parser reads options
+        # placed after the script too and prefix-matches `--logs` to its own `--logs-specs`
+        # (docs/multinode.md). `--logs` stays an alias, and `logs:` the key in YAML.
+        parser.add_argument(
+            "--logs_root", "--logs", dest="logs", type=str, default="logs", help="Root directory of all runs."
+        )
         # Always present and configurable as `checkpoint.*`: best by the monitored metric, and last.
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         # The data module knows the labels (given, or read cheaply from the training labels); the
@@ -448,6 +638,9 @@ class GPTLabCLI(LightningCLI):
         )
         # Always on, like the checkpoint callback: tokens/s, samples/s and MFU for every task.
         parser.add_lightning_class_args(Throughput, "throughput")
+        # Always on: the learning rate of every parameter group at every logging step (`lr/...`).
+        parser.add_lightning_class_args(LearningRate, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
         # Always on: periodic last.ckpt and save-then-exit on SIGTERM / SIGUSR1 (`preemption.*`),
         # and a NaN / inf training loss stops the run at its step (`nonfinite_loss.*`).
         parser.add_lightning_class_args(Preemption, "preemption")
@@ -473,18 +666,23 @@ class GPTLabCLI(LightningCLI):
             cfg.weights_only = True
         run = run_dir_of(ckpt)
         check_writable_dir(run if run is not None else logs, "--logs" if run is None else "run directory")
-        if run is not None or cfg.trainer.logger in (None, True):
-            # Resuming or evaluating a checkpoint writes into that checkpoint's run directory.
-            save_dir, name, version = (
-                (run.parent.parent, run.parent.name, run.name) if run else (logs, cfg.experiment, None)
-            )
+        # Resuming or evaluating a checkpoint writes into that checkpoint's run directory.
+        save_dir, name, version = (
+            (run.parent.parent, run.parent.name, run.name) if run else (logs, cfg.experiment, None)
+        )
+        if cfg.trainer.logger in (None, True):
             cfg.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(
                     save_dir=str(save_dir), name=name, version=version, default_hp_metric=False
                 ),
             )
+        elif run is not None:
+            # The user's logger(s) stay: only where they write moves to the run directory.
+            retarget_loggers(cfg.trainer, save_dir, name, version)
         self._fill_from_checkpoints(cfg, ckpt)
+        self._refuse_recorded_remote_code(cfg, ckpt)
+        self._claim_run_dirs(cfg)
         # Evaluate with the tokenizer the run trained with, unless one is given explicitly.
         explicit = any("tokenizer" in a for a in self._argv)
         if self.subcommand in EVAL_SUBCOMMANDS and run and (run / "tokenizer").is_dir() and not explicit:
@@ -520,6 +718,7 @@ class GPTLabCLI(LightningCLI):
             model.backbone = Namespace(
                 class_path=backbone["class_path"], init_args=Namespace(**backbone.get("init_args", {}))
             )
+            self._backbone_source = str(source)
             rank_zero_info(f"gptlab: backbone {model.backbone.class_path} configured as in {source}")
         if init_from and data is not None and "tokenizer" in data and not isinstance(data.tokenizer, str):
             tokenizer = pretrained_tokenizer(init_from)
@@ -542,6 +741,33 @@ class GPTLabCLI(LightningCLI):
             names = checkpoint_hparams(ckpt).get("label_names")
             if names:
                 data.label_names = list(names)
+
+    def _refuse_recorded_remote_code(self, cfg: Namespace, ckpt: str | None) -> None:
+        """A backbone that would run its model's own code (trust_remote_code) must be asked for by
+        the user's own config or command line, never by a checkpoint or a run folder's config.yaml.
+        """
+        model = cfg.model.get("init_args") if isinstance(cfg.get("model"), Namespace) else None
+        backbone = model.get("backbone") if model is not None else None
+        if not isinstance(backbone, Namespace) or not records_remote_code(backbone.get("init_args")):
+            return
+        if user_asks_for_remote_code(self._argv):
+            return
+        configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
+        records = [c for c in configs if is_run_config(c)]
+        source = self._backbone_source or (records[0] if records else f"the checkpoint {ckpt}")
+        init_args = {**backbone.init_args.as_dict(), "trust_remote_code": True}
+        flow = json.dumps({"class_path": backbone.class_path, "init_args": init_args})
+        how = (
+            "--model.init_args.backbone.init_args.trust_remote_code true"
+            if records and not self._backbone_source
+            else f"--model.init_args.backbone '{flow}'"
+        )
+        raise ConfigError(
+            f"model.init_args.backbone.init_args.trust_remote_code: true comes from {source}, not from "
+            f"your config or command line; a checkpoint or a run folder is a record, not consent to "
+            f"run the model's own code: if you trust that code, add {how} to the command (or set it in "
+            f"your own config)"
+        )
 
     # ----------------------------------------------------------------- sharded checkpoints
     def _ckpt_for_strategy(self) -> None:

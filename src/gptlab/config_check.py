@@ -3,7 +3,7 @@
     argv ──check_config_files()──> every --config file: exists, valid YAML, no key given twice
          ──LightningCLI / jsonargparse──> parser error? ──one_line_parser_error()──> ConfigError
 
-Two gaps this closes (issue 6, bad-input catalogue):
+Two gaps this closes (docs/bad_inputs.md):
 
 - PyYAML, and jsonargparse on top of it, silently keep the *last* of two equal keys in one
   mapping (YAML 1.2 says keys must be unique; PyYAML does not enforce it). A config with

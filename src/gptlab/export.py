@@ -2,19 +2,29 @@
 
     <run>/checkpoints/best.ckpt --+--> backbone --> GPT2LMHeadModel (our GPT; gptlab.models.convert)
                                   |                 or the HFBackbone's own model
+                                  +--> task head -> *ForSequenceClassification / *ForTokenClassification
     <run>/tokenizer/ -------------+--> tokenizer
                                   v
     OUT/  config.json  generation_config.json  model.safetensors  tokenizer.json  tokenizer_config.json ...
 
-The directory loads with `AutoModelForCausalLM.from_pretrained(OUT)` and
-`AutoTokenizer.from_pretrained(OUT)` and gives gptlab's logits (checked before anything is
-written, tolerance 1e-5). gptlab starts from it too: `init_from: OUT` (and `tokenizer: OUT`).
+A language model (CausalLM, Generation) loads with `AutoModelForCausalLM.from_pretrained(OUT)`; a
+SequenceClassification with `AutoModelForSequenceClassification` and a TokenClassification with
+`AutoModelForTokenClassification` (id2label / label2id from the run's labels), so that
+`transformers.pipeline("text-classification" | "token-classification", model=OUT)` runs on it.
+Each gives gptlab's logits (checked before anything is written, tolerance 1e-5). gptlab starts
+from it too: `init_from: OUT` (and `tokenizer: OUT`).
+A peft fine-tune (adapters on a frozen base, gptlab.adapters) of a language model exports its
+adapter in peft's own format (`adapter_config.json`, `adapter_model.safetensors`):
+`PeftModel.from_pretrained(base, OUT)` loads it on the transformers form of its base. With
+`--merged true` any peft fine-tune (classifiers too) is exported as a plain model, its adapters
+merged into the base weights. Both are checked against gptlab's logits like a plain export.
 It is written into a temporary directory and renamed into place, so a failed export leaves
 nothing behind and an existing OUT is never touched without `--overwrite true`.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -23,7 +33,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedModel
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+)
 
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import GPT, HFBackbone
@@ -39,6 +57,7 @@ def export(
     out: str,
     tokenizer: str | None = None,
     overwrite: bool = False,
+    merged: bool = False,
 ) -> Path:
     """Export a gptlab checkpoint as a Hugging Face model directory (safetensors + config + tokenizer).
 
@@ -47,16 +66,21 @@ def export(
         out: the directory to write; it must not exist (or be empty) unless overwrite is true.
         tokenizer: the tokenizer directory or hub name to ship with the model; default: the run's
             own `<run>/tokenizer`, saved beside the checkpoints by `fit`.
-        overwrite: replace an existing non-empty `out`.
+        overwrite: replace an existing non-empty `out` that holds an earlier export (a flat model
+            directory with config.json); never a run folder, a logs root or the checkpoint's folder.
+        merged: for a peft checkpoint, write the plain model with the adapters merged into the base
+            weights instead of the adapter alone (peft's format). Other checkpoints: no effect.
     """
     from gptlab.cli import run_dir_of  # not at import time: cli.py imports this module lazily too
 
     out_dir = Path(out)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ConfigError(
-            f"--out {out_dir} already exists and is not empty: choose another directory or pass "
-            f"--overwrite true"
-        )
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise ConfigError(
+                f"--out {out_dir} already exists and is not empty: give --out a new directory, or pass "
+                f"--overwrite true to replace an earlier export there"
+            )
+        check_overwritable(out_dir, Path(ckpt_path))
     task = _load_task(Path(ckpt_path))
     source = tokenizer
     if source is None:
@@ -73,14 +97,32 @@ def export(
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"--tokenizer {source}: cannot load it ({err})") from None
-    backbone = task.backbone.eval()
+    task.eval()  # dropout off in the head too
+    backbone = task.backbone
     if len(tok) > backbone.vocab_size:
         raise CheckpointError(
             f"the tokenizer {source} has {len(tok)} tokens but the model only {backbone.vocab_size}: "
             f"pass the tokenizer the model was trained with (--tokenizer)"
         )
 
-    model = to_hf_model(backbone, tok)
+    head_task = _head_task(task)
+    peft = getattr(task, "peft_config", None) is not None
+    adapter = peft and not merged
+    if adapter and head_task is not None:
+        raise ConfigError(
+            f"{ckpt_path} is a peft {type(task).__name__}: its adapter alone (peft's format) is exported "
+            f"for language-model tasks only; pass --merged true to export the classifier with its "
+            f"adapters merged (a transformers *For{head_task.title()}Classification directory)"
+        )
+    # Merged: the adapters folded into a copy of the base weights; checked against the adapted task.
+    exported = merged_copy(task) if peft else task
+    if adapter:
+        model = peft_export_model(task, tok)
+    elif head_task is not None:
+        ensure_pad_token(tok)
+        model = to_hf_classifier(exported, tok)
+    else:
+        model = to_hf_model(exported.backbone, tok)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     # mkdtemp makes the directory private (0700); the export is a normal directory (umask applies).
@@ -90,16 +132,58 @@ def export(
     try:
         model.save_pretrained(tmp)  # safetensors; tied lm_head stored once
         tok.save_pretrained(tmp)
-        info = {"checkpoint": str(ckpt_path), "task": type(task).__name__, "tokenizer": str(source)}
+        info = {
+            "checkpoint": str(ckpt_path),
+            "task": type(task).__name__,
+            "architecture": type(model).__name__,
+            "tokenizer": str(source),
+        }
+        if peft:
+            info["peft"] = {"base": task.base_source(), "merged": merged}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        diff = check_export(backbone, tmp)
+        if adapter:
+            diff = check_adapter_export(task, tok, tmp)
+        elif head_task:
+            diff = check_classifier_export(task, tmp, tok)
+        else:
+            diff = check_export(backbone, tmp)
+        for path in tmp.iterdir():  # safetensors' writer leaves 0600; files of an export are shared
+            path.chmod(0o666 & ~umask)
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exported {ckpt_path} to {out_dir} (transformers logits match gptlab's: max |diff| {diff:.1e})")
+    what = "the adapter of " if adapter else "merged " if peft else ""
+    match = f"transformers logits match gptlab's: max |diff| {diff:.1e}"
+    print(f"exported {what}{ckpt_path} to {out_dir} ({match})")
     return out_dir
+
+
+def check_overwritable(out_dir: Path, ckpt_path: Path) -> None:
+    """`--overwrite` replaces an earlier export, nothing else: never the checkpoint being exported,
+    a run folder or a logs root (`--out logs` would otherwise delete every run)."""
+    out = out_dir.resolve()
+    what = "delete it: give --out a new directory (or remove the old one yourself)"
+    if out == ckpt_path.resolve() or out in ckpt_path.resolve().parents:
+        raise ConfigError(
+            f"--out {out_dir} holds the checkpoint being exported ({ckpt_path}); --overwrite would {what}"
+        )
+    if not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not an export directory; --overwrite would {what}")
+    runs = [p for p in out_dir.rglob("*") if p.name == "checkpoints" or p.suffix == ".ckpt"]
+    if runs:
+        raise ConfigError(
+            f"--out {out_dir} contains a run folder or checkpoints ({runs[0]}); --overwrite would {what}"
+        )
+    entries = list(out_dir.iterdir())
+    folders = [p.name for p in entries if p.is_dir()]
+    if not any((out_dir / name).is_file() for name in (EXPORT_INFO, "config.json")) or folders:
+        reason = f"it holds folders ({', '.join(sorted(folders)[:3])})" if folders else "no config.json"
+        raise ConfigError(
+            f"--out {out_dir} does not look like a model directory written by export ({reason}); "
+            f"--overwrite only replaces an earlier export, and would {what}"
+        )
 
 
 def to_hf_model(backbone: torch.nn.Module, tokenizer) -> PreTrainedModel:
@@ -137,6 +221,233 @@ def check_export(backbone: torch.nn.Module, directory: Path) -> float:
         raise CheckpointError(
             f"the exported model's logits differ from gptlab's by {diff:.2e} (> {LOGITS_ATOL}); "
             f"nothing written"
+        )
+    return diff
+
+
+# ----------------------------------------------------------------------------- task heads
+# How gptlab's heads map onto transformers' (modeling_layers.Generic*, GPT2For*):
+#
+#   SequenceClassification  hidden[length - 1] -> dropout -> Linear(H, C, bias)
+#   *ForSequenceClassification  score = Linear(H, C, bias=False) at the rightmost token != pad_token_id
+#   TokenClassification     hidden -> dropout -> Linear(H, C, bias)        (per token)
+#   *ForTokenClassification     dropout(classifier_dropout) -> Linear(H, C, bias)   the same
+#
+# Batches are right-padded, so "the last real token" and "the rightmost non-pad token" agree as long
+# as the tokenizer never emits the pad token inside a text (checked). The sequence head's bias, which
+# `score` lacks, moves into the final norm's bias: W (h + d) = W h + b with d = pinv(W) b (W has full
+# row rank). A backbone whose final norm has no bias (Llama's RMSNorm) cannot carry it: such heads are
+# trained with `head_bias: false`. Mean pooling has no transformers counterpart and is refused.
+
+
+def _head_task(task) -> str | None:
+    """ "sequence", "token", or None for a language model (exported as a causal LM)."""
+    from gptlab.tasks import SequenceClassification, TokenClassification
+
+    if isinstance(task, SequenceClassification):
+        return "sequence"
+    if isinstance(task, TokenClassification):
+        return "token"
+    return None
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """transformers' sequence classifiers find the last token by `pad_token_id`: the tokenizer needs one."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise CheckpointError(
+                "the tokenizer has neither a pad nor an eos token, which transformers' classifiers need to "
+                "find each text's end; pass --tokenizer with one that has a pad token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token  # gptlab pads with eos too (gptlab.data.tokenizers)
+
+
+def to_hf_classifier(task, tokenizer) -> PreTrainedModel:
+    """The transformers `*ForSequenceClassification` / `*ForTokenClassification` computing `task`'s logits."""
+    kind = _head_task(task)
+    if kind == "sequence" and task.pooling != "last":
+        raise CheckpointError(
+            f"pooling={task.pooling!r}: transformers' *ForSequenceClassification reads the last non-pad "
+            f"token's state only, so this classifier has no exact transformers equivalent; fine-tune with "
+            f"model.init_args.pooling: last to export it, or use gptlab's test / predict"
+        )
+    lm = to_hf_model(task.backbone, tokenizer)  # the backbone as a causal LM, special ids set
+    linear = task.head[-1]  # Sequential(Dropout, Linear)
+    config = copy.deepcopy(lm.config)
+    config.architectures = None  # from_config sets the head class's own name
+    config.num_labels = linear.out_features  # before id2label: a count mismatch resets the names
+    config.id2label = dict(enumerate(task.label_names))
+    config.label2id = {name: i for i, name in enumerate(task.label_names)}
+    if kind == "sequence":
+        multi = getattr(task, "multi_label", False)
+        # the pipeline applies sigmoid for multi-label, softmax otherwise
+        config.problem_type = "multi_label_classification" if multi else "single_label_classification"
+        auto = AutoModelForSequenceClassification
+    else:
+        config.classifier_dropout = task.head[0].p  # used in training only, as gptlab's
+        auto = AutoModelForTokenClassification
+    try:
+        model = auto.from_config(config, dtype=torch.float32)
+    except ValueError:
+        raise CheckpointError(
+            f"transformers has no {auto.__name__[len('AutoModelFor') :]} model for model type "
+            f"{config.model_type!r}; export this backbone as a language model instead"
+        ) from None
+    model.base_model.load_state_dict(lm.base_model.state_dict(), strict=True)
+    score = _score_layer(model)
+    with torch.no_grad():
+        score.weight.copy_(linear.weight)
+        bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+        if score.bias is not None:
+            score.bias.copy_(bias)
+        elif bias.abs().max() > 0:
+            _bias_into_final_norm(model, linear.weight, bias)
+    return model.eval()
+
+
+def _score_layer(model: PreTrainedModel) -> nn.Linear:
+    # GPT2ForSequenceClassification.score, GPT2ForTokenClassification.classifier, Llama*.score, ...
+    heads = [
+        m
+        for name, m in model.named_children()
+        if name != model.base_model_prefix and isinstance(m, nn.Linear)
+    ]
+    if len(heads) != 1:
+        raise CheckpointError(f"cannot find the classification layer of {type(model).__name__}")
+    return heads[0]
+
+
+def _bias_into_final_norm(model: PreTrainedModel, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Add d = pinv(W) b to the final norm's bias, so that score(h + d) = W h + b (see above)."""
+    base = model.base_model
+    norm = next(
+        (
+            getattr(base, n)
+            for n in ("ln_f", "norm", "final_layernorm", "final_layer_norm")
+            if hasattr(base, n)
+        ),
+        None,
+    )
+    if getattr(norm, "bias", None) is None:
+        raise CheckpointError(
+            f"the classifier's head has a bias, which {type(model).__name__} has no place for (its score "
+            f"layer has no bias and the backbone's final norm has none to carry it); fine-tune with "
+            f"model.init_args.head_bias: false to export it to transformers"
+        )
+    shift = torch.linalg.pinv(weight.double()) @ bias.double()  # (H,): minimum-norm d with W d = b
+    norm.bias.add_(shift.to(norm.bias.dtype))
+
+
+def check_classifier_export(task, directory: Path, tokenizer) -> float:
+    """Load `directory` as transformers' classifier and compare its logits with the task's; max |diff|.
+
+    The probe is a right-padded batch of three rows of different lengths, as gptlab's data modules
+    build them; token logits are compared at real tokens only (padding is ignored by both).
+    """
+    kind = _head_task(task)
+    if tokenizer.pad_token_id in tokenizer("", add_special_tokens=True)["input_ids"]:
+        raise CheckpointError(
+            f"the tokenizer adds its pad token ({tokenizer.pad_token!r}) to every text, and transformers' "
+            f"classifiers skip pad tokens when they look for a text's end; pass --tokenizer with a pad "
+            f"token of its own"
+        )
+    auto = AutoModelForSequenceClassification if kind == "sequence" else AutoModelForTokenClassification
+    hf = auto.from_pretrained(directory, dtype=torch.float32, trust_remote_code=False).eval()
+    special = set(tokenizer.all_special_ids)
+    ordinary = torch.tensor([i for i in range(min(len(tokenizer), 512)) if i not in special])
+    length = min(12, task.backbone.block_size or 12)
+    lengths = [length, max(1, length - 5), 1]
+    input_ids = torch.full((len(lengths), length), tokenizer.pad_token_id)  # (B, T), right-padded
+    attention_mask = torch.zeros_like(input_ids)
+    for row, n in enumerate(lengths):
+        input_ids[row, :n] = ordinary[(torch.arange(n) * 7 + row) % len(ordinary)]
+        attention_mask[row, :n] = 1
+    param = next(task.parameters())
+    with torch.no_grad():
+        batch = {"input_ids": input_ids.to(param.device), "attention_mask": attention_mask.to(param.device)}
+        ours = task(batch).float().cpu()
+        theirs = hf(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    if kind == "token":
+        ours, theirs = ours[attention_mask.bool()], theirs[attention_mask.bool()]  # (real tokens, C)
+    diff = (ours - theirs).abs().max().item()
+    if diff > LOGITS_ATOL:
+        raise CheckpointError(
+            f"the exported {type(hf).__name__}'s logits differ from gptlab's by {diff:.2e} "
+            f"(> {LOGITS_ATOL}); nothing written"
+        )
+    return diff
+
+
+# ------------------------------------------------------------------------------ peft adapters
+def merged_copy(task):
+    """A copy of a peft task whose backbone has the adapters merged into its base weights (peft's merge)."""
+    from gptlab.adapters import without_adapters
+
+    copied = copy.deepcopy(task)
+    copied.backbone = without_adapters(copied.backbone, merge=True)
+    return copied.eval()
+
+
+def peft_export_model(task, tokenizer):
+    """The transformers form of a peft fine-tune's backbone: a PeftModel on the plain base.
+
+    The base is the backbone without its adapters, converted like a plain export (our GPT ->
+    GPT2LMHeadModel); peft's `get_peft_model` adds the same adapters there (same module names:
+    ours are GPT-2's), and the trained adapter tensors are copied in. GPT-2 stores its linear layers
+    transposed (Conv1D), which peft handles with `fan_in_fan_out`; the adapter tensors themselves
+    have the same shapes either way.
+    """
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from gptlab.adapters import adapter_target, without_adapters
+
+    backbone = task.backbone.eval()
+    base = to_hf_model(without_adapters(backbone), tokenizer)
+    config = copy.deepcopy(task.peft_tuner.peft_config["default"])
+    config.task_type = "CAUSAL_LM"
+    config.inference_mode = True
+    config.base_model_name_or_path = None  # get_peft_model takes the base's (none: built here)
+    if isinstance(backbone, GPT) and hasattr(config, "fan_in_fan_out"):
+        config.fan_in_fan_out = True
+    model = get_peft_model(base, config)
+    model.peft_config["default"].base_model_name_or_path = _hub_or_directory(task.base_source())
+    theirs = model.base_model.model
+    for name, layer in adapter_target(backbone).named_modules():
+        if isinstance(layer, BaseTunerLayer):
+            state = {k: v for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
+            peer = theirs.get_submodule(name)
+            missing = set(state) - set(peer.state_dict())
+            if missing:
+                raise CheckpointError(f"cannot export {name}'s adapter: peft's lacks {sorted(missing)[:3]}")
+            peer.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def _hub_or_directory(source: str) -> str | None:
+    """The base's name for adapter_config.json: a Hugging Face directory or hub name, not a .ckpt."""
+    return None if source.endswith(".ckpt") or Path(source).is_file() else source
+
+
+def check_adapter_export(task, tokenizer, directory: Path) -> float:
+    """`PeftModel.from_pretrained(base, directory)` against gptlab's logits; max |diff|."""
+    from peft import PeftModel
+
+    from gptlab.adapters import without_adapters
+
+    backbone = task.backbone.eval()
+    base = to_hf_model(without_adapters(backbone), tokenizer)
+    hf = PeftModel.from_pretrained(base, directory).eval()
+    length = min(16, backbone.block_size or 16)
+    ids = torch.arange(length).remainder(backbone.vocab_size)[None]  # (1, T): a fixed probe
+    with torch.no_grad():
+        ours = backbone.logits(backbone(ids)).float()
+        theirs = hf(input_ids=ids).logits.float()
+    diff = (ours - theirs).abs().max().item()
+    if diff > LOGITS_ATOL:
+        raise CheckpointError(
+            f"the exported adapter's logits (PeftModel on the base) differ from gptlab's by {diff:.2e} "
+            f"(> {LOGITS_ATOL}); nothing written"
         )
     return diff
 

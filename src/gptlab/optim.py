@@ -3,7 +3,7 @@
 Weight decay applies to matrices (linear and embedding weights) only, never to biases and norm
 gains (GPT-2/nanoGPT practice). The groups are decided from parameter *names* recorded before any
 strategy wraps the model: FSDP may flatten parameters to 1-D, which would make a "decay if
-p.dim() >= 2" rule silently decay nothing (DESIGN.md, known traps).
+p.dim() >= 2" rule silently decay nothing (docs/design.md §8).
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def param_groups(
     # Unscaled groups first, decay before no decay; one empty group when nothing trains (an
     # optimizer needs at least one).
     for scale, keep in sorted(groups, key=lambda k: (k[0] != 1.0, k[0], k[1])) or [(1.0, False)]:
-        group: dict = {"params": groups.get((scale, keep), [])}
+        # Labels the group's learning rate in the logs (`lr/no_decay`, gptlab.callbacks.LearningRate).
+        name = ("no_decay" if keep else "decay") + (f"_lr_x{scale:g}" if scale != 1.0 else "")
+        group: dict = {"params": groups.get((scale, keep), []), "name": name}
         if keep:
             group["weight_decay"] = 0.0
         if scale != 1.0:

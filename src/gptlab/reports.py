@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from gptlab.checkpointing import atomic_write
 
 Value = float | int | str | None
 
@@ -107,15 +108,9 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    # Stage next to the target (same filesystem) and rename: a crash leaves the old file or the new one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Staged beside the target and renamed, created with open() so the umask gives the file the
+    # mode any other write would (readable by the group in a shared lab), not mkstemp's 0600.
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def _fmt(value: Value, digits: int) -> str:

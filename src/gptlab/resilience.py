@@ -1,4 +1,4 @@
-"""Keeping a run correct through preemption and numerical blow-ups (issue 6, points 2 and 5).
+"""Keeping a run correct through preemption and numerical blow-ups (docs/design.md §6.2).
 
     every optimizer step ── Preemption: save last.ckpt every N steps; on SIGTERM / SIGUSR1 save
                           │             it at the end of the step, then exit REQUEUE_EXIT_CODE

@@ -6,7 +6,7 @@
         check_task(tiny_config, tmp_path)   # a dict (or YAML path): model + data + trainer, tiny
 
 It drives gptlab's CLI in-process, the way users run a task, and checks what the rest of gptlab
-relies on (DESIGN.md §3):
+relies on (docs/design.md §4):
 
 1. `fit` trains a few steps with a finite loss, logs only "{stage}/{name}" keys, and writes the
    run directory: config.yaml, tokenizer/, checkpoints/best.ckpt and last.ckpt, the checkpoint

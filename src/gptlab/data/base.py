@@ -8,7 +8,7 @@ A subclass reads one data shape (plain text, text + label, ...). It provides the
 recipe trains on (`tokenizer_corpus`, `corpus_fingerprint`), does its expensive one-time work in
 `prepare_datasets` (cached on disk), and sets `train_dataset` / `val_dataset` / `test_dataset` in
 `setup_datasets`. Items are dicts with `input_ids` and optionally `attention_mask` and `labels`;
-`collate` turns a list of them into the batch contract (DESIGN.md §3):
+`collate` turns a list of them into the batch contract (docs/design.md §4.1):
 
     input_ids       int64 (B, T)  right-padded with the pad id
     attention_mask  int64 (B, T)  1 on real tokens
@@ -17,6 +17,7 @@ recipe trains on (`tokenizer_corpus`, `corpus_fingerprint`), does its expensive 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerFast
 
+from gptlab.data.cache import claim
 from gptlab.data.tokenizers import BPE, TokenizerRecipe, load_tokenizer, prepare_tokenizer
 from gptlab.errors import ConfigError, GPTLabError
 
@@ -41,11 +43,83 @@ class DataError(GPTLabError, ValueError):
     """Input data is missing, malformed or too small; the message names the file, line or key."""
 
 
+def encode_texts(
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    wheres: list[str],
+    what: str,
+    add_special_tokens: bool = True,
+    split_special_tokens: bool = False,
+    return_offsets_mapping: bool = False,
+) -> Any:
+    """`tokenizer(texts, ...)` for a split of examples, with errors and warnings a user can act on.
+
+    `wheres[i]` says where `texts[i]` came from ("<file> line N"). Text the tokenizer knows no
+    token for becomes its unknown token, counted in one warning per split (`what`) that names a few
+    examples; a tokenizer without an unknown token fails instead, and the error names the file,
+    line and character (the Rust tokenizers raise a bare Exception with neither).
+    """
+    try:
+        encoded = tokenizer(
+            texts,
+            add_special_tokens=add_special_tokens,
+            split_special_tokens=split_special_tokens,
+            return_offsets_mapping=return_offsets_mapping,
+            return_attention_mask=False,
+        )
+    except Exception as err:  # noqa: BLE001 - any failure of the Rust encoder
+        raise DataError(_unencodable(tokenizer, texts, wheres, what, err)) from None
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return encoded
+    hits = [i for i, ids in enumerate(encoded["input_ids"]) if unk in ids]
+    if hits:
+        # Counted per example (`wheres`): an SFT record gives several texts.
+        examples = []
+        for i in hits[:3]:
+            spans = tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)
+            unknown = {
+                texts[i][a:b]
+                for token, (a, b) in zip(spans["input_ids"], spans["offset_mapping"], strict=True)
+                if token == unk
+            }
+            examples.append(f"{wheres[i]}: {', '.join(sorted(map(repr, unknown)))}")
+        rank_zero_warn(
+            f"gptlab: {what}: {len(dict.fromkeys(wheres[i] for i in hits))} of {len(set(wheres))} examples "
+            f"hold text the tokenizer has no token "
+            f"for, encoded as {tokenizer.unk_token!r} (e.g. {'; '.join(examples)}); a tokenizer trained "
+            f"on text that contains it (or a byte-level BPE) would keep it"
+        )
+    return encoded
+
+
+def _unencodable(
+    tokenizer: PreTrainedTokenizerFast, texts: list[str], wheres: list[str], what: str, err: Exception
+) -> str:
+    """The first text and character that `tokenizer` cannot encode, as one line."""
+    for text, where in zip(texts, wheres, strict=True):
+        try:
+            tokenizer(text, add_special_tokens=False)
+        except Exception:  # noqa: BLE001
+            for char in dict.fromkeys(text):
+                try:
+                    tokenizer(char, add_special_tokens=False)
+                except Exception:  # noqa: BLE001
+                    return (
+                        f"{where}: the tokenizer cannot encode the character {char!r} (U+{ord(char):04X}): "
+                        f"it has no token for it and no unknown token; use a tokenizer that covers it (a "
+                        f"BPE recipe is byte-level; Char() trained now maps unseen characters to <unk>) or "
+                        f"remove the character"
+                    )
+            return f"{where}: the tokenizer cannot encode this text ({err})"
+    return f"{what}: the tokenizer cannot encode the text ({err})"
+
+
 class SeededShuffleSampler(DistributedSampler):
     """A permutation of `range(num_samples)` that depends only on (seed, epoch), split across ranks.
 
     A plain shuffled DataLoader draws from a generator whose state depends on how many epochs
-    this process has run, so a restarted job replays other samples (DESIGN.md §6). With
+    this process has run, so a restarted job replays other samples (docs/design.md §6.1). With
     `num_replicas` ranks, rank r takes every `num_replicas`-th index of the same permutation from
     position r, so the ranks' batches together are the single-process batch of the same global
     size (the permutation is padded with its own start to a multiple of `num_replicas`, as
@@ -151,7 +225,7 @@ class DataModule(L.LightningDataModule):
         self.test_dataset: Dataset | None = None
         # Training batches this rank has consumed since the run began (the training loop's count,
         # not the loader's: workers and Lightning's fetcher read ahead). Saved in checkpoints and
-        # restored on resume, it tells the sampler where to continue (exact resume, issue 6).
+        # restored on resume, it tells the sampler where to continue (exact resume, docs/design.md §6.1).
         self.train_batches_consumed = 0
 
     # ----------------------------------------------------------------- subclass hooks
@@ -172,14 +246,22 @@ class DataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:
-        # Lightning runs this on one process per node (rank 0) before setup on every rank.
-        if isinstance(self.tokenizer_source, TokenizerRecipe):
-            prepare_tokenizer(
-                self.tokenizer_source, self.cache_dir, self.tokenizer_corpus(), self.corpus_fingerprint()
-            )
-        else:
-            prepare_tokenizer(self.tokenizer_source, self.cache_dir, (), "")
-        self.prepare_datasets(self._load_tokenizer())
+        # Lightning runs this on one process per node (local rank 0) before setup on every rank.
+        # Nodes sharing cache_dir take turns (gptlab.data.cache.claim): the first builds the
+        # tokenizer and the tokenized data, the others find them cached.
+        try:
+            fingerprint = self.corpus_fingerprint()
+        except NotImplementedError:
+            if isinstance(self.tokenizer_source, TokenizerRecipe):
+                raise
+            fingerprint = ""  # a subclass that never trains a tokenizer need not define it
+        key = hashlib.sha256(f"{type(self).__qualname__}\n{fingerprint}".encode()).hexdigest()[:32]
+        with claim(self.cache_dir / "claims" / f"{key}.claim", what=f"the data of {type(self).__name__}"):
+            if isinstance(self.tokenizer_source, TokenizerRecipe):
+                prepare_tokenizer(self.tokenizer_source, self.cache_dir, self.tokenizer_corpus(), fingerprint)
+            else:
+                prepare_tokenizer(self.tokenizer_source, self.cache_dir, (), "")
+            self.prepare_datasets(self._load_tokenizer())
 
     def setup(self, stage: str) -> None:
         if self._tokenizer is None:

@@ -6,13 +6,19 @@ from-scratch experiments get a Llama- or GPT-2-shaped model without network acce
 
 The task never calls the HF model's own ``forward`` with labels: the loss lives in tasks/, so this
 wrapper returns the base model's final hidden states and applies the LM head separately, exactly
-like our GPT.
+like our GPT. Some families change the logits after the LM head inside their own forward
+(Granite divides by ``logits_scaling``, Cohere multiplies by ``logit_scale``, Falcon-H1 by
+``lm_head_multiplier``, Gemma 2/3 soft-cap with ``final_logit_softcapping``): ``logits`` applies
+the same step, and every build checks on a short probe that hidden states -> ``logits`` give the
+HF model's own logits, refusing a family whose head it does not reproduce (docs/design.md).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from gptlab.errors import ConfigError
 from gptlab.models.backbone import Backbone, transformer_flops_per_token
+from gptlab.models.gguf import MODEL_NAME as SMOLLM2
 
 
 def _build(
@@ -28,14 +35,62 @@ def _build(
 ) -> PreTrainedModel:
     """The transformers model: pretrained from `name_or_path`, or random from `model_type`'s config."""
     if name_or_path is not None:
+        name_or_path = os.path.expanduser(name_or_path)  # "~/.cache/gptlab/models/..." in YAML
         # dtype=float32: transformers 5 defaults to dtype="auto" (the checkpoint's, often bf16),
         # but Lightning's precision plugins expect fp32 master weights and cast for compute;
         # training bf16 weights directly with AdamW loses small updates.
-        return AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code, **overrides
-        )
-    config = AutoConfig.for_model(model_type, **overrides)
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code, **overrides
+            )
+        except (OSError, ValueError) as err:
+            # A missing directory, no network, no config.json or weights: a user error. (A model
+            # with its own code is a ValueError too, answered by the caller.)
+            if isinstance(err, ValueError) and "custom code" in str(err):
+                raise
+            raise ConfigError(_load_failure(name_or_path, err)) from None
+    try:
+        config = AutoConfig.for_model(model_type, **overrides)
+    except ValueError as err:
+        if "Unrecognized model identifier" not in str(err):
+            raise
+        raise ConfigError(
+            f"HFBackbone model_type={model_type!r} is not a model type of this transformers "
+            f"(e.g. gpt2, llama, qwen2, mistral): check the spelling, or load a checkpoint with name_or_path"
+        ) from None
     return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _load_failure(name_or_path: str, err: Exception) -> str:
+    """One line on why `from_pretrained(name_or_path)` failed and what to do."""
+    path = Path(name_or_path).expanduser()
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if path.is_dir():
+        return (
+            f"HFBackbone name_or_path={name_or_path}: the directory does not hold a loadable causal LM "
+            f"({reason}); give a directory written by save_pretrained (config.json + weights)"
+        )
+    if path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
+        # the SmolLM2 configs name the directory that scripts/get_smollm2.py makes
+        hint = " (make it with: python scripts/get_smollm2.py)" if path.name == SMOLLM2 else ""
+        return (
+            f"HFBackbone name_or_path={name_or_path}: no such directory{hint}; give a directory written by "
+            f"save_pretrained, or a hub name such as gpt2"
+        )
+    return (
+        f"HFBackbone name_or_path={name_or_path}: not found in the local Hugging Face cache and the hub "
+        f"could not be reached ({reason}); download it once with network access (the cache is reused "
+        f"offline), or give a local directory written by save_pretrained"
+    )
+
+
+# Config fields of the steps some families apply to the LM head's output inside their own forward
+# (see each family's *ForCausalLM.forward in transformers); logits() applies the same ones.
+_LOGITS_DIVISOR = "logits_scaling"  # Granite family: logits / logits_scaling
+_LOGITS_MULTIPLIERS = ("logit_scale", "lm_head_multiplier")  # Cohere; Falcon-H1
+_SOFTCAP = "final_logit_softcapping"  # Gemma 2/3, VaultGemma: cap * tanh(logits / cap)
+# Largest |ours - theirs| accepted by the build-time probe, relative to the logits' scale.
+PROBE_RTOL = 1e-5
 
 
 class HFBackbone(Backbone):
@@ -45,8 +100,8 @@ class HFBackbone(Backbone):
     weights, built from ``AutoConfig.for_model(model_type, **config_overrides)``).
 
     Args:
-        name_or_path: Local directory (from ``save_pretrained``) or hub name (e.g. "gpt2") of a
-            pretrained causal LM. Hub names need network access on first use.
+        name_or_path: Local directory (from ``save_pretrained``; ``~`` expands) or hub name (e.g.
+            "gpt2") of a pretrained causal LM. Hub names need network access on first use.
         model_type: A transformers model type (e.g. "gpt2", "llama") to build with random weights,
             offline. Use ``config_overrides`` to make it small.
         config_overrides: Config fields to set, e.g. {"n_layer": 2, "n_embd": 64}. With
@@ -54,6 +109,10 @@ class HFBackbone(Backbone):
             config (e.g. dropout).
         trust_remote_code: Allow models whose code lives in the checkpoint directory / hub repo.
             Only enable for sources you trust: it executes that code.
+        gradient_checkpointing: Activation checkpointing through transformers'
+            ``gradient_checkpointing_enable`` (non-reentrant): each decoder layer is recomputed
+            in the backward pass instead of keeping its activations; about one extra forward per
+            step for a fraction of the activation memory. Weights and outputs are unchanged.
     """
 
     def __init__(
@@ -62,15 +121,17 @@ class HFBackbone(Backbone):
         model_type: str | None = None,
         config_overrides: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if (name_or_path is None) == (model_type is None):
-            raise ValueError(
+            raise ConfigError(
                 "HFBackbone needs exactly one of name_or_path (load pretrained weights) or model_type "
-                "(random weights from a config), got "
-                f"name_or_path={name_or_path!r}, model_type={model_type!r}."
+                f"(random weights from a config), got name_or_path={name_or_path!r}, "
+                f"model_type={model_type!r}: remove one of them"
             )
         overrides = dict(config_overrides or {})
+        self.name_or_path = name_or_path  # where pretrained weights come back from (peft checkpoints)
         self.trust_remote_code = trust_remote_code
         try:
             self.model: PreTrainedModel = _build(name_or_path, model_type, overrides, trust_remote_code)
@@ -90,12 +151,33 @@ class HFBackbone(Backbone):
         self._takes_position_ids = "position_ids" in params
         self._takes_use_cache = "use_cache" in params
         self._block_class = _find_block_class(self.model)
+        config = self.model.config
+        self._logits_divisor = getattr(config, _LOGITS_DIVISOR, None)
+        multipliers = [getattr(config, k, None) for k in _LOGITS_MULTIPLIERS]
+        self._logits_multiplier = next((m for m in multipliers if m is not None), None)
+        self._softcap = getattr(config, _SOFTCAP, None)
+        self._check_logits(name_or_path or model_type)
+        # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode as
+        # built: without this, dropout (and transformers' gradient checkpointing, active in training
+        # mode only) would stay off for a whole fine-tune (docs/design.md).
+        self.train()
+        if gradient_checkpointing:
+            # Active in training mode only, as in transformers; non-reentrant keeps the RNG state
+            # (same dropout masks) and works when the inputs need no grad (frozen embeddings, LoRA).
+            options = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
     # -- Backbone interface ------------------------------------------------------------------
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+        # The LM head's input width, i.e. that of the hidden states forward returns: OPT models
+        # with word_embed_proj_dim project below config.hidden_size before the head.
+        weight = getattr(self.model.get_output_embeddings(), "weight", None)
+        return weight.size(1) if weight is not None and weight.dim() == 2 else self.model.config.hidden_size
 
     @property
     def vocab_size(self) -> int:
@@ -149,12 +231,47 @@ class HFBackbone(Backbone):
         return self.model.base_model(**kwargs).last_hidden_state  # (B, T, H)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Apply the model's output embedding (lm_head) to hidden states: (B, T, H) -> (B, T, V).
+        """The model's own logits from hidden states: (B, T, H) -> (B, T, V).
 
-        Models that post-process logits inside their own forward (Gemma 2's soft-capping, Cohere's
-        logit_scale) are not reproduced here; GPT-2, Llama, Mistral, Qwen need nothing more.
+        The output embedding (lm_head), then what the family's forward does after it: Granite's
+        division by ``logits_scaling``, Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``,
+        Gemma 2's final soft-capping. Written as in transformers, so the values are the same.
         """
-        return self.model.get_output_embeddings()(hidden)
+        logits = self.model.get_output_embeddings()(hidden)
+        if self._logits_divisor is not None:
+            logits = logits / self._logits_divisor
+        if self._logits_multiplier is not None:
+            logits = logits * self._logits_multiplier
+        if self._softcap is not None:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    @torch.no_grad()
+    def _check_logits(self, source: str) -> None:
+        """Refuse, at build time, a family whose logits ``logits(forward(x))`` does not reproduce.
+
+        Compares with the HF model's own forward on a fixed 4-token probe in eval mode. Skipped for
+        weights not materialised yet (meta device), which no forward can run.
+        """
+        param = next(self.model.parameters(), None)
+        if param is None or param.is_meta:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids = torch.arange(4, device=param.device).remainder(self.vocab_size)[None]  # (1, 4)
+            theirs = self.model(input_ids=ids, use_cache=False).logits.float()  # (1, 4, V)
+            ours = self.logits(self(ids)).float()
+        finally:
+            self.model.train(was_training)
+        diff = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("inf")
+        if not diff <= PROBE_RTOL * max(1.0, theirs.abs().max().item()):
+            raise ConfigError(
+                f"HFBackbone {source}: {type(self.model).__name__} computes its logits in a way gptlab does "
+                f"not reproduce (hidden states -> lm_head differ from the model's own logits by {diff:.1e} "
+                f"on a probe), so training and evaluation would use other logits than the model's: this "
+                f"family is not supported as a backbone"
+            )
 
 
 def _find_block_class(model: PreTrainedModel) -> type[nn.Module]:

@@ -1,0 +1,172 @@
+"""Runs that collide, runs that stop before training, and what they leave behind.
+
+- two runs started at the same moment never share a `version_N` (claimed with an exclusive mkdir);
+- a command stopped by bad input, or by any unexpected exception before its first batch, leaves no
+  run folder (nor the empty experiment / logs folders it created).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from gptlab.cli import claim_version
+from tiny_runs import run_cli
+
+
+def _claim_many(root: str, count: int) -> list[int]:
+    return [claim_version(Path(root)) for _ in range(count)]
+
+
+def test_claim_version_never_hands_out_a_version_twice(tmp_path):
+    root = tmp_path / "logs" / "exp"
+    (root / "version_3").mkdir(parents=True)  # numbering continues after what exists
+    claimed: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        barrier.wait()  # all threads list the directory at the same moment
+        claimed.extend(_claim_many(str(root), 10))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with ProcessPoolExecutor(4) as pool:
+        for result in pool.map(_claim_many, [str(root)] * 4, [10] * 4):
+            claimed.extend(result)
+    assert len(claimed) == 120 and len(set(claimed)) == 120, sorted(claimed)
+    assert min(claimed) == 4
+    assert sorted(int(p.name.split("_")[1]) for p in root.iterdir()) == [3, *sorted(claimed)]
+
+
+@pytest.mark.slow
+def test_runs_started_at_the_same_moment_get_their_own_run_directories(tiny_runs, tmp_path):
+    # Four real `main.py fit` processes on one experiment, started together; each records its own
+    # seed, so a shared directory would show as one config.yaml for two runs.
+    config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+    config.update(logs=str(tmp_path / "logs"), experiment="race")
+    config["trainer"].update(max_steps=1, val_check_interval=1)
+    config["data"]["init_args"]["cache_dir"] = str(tiny_runs.tmp / "cache")  # tokenized already
+    path = tmp_path / "race.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    seeds = [11, 12, 13, 14]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "main.py"),
+                "fit",
+                "--config",
+                str(path),
+                "--seed_everything",
+                str(s),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for s in seeds
+    ]
+    errors = [proc.communicate(timeout=600)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, [e[-2000:] for e in errors]
+    runs = sorted((tmp_path / "logs" / "race").iterdir())
+    assert [r.name for r in runs] == [f"version_{i}" for i in range(4)]
+    recorded = sorted(yaml.safe_load((r / "config.yaml").read_text())["seed_everything"] for r in runs)
+    assert recorded == seeds
+    for run in runs:
+        last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        assert last["global_step"] == 1
+
+
+def test_bad_input_leaves_no_experiment_or_logs_folder(tiny_runs, tmp_path, capsys):
+    config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+    config["logs"] = str(tmp_path / "fresh" / "logs")
+    config["data"]["init_args"]["train_files"] = str(tmp_path / "nowhere.txt")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = run_cli(capsys, "fit", "--config", str(path))
+    assert code == 2 and "nowhere.txt" in err, err
+    assert not (tmp_path / "fresh").exists(), list((tmp_path / "fresh").rglob("*"))
+
+
+def test_an_unexpected_exception_before_training_leaves_no_run_folder(tiny_runs, tmp_path):
+    from gptlab.cli import main
+    from gptlab.data import TextDataModule
+
+    config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+    logs = tmp_path / "logs"
+    (logs / "causal_lm").mkdir(parents=True)  # an experiment folder that exists stays
+    config["logs"] = str(logs)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def broken(self, stage):  # a bug anywhere in setup
+        raise RuntimeError("bug")
+
+    with mock.patch.object(TextDataModule, "setup", broken), mock.patch.object(sys, "argv", sys.argv[:1]):
+        with pytest.raises(RuntimeError, match="bug"):
+            main(["fit", "--config", str(path)])
+    assert list(logs.rglob("*")) == [logs / "causal_lm"]
+
+
+def test_export_overwrite_replaces_only_an_earlier_export(tiny_runs, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    run = logs / "exp" / "version_0"
+    shutil.copytree(tiny_runs.runs["causal_lm"], run)
+    last = run / "checkpoints" / "last.ckpt"
+    stray = tmp_path / "notes"
+    stray.mkdir()
+    (stray / "todo.txt").write_text("mine")
+    (stray / "drafts").mkdir()
+    cases = {
+        "the run itself": (run, "holds the checkpoint being exported"),
+        "the logs root": (logs, "holds the checkpoint being exported"),
+        "the checkpoints folder": (run / "checkpoints", "holds the checkpoint being exported"),
+        "another run": (tiny_runs.runs["classification"].parent, "contains a run folder or checkpoints"),
+        "a folder of other files": (stray, "does not look like a model directory written by export"),
+        "a file": (stray / "todo.txt", "is a file, not an export directory"),
+    }
+    for name, (out, needle) in cases.items():
+        before = (
+            {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.is_dir() else out.read_bytes()
+        )
+        code, err = run_cli(
+            capsys, "export", "--ckpt_path", str(last), "--out", str(out), "--overwrite", "true"
+        )
+        assert code == 2 and len(err.strip().splitlines()) == 1, (name, err)
+        assert needle in err and f"--out {out}" in err, (name, err)
+        after = (
+            {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.is_dir() else out.read_bytes()
+        )
+        assert after == before, f"{name}: export --overwrite changed it"
+    # An earlier export is replaced, and its files are readable by others as normal files are.
+    out = tmp_path / "export"
+    assert run_cli(capsys, "export", "--ckpt_path", str(last), "--out", str(out))[0] == 0
+    (out / "stale.txt").write_text("old")
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(last), "--out", str(out), "--overwrite", "true")
+    assert code == 0, err
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
