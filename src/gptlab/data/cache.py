@@ -30,7 +30,9 @@ from lightning.pytorch.utilities import rank_zero_info
 __all__ = ["claim"]
 
 HEARTBEAT = 5.0  # seconds between the holder's touches of its claim
-STALE_AFTER = 60.0  # seconds without a touch after which a claim is taken over
+# Seconds without a touch after which a claim is taken over: above NFS's longest default
+# attribute caching (acregmax, 60 s), during which a waiter may see an old modification time.
+STALE_AFTER = 120.0
 
 
 def _try_create(path: Path) -> bool:
