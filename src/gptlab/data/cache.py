@@ -84,7 +84,15 @@ def claim(
     waiting process prints.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path.parent, os.W_OK)  # False on a read-only mount, also for root
+    except OSError:
+        writable = False
+    if not writable:
+        # A read-only cache (prepared beforehand) needs no turns; a build into it fails on its own.
+        yield
+        return
     announced = False
     seen, since = None, time.monotonic()
     while not _try_create(path):
