@@ -125,3 +125,15 @@ def test_a_run_from_the_printed_config_trains_the_same_weights(tiny_runs, tmp_pa
     assert a["global_step"] == b["global_step"] == 2
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(value, b["state_dict"][key], msg=key)
+
+
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_command_line_text_with_colon_space_is_taken_as_typed(form, tiny_runs, capsys):
+    # YAML would read "Question: {prompt}" as a mapping; a str-typed key takes it as the text typed.
+    text = "Question: {prompt}\nAnswer: "
+    option = "--data.init_args.prompt_template"
+    args = [option, text] if form == "separate" else [f"--data.prompt_template={text}"]
+    out = printed(capsys, "--config", str(tiny_runs.configs["generation"]), *args)
+    assert yaml.safe_load(out)["data"]["init_args"]["prompt_template"] == text
+    cli = built(["--config", str(tiny_runs.configs["generation"]), option, text])
+    assert cli.datamodule.prompt_template == text

@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -82,6 +83,33 @@ def _option(argv: list[str], name: str) -> str | None:
             return argv[i + 1]
         if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
+    return None
+
+
+def quote_text_value(argv: list[str], message: str) -> tuple[list[str], str, str] | None:
+    """(argv, quoted, text): argv with the value that a parser `message` refuses as "not a str"
+    quoted as a YAML string, that quoted string and the text as typed.
+
+    Only a value that YAML read as a mapping or list although the key wants text (it contains
+    ": " or starts with "{" / "["), and only where it was written on the command line; None when
+    there is no such value (the error stands).
+    """
+    keys = re.findall(r'Parser key "([^"]+)":\s*\n\s*Expected a <class \'str\'>', message)
+    if not keys:
+        return None
+    name = keys[-1].split(".")[-1]
+    for i, arg in enumerate(argv):
+        option, equals, value = arg.partition("=")
+        if not option.startswith("--") or option.rsplit(".", 1)[-1].lstrip("-") != name:
+            continue
+        if not equals:
+            if i + 1 >= len(argv):
+                continue
+            value = argv[i + 1]
+        if not (": " in value or value.lstrip()[:1] in ("{", "[")) or value.startswith('"'):
+            continue
+        quoted = json.dumps(value)  # a JSON string is a YAML double-quoted string of the same text
+        return [*argv[:i], f"{option}={quoted}", *argv[i + (1 if equals else 2) :]], quoted, value
     return None
 
 
@@ -422,7 +450,9 @@ class _Parser(LightningArgumentParser):
         if "peft" in message:
             # A peft config class that cannot be imported: say which package is missing.
             require_peft()
-        raise ConfigError(one_line_parser_error(message, argv, subcommand)) from None
+        error = ConfigError(one_line_parser_error(message, argv, subcommand))
+        error.parser_message = message  # what `quote_text_value` reads to retry a parse
+        raise error from None
 
 
 class GPTLabCLI(LightningCLI):
@@ -474,15 +504,36 @@ class GPTLabCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        argv = args if isinstance(args, list) else None if args is not None else sys.argv[1:]
-        flags = _print_config_flags(argv or [])
-        if flags is None:
+        if not (args is None or isinstance(args, list)):  # a dict or Namespace: Lightning's way
             super().parse_arguments(parser, args)
+            return
+        argv = list(args) if args is not None else sys.argv[1:]
+        # A command-line value is read as YAML, so "Question: {q}" becomes a mapping and fails a
+        # str-typed key. Such a value is meant as text: quote it, parse again (once per value),
+        # and put the text back (jsonargparse keeps a str key's raw value, quotes included).
+        texts: dict[str, str] = {}
+        for _ in range(len(argv)):
+            try:
+                self._parse(parser, argv, texts)
+                return
+            except ConfigError as err:
+                quoted = quote_text_value(argv, getattr(err, "parser_message", ""))
+                if quoted is None:
+                    raise
+                argv, texts[quoted[1]] = quoted[0], quoted[2]
+                self._argv = parser._gptlab_argv = argv
+
+    def _parse(self, parser: LightningArgumentParser, argv: list[str], texts: dict[str, str]) -> None:
+        flags = _print_config_flags(argv)
+        self.config = parser.parse_args([a for a in argv if _print_config_flags([a]) is None])
+        for key, value in list(self.config.items()):
+            if isinstance(value, str) and value in texts:
+                self.config[key] = texts[value]
+        if flags is None:
             return
         # `--print_config` prints what the command would run, so that `fit --config <printed>`
         # runs the same experiment: jsonargparse prints while parsing, before the backbone and
         # tokenizer that `init_from` implies are filled in (they would print as null).
-        self.config = parser.parse_args([a for a in argv if _print_config_flags([a]) is None])
         subcommand = self.config.get("subcommand")
         cfg = self.config[subcommand] if subcommand else self.config
         self.subcommand = subcommand
