@@ -137,3 +137,16 @@ def test_command_line_text_with_colon_space_is_taken_as_typed(form, tiny_runs, c
     assert yaml.safe_load(out)["data"]["init_args"]["prompt_template"] == text
     cli = built(["--config", str(tiny_runs.configs["generation"]), option, text])
     assert cli.datamodule.prompt_template == text
+
+
+def test_help_lists_every_command_and_where_model_and_data_keys_are(capsys):
+    with mock.patch.object(sys, "argv", sys.argv[:1]), pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "{fit,validate,test,predict,export}" in out and "export Write a checkpoint" in out
+    assert "--model.help SequenceClassification" in out and "--data.help ClassificationDataModule" in out
+    # ... and those help keys list the class's keys, with their docstrings.
+    with mock.patch.object(sys, "argv", sys.argv[:1]), pytest.raises(SystemExit):
+        main(["fit", "--data.help", "ClassificationDataModule"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--data.column_names" in out and "--data.val_fraction" in out and "no header line" in out

@@ -58,9 +58,28 @@ from gptlab.reports import write_report
 from gptlab.resilience import NonFiniteLoss, Preemption
 from gptlab.strategies import is_sharded_checkpoint, save_consolidated
 from gptlab.tasks import TaskModule
-from gptlab.tasks.base import RUN_CODE_KEYS, load_checkpoint, records_remote_code, verify_checkpoint
+from gptlab.tasks.base import (
+    RUN_CODE_KEYS,
+    load_checkpoint,
+    records_remote_code,
+    use_peft_types,
+    verify_checkpoint,
+)
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+
+
+HELP_DESCRIPTION = (
+    "gptlab: pretrain and fine-tune GPT-style models from YAML. Keys of a command: "
+    "`main.py fit --help` (trainer, checkpoint, ...); the model's and the data's keys depend on their "
+    "class: `main.py fit --model.help SequenceClassification`, `main.py fit --data.help "
+    "ClassificationDataModule` (any class name or class_path). `--print_config` prints a "
+    "command's whole config."
+)
+EXPORT_HELP = (
+    "Write a checkpoint as a Hugging Face model directory: main.py export --ckpt_path <run>/checkpoints/"
+    "best.ckpt --out DIR (main.py export --help for its options)."
+)
 
 
 def run_dir_of(ckpt_path: str | Path | None) -> Path | None:
@@ -508,6 +527,8 @@ class GPTLabCLI(LightningCLI):
             super().parse_arguments(parser, args)
             return
         argv = list(args) if args is not None else sys.argv[1:]
+        if not {a for a in argv if a not in EVAL_SUBCOMMANDS + ("fit",)} <= {"-h", "--help"}:
+            use_peft_types()  # model arguments will be read: their `peft` type is peft's class
         # A command-line value is read as YAML, so "Question: {q}" becomes a mapping and fails a
         # str-typed key. Such a value is meant as text: quote it, parse again (once per value),
         # and put the text back (jsonargparse keeps a str key's raw value, quotes included).
@@ -525,6 +546,8 @@ class GPTLabCLI(LightningCLI):
 
     def _parse(self, parser: LightningArgumentParser, argv: list[str], texts: dict[str, str]) -> None:
         flags = _print_config_flags(argv)
+        if flags:  # skip_default / skip_unset: jsonargparse's own printing (nothing filled in)
+            self.config = parser.parse_args(argv)
         self.config = parser.parse_args([a for a in argv if _print_config_flags([a]) is None])
         for key, value in list(self.config.items()):
             if isinstance(value, str) and value in texts:
@@ -545,15 +568,21 @@ class GPTLabCLI(LightningCLI):
                 file=sys.stderr,
             )
         printer = self._subcommand_parsers[subcommand] if subcommand else parser
-        sys.stdout.write(
-            printer.dump(cfg, skip_none="skip_null" in flags, skip_default="skip_default" in flags)
-        )
+        sys.stdout.write(printer.dump(cfg, skip_none=False))
         raise SystemExit(0)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs["description"] = HELP_DESCRIPTION
         parser = super().init_parser(**kwargs)
         parser._gptlab_argv = self._argv  # the args its one-line errors look up keys in
         return parser
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `export` is dispatched by `main()` before LightningCLI (it is not a Trainer method);
+        # listed here so that `main.py --help` shows every command.
+        export = LightningArgumentParser(description=EXPORT_HELP)
+        parser._subcommands_action.add_subcommand("export", export, help=EXPORT_HELP)
 
     def instantiate_classes(self) -> None:
         try:

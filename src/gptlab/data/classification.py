@@ -26,9 +26,8 @@ import csv
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +39,10 @@ from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.text import VALIDATION_SPLITS, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    # `datasets` (with pandas) costs a second at start-up: imported where a dataset is read.
+    import datasets
 
 ROLES = ("train", "val", "test", "predict")
 MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
@@ -283,6 +286,8 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dic
 
 def load_dataset_splits(dataset: str, dataset_config: str | None) -> dict[str, datasets.Dataset]:
     """A `datasets` dataset's splits by role: train, and val / test when it has them."""
+    import datasets
+
     path = Path(dataset).expanduser()
     if dataset.startswith(("/", ".", "~")) and not path.exists():
         raise DataError(
@@ -308,6 +313,8 @@ def load_dataset_splits(dataset: str, dataset_config: str | None) -> dict[str, d
 
 def class_label_names(feature: Any) -> list[str] | None:
     """Names of a ClassLabel feature, also inside a Sequence / list (multi-label, tags)."""
+    import datasets
+
     feature = getattr(feature, "feature", feature)
     if isinstance(feature, list) and feature:
         feature = feature[0]

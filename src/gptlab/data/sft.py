@@ -40,9 +40,8 @@ import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,6 +54,9 @@ from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.text import VALIDATION_SPLITS, _files_fingerprint, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets  # imported where a dataset is read (start-up time)
 
 # Used when `format: chat` meets a tokenizer without a chat template (e.g. one gptlab trained).
 # Plain text, no special tokens: "user: ...\nassistant: ...\n"; the generation prompt is "assistant: ".
@@ -253,6 +255,8 @@ class SFTDataModule(DataModule):
     def _dataset_splits(self) -> dict[str, datasets.Dataset]:
         """`dataset`'s splits by role (train, and val / test when it has them)."""
         if self._splits is None:
+            import datasets  # here, not at module import: a second of start-up time
+
             path = Path(self.dataset).expanduser()
             if self.dataset.startswith(("/", ".", "~")) and not path.exists():
                 raise DataError(f"dataset={self.dataset!r}: no such directory; give a save_to_disk directory")

@@ -34,9 +34,8 @@ import time
 from collections.abc import Iterable, Iterator
 from glob import glob
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -58,6 +57,9 @@ from gptlab.data.corpus import (
 )
 from gptlab.data.tokenizers import TokenizerRecipe, tokenizer_fingerprint
 from gptlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets  # imported where a dataset is read (start-up time)
 
 # Bump when the cached layout or the way streams are built changes: old entries are then ignored.
 CACHE_FORMAT = 2
@@ -239,6 +241,8 @@ def _files_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
 
 def load_files(files: list[Path], text_column: str, cache_dir: Path) -> datasets.Dataset:
     """The records of checked .jsonl / .json / .parquet `files` as a Dataset with one `text` column."""
+    import datasets  # here, not at module import: a second of start-up time
+
     parts = []
     # Consecutive files of one kind load together (datasets needs one builder per call). Text
     # files are not loaded here: `read_blocks` streams them (datasets would read each whole).
@@ -456,6 +460,8 @@ class TextDataModule(DataModule):
             return None
         path = Path(self.dataset).expanduser()
         if _is_saved_dataset(path):
+            import datasets
+
             # Saved datasets carry a content fingerprint; reading it maps the files, nothing more.
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
@@ -475,6 +481,8 @@ class TextDataModule(DataModule):
     def _dataset_splits(self) -> dict[str, datasets.Dataset]:
         """`dataset`'s splits by role (train, and val / test when it has them)."""
         if self._splits is None:
+            import datasets
+
             path = Path(self.dataset).expanduser()
             # A path-like name that does not exist is a typo, not a hub name (spares the hub's retries).
             if self.dataset.startswith(("/", ".", "~")) and not path.exists():
