@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
-from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts, shorten_problem
 from gptlab.data.text import VALIDATION_SPLITS, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
@@ -78,7 +78,7 @@ class Problems:
 
 def shorten(text: str, limit: int = MAX_PROBLEM_CHARS) -> str:
     """`text` cut to `limit` characters, marking the cut."""
-    return text if len(text) <= limit else text[: limit - 5] + " ..."
+    return shorten_problem(text, limit)
 
 
 def held_out(count: int, fraction: float, seed: int, what: str) -> set[int]:

@@ -50,7 +50,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts, shorten_problem
 from gptlab.data.text import VALIDATION_SPLITS, _files_fingerprint, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
@@ -64,7 +64,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-MAX_PROBLEMS = 20  # listed in one error; the rest are counted
+MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
 PROBLEMS_PER_SOURCE = 3  # the first few say what is wrong with a whole file
 ROLES = ("train", "val", "test", "predict")
 
@@ -434,7 +434,8 @@ class SFTDataModule(DataModule):
             problems.append(f"{role}: no records found; check the {role} files or dataset split")
         if problems:
             more = len(problems) - MAX_PROBLEMS
-            listed = problems[:MAX_PROBLEMS] + ([f"... and {more} more problems"] if more > 0 else [])
+            listed = [shorten_problem(p) for p in problems[:MAX_PROBLEMS]]
+            listed += [f"... and {more} more problems"] if more > 0 else []
             raise DataError(f"SFTDataModule ({role}): {len(problems)} problem(s):\n  " + "\n  ".join(listed))
         return examples
 

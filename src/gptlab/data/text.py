@@ -45,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DataError, DataModule
+from gptlab.data.base import DataError, DataModule, shorten_problem
 from gptlab.data.corpus import (
     MAX_CHARS,
     CorpusEncoder,
@@ -66,7 +66,7 @@ CACHE_FORMAT = 2
 TEXT = "text"  # the one column every loaded source is reduced to
 # Names under which Hugging Face datasets usually publish their validation split.
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
-MAX_PROBLEMS = 20  # listed in one error; the rest are counted
+MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
 
 
 def expand_files(patterns: str | list[str], what: str) -> list[Path]:
@@ -227,7 +227,8 @@ def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
         problems.append(f"{what}: no text in {names}; point {what} at files with text")
     if problems:
         more = len(problems) - MAX_PROBLEMS
-        listed = problems[:MAX_PROBLEMS] + ([f"... and {more} more problems"] if more > 0 else [])
+        listed = [shorten_problem(p) for p in problems[:MAX_PROBLEMS]]
+        listed += [f"... and {more} more problems"] if more > 0 else []
         raise DataError(f"{what}: {len(problems)} problem(s) with the input files:\n  " + "\n  ".join(listed))
     if empty:
         rank_zero_info(f"gptlab: {what}: skipped {len(empty)} empty file(s), e.g. {empty[0]}")
