@@ -270,7 +270,14 @@ def test_an_interrupted_preparation_leaves_no_cache_entry(tmp_path, monkeypatch,
         with pytest.raises(KeyboardInterrupt):
             TextDataModule(**kwargs).prepare_data()
     assert not list((tmp_path / "c" / "text").iterdir())  # no entry, no leftover build directory
+    # A build killed outright (SIGKILL) leaves its directory; the next build of the entry removes it.
+    dm = TextDataModule(**kwargs)
+    killed = tmp_path / "c" / "text" / f".tmp-{dm.cache_path(dm._load_tokenizer()).name[:16]}-x1y2"
+    (killed / "part").mkdir(parents=True)
+    other = tmp_path / "c" / "text" / ".tmp-0123456789abcdef-x1y2"  # another entry's build: kept
+    other.mkdir()
     dm = prepare(tmp_path, "c", **{k: v for k, v in kwargs.items() if k != "cache_dir"})
+    assert not killed.exists() and other.exists()
     assert dm.train_dataset.tokens.tolist() + dm.val_dataset.tokens.tolist() == whole(
         dm.tokenizer, [path.read_text()]
     )

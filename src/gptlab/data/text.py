@@ -590,8 +590,12 @@ class TextDataModule(DataModule):
             )
         start = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
+        # A build of this entry killed midway left its directory: prepare_data holds the entry's
+        # claim (gptlab.data.cache), so no live build owns one, and a large corpus's is large.
+        for stale in path.parent.glob(f".tmp-{path.name[:16]}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         # Build in a private directory and rename it into place: no half-written cache entry.
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name[:16]}-", dir=path.parent))
         encoder = CorpusEncoder(tokenizer)
         try:
             dtype, splits = self._build(encoder, tmp)
