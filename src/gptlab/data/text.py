@@ -649,6 +649,14 @@ class TextDataModule(DataModule):
                     lengths = encoder.encode(self.documents(role), out.write, dtype)
                 except DataError as err:
                     raise DataError(f"{self._describe(role)}: {err}") from None
+            if encoder.unknown.documents:
+                # As the other data modules do (gptlab.data.base.encode_texts): one warning per split.
+                rank_zero_warn(
+                    f"gptlab: {self._describe(role)}: {encoder.unknown.documents} of {len(lengths)} "
+                    f"documents hold text the tokenizer has no token for, encoded as "
+                    f"{encoder.tokenizer.unk_token!r} (e.g. {'; '.join(encoder.unknown.examples)}); a "
+                    f"tokenizer trained on text that contains it (or a byte-level BPE) would keep it"
+                )
             total = int(lengths.sum())
             if whole:
                 counts[role] = {"tokens": total, "documents": len(lengths)}
