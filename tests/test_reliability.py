@@ -170,3 +170,33 @@ def test_export_overwrite_replaces_only_an_earlier_export(tiny_runs, tmp_path, c
     os.umask(umask)
     for path in out.iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
+
+
+def test_a_resume_keeps_the_runs_tokenizer_when_the_training_files_changed(tiny_runs, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from gptlab.cli import GPTLabCLI
+
+    run = tmp_path / "logs" / "causal_lm" / "version_0"
+    shutil.copytree(tiny_runs.runs["causal_lm"], run)
+    saved = AutoTokenizer.from_pretrained(run / "tokenizer").get_vocab()
+    # The corpus was edited since: a tokenizer recipe trained on it now gives other ids.
+    corpus = tmp_path / "edited.txt"
+    corpus.write_text("zebra quartz jumps vexingly over wizard boxes, 0123456789 !?\n" * 200)
+    config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+    config.update(logs=str(tmp_path / "logs"))
+    config["data"]["init_args"].update(train_files=str(corpus), cache_dir=str(tmp_path / "cache"))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = GPTLabCLI(
+            args=["fit", "--config", str(path), "--ckpt_path", "last", "--trainer.max_steps", "3"]
+        )
+    assert cli.trainer.global_step == 3
+    assert cli.datamodule.tokenizer.get_vocab() == saved
+    assert AutoTokenizer.from_pretrained(run / "tokenizer").get_vocab() == saved
+    # Asking for another tokenizer on the command line while resuming is refused, naming both.
+    other = tiny_runs.runs["classification"] / "tokenizer"
+    code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last",
+                        "--data.init_args.tokenizer", str(other))  # fmt: skip
+    assert code == 2 and "--data.init_args.tokenizer: resuming" in err and str(run / "tokenizer") in err, err

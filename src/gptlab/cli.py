@@ -622,6 +622,8 @@ class GPTLabCLI(LightningCLI):
         self._fill_from_checkpoints(cfg, ckpt)
         self._refuse_recorded_remote_code(cfg, ckpt)
         self._claim_run_dirs(cfg)
+        if self.subcommand == "fit" and run is not None:
+            self._resume_with_run_tokenizer(cfg, run)
         # Evaluate with the tokenizer the run trained with, unless one is given explicitly.
         explicit = any("tokenizer" in a for a in self._argv)
         if self.subcommand in EVAL_SUBCOMMANDS and run and (run / "tokenizer").is_dir() and not explicit:
@@ -680,6 +682,27 @@ class GPTLabCLI(LightningCLI):
             names = checkpoint_hparams(ckpt).get("label_names")
             if names:
                 data.label_names = list(names)
+
+    def _resume_with_run_tokenizer(self, cfg: Namespace, run: Path) -> None:
+        """A resumed run keeps the tokenizer it trained with (`<run>/tokenizer`): a recipe would be
+        retrained on today's training files, and a changed corpus moves token ids under the weights."""
+        data = cfg.data.get("init_args") if isinstance(cfg.get("data"), Namespace) else None
+        saved = run / "tokenizer"
+        if data is None or "tokenizer" not in data or not saved.is_dir():
+            return
+        given = [
+            a.split("=")[0] for a in self._argv if a.split("=")[0].startswith("--data.") and "tokenizer" in a
+        ]
+        if given and str(data.tokenizer) != str(saved):
+            raise ConfigError(
+                f"{given[0]}: resuming {run} continues with the tokenizer it trained with ({saved}); "
+                f"another tokenizer would change the meaning of the token ids under its weights: drop "
+                f"{given[0]}, or start a new run (without --ckpt_path) from its weights with "
+                f"--model.init_args.init_from"
+            )
+        if str(data.tokenizer) != str(saved):
+            rank_zero_info(f"gptlab: resuming with the run's tokenizer {saved}")
+        data.tokenizer = str(saved)
 
     def _refuse_recorded_remote_code(self, cfg: Namespace, ckpt: str | None) -> None:
         """A backbone that would run its model's own code (trust_remote_code) must be asked for by
