@@ -61,6 +61,19 @@ from gptlab.tasks.base import RUN_CODE_KEYS, load_checkpoint, records_remote_cod
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 
 
+def require_lightning_checkpoint(ckpt: str, checkpoint: Any) -> None:
+    """`--ckpt_path` resumes or evaluates what Lightning wrote; a bare state dict has no trainer state."""
+    if isinstance(checkpoint, dict) and {"state_dict", "pytorch-lightning_version"} <= set(checkpoint):
+        return
+    keys = sorted(map(str, checkpoint))[:4] if isinstance(checkpoint, dict) else []
+    raise CheckpointError(
+        f"--ckpt_path {ckpt} is not a checkpoint written by Lightning (a {type(checkpoint).__name__} "
+        f"with keys {keys}, e.g. a plain torch.save(state_dict)): --ckpt_path takes a run's checkpoint, "
+        f"logs/<experiment>/version_N/checkpoints/*.ckpt; start from bare weights by loading them into "
+        f"the backbone in Python"
+    )
+
+
 def run_dir_of(ckpt_path: str | Path | None) -> Path | None:
     """The run directory of a checkpoint written by gptlab (`<run>/checkpoints/<name>.ckpt`)."""
     if not ckpt_path:
@@ -128,14 +141,41 @@ def _remote_code_message(source: str | Path) -> str:
     )
 
 
+def hf_directory_config(source: str | Path) -> dict[str, Any]:
+    """The config.json of a Hugging Face model directory given as `init_from`, checked: valid JSON
+    with a model_type, and weights beside it (what from_pretrained would need, said in one line)."""
+    source = Path(source)
+    config_file = source / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"init_from={source}: not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"init_from={source}: {config_file} line {err.lineno} column {err.colno} is not valid JSON "
+            f"({err.msg}); re-save the model with save_pretrained (or fix the file)"
+        ) from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise ConfigError(
+            f"init_from={source}: {config_file} names no model_type, so transformers cannot tell which "
+            f"architecture it is; re-save the model with save_pretrained"
+        )
+    weights = [
+        p for p in source.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
+    ]
+    if not weights:
+        raise ConfigError(
+            f"init_from={source}: no weights in the directory (expected model.safetensors or "
+            f"pytorch_model.bin beside config.json); copy them there, or give the model's complete directory"
+        )
+    return config
+
+
 def pretrained_backbone(source: str | Path) -> dict[str, Any]:
     """The backbone config (class_path + init_args) of a gptlab checkpoint or a Hugging Face directory."""
     source = Path(source)
     if source.is_dir():
-        config_file = source / "config.json"
-        if not config_file.is_file():
-            raise ConfigError(f"init_from={source}: not a Hugging Face model directory (no config.json)")
-        config = json.loads(config_file.read_text())
+        config = hf_directory_config(source)
         if "auto_map" in config:
             # The model's code lives in the directory (config.json's auto_map): running it is
             # trust_remote_code, which gptlab never turns on by itself.
@@ -162,9 +202,7 @@ def check_init_from(source: str | Path, trust_remote_code: bool = False) -> None
     """
     path = Path(source)
     if path.is_dir() and not is_sharded_checkpoint(path):
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"init_from={source}: not a Hugging Face model directory (no config.json)")
-        if not trust_remote_code and "auto_map" in json.loads((path / "config.json").read_text()):
+        if not trust_remote_code and "auto_map" in hf_directory_config(path):
             raise ConfigError(_remote_code_message(source))
         return
     if not path.exists():
@@ -245,23 +283,22 @@ class RunDirectory(SaveConfigCallback):
             datamodule.save_tokenizer(tokenizer_dir)
 
 
-def check_writable_dir(directory: Path, what: str) -> None:
+def check_writable_dir(directory: Path, what: str, fix: str) -> None:
     """Fail unless `directory` exists and is writable, or can be created (its nearest existing
     ancestor is a writable directory); checked before training so a run cannot die at its first save.
+    `what` names the setting (e.g. "--logs"), `fix` says what to do (e.g. "set --logs to ...").
     """
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(
-            f"{what} {directory}: cannot create it, {existing} is a file, not a directory; "
-            f"choose another directory"
+            f"{what} {directory}: cannot create it, {existing} is a file, not a directory; {fix}"
         )
     # os.access is the question the kernel answers on write (root passes it, even on 0o555).
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"{what} {directory}: {existing} is not writable by this user; choose another directory "
-            f"or fix its permissions"
+            f"{what} {directory}: {existing} is not writable by this user; {fix} (or fix its permissions)"
         )
 
 
@@ -439,7 +476,9 @@ class GPTLabCLI(LightningCLI):
             require_complete(ckpt)  # a cut-off or empty file is named as such
             if not is_sharded_checkpoint(ckpt):
                 # One memory-mapped weights_only load: refuses a crafted pickle, names the task.
-                self._check_task_of_checkpoint(ckpt, load_checkpoint(ckpt, mmap=True))
+                checkpoint = load_checkpoint(ckpt, mmap=True)
+                require_lightning_checkpoint(ckpt, checkpoint)
+                self._check_task_of_checkpoint(ckpt, checkpoint)
             else:
                 verify_checkpoint(ckpt)  # before the FSDP strategy hands the folder to DCP
         # LightningCLI re-applies the checkpoint's hyperparameters over the parsed config, which
@@ -598,6 +637,11 @@ class GPTLabCLI(LightningCLI):
             cfg.ckpt_path = ckpt = str(found) if found is not None else None
             if found is not None:
                 verify_checkpoint(found)  # resolved just now: not checked while parsing
+        if ckpt == "":
+            raise ConfigError(
+                "--ckpt_path is empty: give a checkpoint file, `last` (fit: resume the newest run), or "
+                "leave the option out"
+            )
         # (a remote URL, s3://..., is left to Lightning's fsspec loading, with weights_only below)
         local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
         if local and not Path(ckpt).exists():
@@ -607,7 +651,13 @@ class GPTLabCLI(LightningCLI):
         if "weights_only" in cfg and cfg.weights_only is None:
             cfg.weights_only = True
         run = run_dir_of(ckpt)
-        check_writable_dir(run if run is not None else logs, "--logs" if run is None else "run directory")
+        if run is None:
+            check_writable_dir(logs, "--logs", "set --logs to a directory you can write to")
+        else:
+            check_writable_dir(
+                run, "run directory", "copy the run to a writable place and give --ckpt_path from there"
+            )
+        self._check_settings(cfg, ckpt)
         if run is not None or cfg.trainer.logger in (None, True):
             # Resuming or evaluating a checkpoint writes into that checkpoint's run directory.
             save_dir, name, version = (
@@ -682,6 +732,58 @@ class GPTLabCLI(LightningCLI):
             names = checkpoint_hparams(ckpt).get("label_names")
             if names:
                 data.label_names = list(names)
+
+    def _check_settings(self, cfg: Namespace, ckpt: str | None) -> None:
+        """Settings that can only fail later (at the first step, the first save, the first
+        validation), checked before anything is built."""
+        experiment = str(cfg.experiment)
+        if (
+            not experiment
+            or experiment in (".", "..")
+            or any(c in experiment for c in "/\\")
+            or ".." in experiment
+        ):
+            raise ConfigError(
+                f"--experiment {experiment!r}: give a plain name (no '/', '\\' or '..'): runs land in "
+                f"{cfg.logs}/<experiment>/version_N; to write them elsewhere, set --logs"
+            )
+        trainer = cfg.trainer
+        accumulate = trainer.get("accumulate_grad_batches")
+        if accumulate is not None and accumulate < 1:
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches={accumulate} must be at least 1 (1: no accumulation)"
+            )
+        interval = trainer.get("val_check_interval")
+        if interval is not None and interval <= 0:
+            raise ConfigError(
+                f"trainer.val_check_interval={interval} must be positive: a number of training batches (int) "
+                f"or a fraction of an epoch in (0, 1]; to validate less, raise it, or set "
+                f"trainer.limit_val_batches to 0 for no validation"
+            )
+        if self.subcommand == "fit" and trainer.get("max_steps") == 0:
+            raise ConfigError(
+                "trainer.max_steps=0 trains nothing: give the number of optimizer steps, or -1 to "
+                "train for trainer.max_epochs"
+            )
+        data = cfg.data.get("init_args") if isinstance(cfg.get("data"), Namespace) else None
+        cache = data.get("cache_dir") if data is not None else None
+        if isinstance(cache, str) and cache:
+            check_writable_dir(
+                Path(cache).expanduser(),
+                "data.init_args.cache_dir",
+                "set data.init_args.cache_dir to a directory you can write to",
+            )
+        if self.subcommand in EVAL_SUBCOMMANDS and ckpt in ("best", "last"):
+            found = sorted(
+                (Path(cfg.logs) / experiment).glob(f"version_*/checkpoints/{ckpt}.ckpt"),
+                key=lambda p: int(p.parts[-3].split("_")[1]) if p.parts[-3].split("_")[1].isdigit() else -1,
+            )
+            example = found[-1] if found else f"{cfg.logs}/{experiment}/version_N/checkpoints/{ckpt}.ckpt"
+            raise ConfigError(
+                f"--ckpt_path {ckpt}: a separate `{self.subcommand}` has no {ckpt} checkpoint of its own "
+                f"(that name means the {ckpt} of a fit in the same process); give the file, e.g. "
+                f"--ckpt_path {example} (its run's config.yaml is found beside it)"
+            )
 
     def _resume_with_run_tokenizer(self, cfg: Namespace, run: Path) -> None:
         """A resumed run keeps the tokenizer it trained with (`<run>/tokenizer`): a recipe would be
