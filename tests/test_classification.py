@@ -156,6 +156,8 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def data(tmp_path, tokenizer_dir, **kwargs) -> ClassificationDataModule:
+    # No held-out validation unless a test asks: these tests count the training examples.
+    kwargs.setdefault("val_fraction", 0.0)
     return ClassificationDataModule(tokenizer=tokenizer_dir, cache_dir=str(tmp_path / "cache"), **kwargs)
 
 

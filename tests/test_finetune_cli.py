@@ -208,6 +208,51 @@ def test_shipped_finetune_configs_instantiate(work, tmp_path, monkeypatch, name)
     assert built.model.label_names == expected
 
 
+@pytest.mark.parametrize("name", ["sst2_smollm2", "conll2003_smollm2"])
+def test_shipped_smollm2_configs_train_and_export(name, work, fake_smollm2, tmp_path, monkeypatch, capsys):
+    """The SmolLM2 configs, unchanged but for the data files, on a tiny Llama where the converted
+    model lives (fake_smollm2): they fit, and export as transformers' Llama classifiers."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    monkeypatch.chdir(REPO)
+    files = work.sentiment if name.startswith("sst2") else work.ner
+    roles = {"train": "train", "val": "dev", "test": "test"}
+    swapped = [f"--data.init_args.{key}_files={files[role]}" for key, role in roles.items()]
+    args = [
+        "--config",
+        str(REPO / "configs" / "finetune" / f"{name}.yaml"),
+        "--logs",
+        str(tmp_path),
+        *swapped,
+    ]
+    small = [
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    fitted = cli("fit", *args, *small)
+    assert isinstance(fitted.model.backbone, HFBackbone)
+    assert fitted.model.backbone.model.config.model_type == "llama"
+    if name.startswith("sst2"):
+        assert fitted.model.head[1].bias is None  # what LlamaForSequenceClassification can hold
+    # the real data: the label names the README reports
+    built = cli(*args[:4], run=False)
+    assert Path(built.datamodule.role_files["train"]).resolve().parent.name in ("sst2", "conll2003")
+    out = tmp_path / "hf"
+    code, err = run_cli(
+        capsys, "export", "--ckpt_path", f"{fitted.trainer.log_dir}/checkpoints/last.ckpt", "--out", str(out)
+    )
+    assert code == 0, err
+    auto = AutoModelForSequenceClassification if name.startswith("sst2") else AutoModelForTokenClassification
+    model = auto.from_pretrained(out)
+    kind = "SequenceClassification" if name.startswith("sst2") else "TokenClassification"
+    assert type(model).__name__ == f"LlamaFor{kind}"
+    assert list(model.config.id2label.values()) == fitted.model.label_names
+
+
 def test_causal_lm_checkpoints_ignore_the_label_link(work):
     # The data -> model.label_names link must not leak into tasks without label names.
     hparams = torch.load(work.pretrained, weights_only=True)["hyper_parameters"]

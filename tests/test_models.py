@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -374,3 +375,55 @@ def test_hf_backbone_load_errors_are_one_line(tmp_path) -> None:
     with pytest.raises(ConfigError, match="model_type='lama' is not a model type"):
         HFBackbone(model_type="lama")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "hf"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind):
+    """The option recomputes every block in backward (counted) and changes no number, dropout included."""
+
+    def build(checkpointing: bool):
+        torch.manual_seed(0)
+        if kind == "gpt":
+            model = GPT(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1,
+                        gradient_checkpointing=checkpointing)  # fmt: skip
+        else:
+            overrides = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, attention_dropout=0.1)  # fmt: skip
+            model = HFBackbone(
+                model_type="llama", config_overrides=overrides, gradient_checkpointing=checkpointing
+            )
+        return model.train()
+
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for checkpointing in (False, True):
+        model = build(checkpointing)
+        calls = []
+        for block in (m for m in model.modules() if isinstance(m, model.block_class)):
+            # On the block's MLP: transformers checkpoints `forward`, not `__call__` (hooks of the
+            # block itself run once), and the recomputation stops once the saved tensors are back.
+            block.mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        torch.manual_seed(2)  # the same dropout masks in both runs
+        loss = F.cross_entropy(model.logits(model(ids)).flatten(0, 1)[:-1], ids.flatten()[1:])
+        forwards = len(calls)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        # 2 blocks: run once each without checkpointing; with it, once more each in backward
+        assert (forwards, len(calls)) == ((2, 2) if not checkpointing else (2, 4))
+    (plain_loss, plain_grads), (ckpt_loss, ckpt_grads) = results
+    assert torch.equal(plain_loss, ckpt_loss)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_pretrained_hf_backbone_trains_in_training_mode(tmp_path):
+    """from_pretrained returns eval mode; the backbone must not keep it (dropout and checkpointing off)."""
+    torch.manual_seed(0)
+    HFBackbone(model_type="llama", config_overrides=TINY_LLAMA_OVERRIDES).model.save_pretrained(tmp_path)
+    backbone = HFBackbone(name_or_path=str(tmp_path), gradient_checkpointing=True)
+    assert all(m.training for m in backbone.modules())
+    calls = []
+    for layer in backbone.model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    backbone(torch.randint(0, 96, (2, 8))).sum().backward()
+    assert len(calls) == 2 * len(backbone.model.model.layers)  # each layer recomputed in backward

@@ -103,7 +103,13 @@ def test_batched_fetch_equals_one_window_at_a_time(corpus, tmp_path):
 def test_tiny_shakespeare_splits_like_nanogpt(tmp_path):
     path = shared_data("tinyshakespeare/input.txt")
     text = path.read_text(encoding="utf-8")
-    dm = ready(train_files=str(path), block_size=64, val_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+    dm = ready(
+        train_files=str(path),
+        block_size=64,
+        val_fraction=0.1,
+        cache_dir=str(tmp_path / "cache"),
+        tokenizer=Char(unk_token=None),
+    )
     assert dm.vocab_size == 66
     train, val = dm.train_dataset.tokens, dm.val_dataset.tokens
     n = len(text) + 1  # the characters and one <eos>
@@ -267,7 +273,11 @@ def bad_input_cases(tmp_path: Path) -> dict[str, tuple[dict, list[str]]]:
             ["val_files", "latin1.txt"],
         ),
         "unseen characters": (
-            {"train_files": str(good), "val_files": str(tmp_path / "unseen.txt"), "tokenizer": Char()},
+            {
+                "train_files": str(good),
+                "val_files": str(tmp_path / "unseen.txt"),
+                "tokenizer": Char(unk_token=None),
+            },
             ["val_files", "unseen.txt", "cannot encode", "'!Zabr'"],
         ),
         "missing dataset": ({"dataset": str(tmp_path / "nope")}, ["nope", "no such directory"]),

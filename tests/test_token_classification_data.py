@@ -27,6 +27,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def module(tmp_path, tokenizer_dir, **kwargs) -> TokenClassificationDataModule:
+    kwargs.setdefault("val_fraction", 0.0)  # no held-out validation unless a test asks
     return TokenClassificationDataModule(tokenizer=tokenizer_dir, cache_dir=str(tmp_path / "cache"), **kwargs)
 
 

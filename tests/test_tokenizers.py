@@ -45,7 +45,7 @@ def test_bpe_round_trip_through_a_saved_directory(tmp_path):
 def test_char_round_trip_and_nanogpt_ids(tmp_path):
     tokenizer = Char().train(CORPUS)
     chars = sorted(set("".join(CORPUS)))
-    assert len(tokenizer) == len(chars) + 1
+    assert len(tokenizer) == len(chars) + 2  # + <|endoftext|> + <unk>
     # nanoGPT: stoi = {ch: i for i, ch in enumerate(sorted(set(text)))}; eos comes last.
     assert tokenizer("".join(chars), add_special_tokens=False)["input_ids"] == list(range(len(chars)))
     assert tokenizer.eos_token_id == len(chars)
@@ -53,15 +53,25 @@ def test_char_round_trip_and_nanogpt_ids(tmp_path):
     assert_same_after_reload(tokenizer, tmp_path / "char", text)
 
 
-def test_char_refuses_characters_it_never_saw():
-    tokenizer = Char().train(["abc"])
+def test_char_refuses_characters_it_never_saw_without_an_unk_token():
+    tokenizer = Char(unk_token=None).train(["abc"])
     with pytest.raises(Exception, match="UNK"):
         tokenizer("abz")
 
 
+def test_char_maps_unseen_characters_to_its_unknown_token(tmp_path):
+    tokenizer = Char().train(["abc"])
+    # ids: a b c, then <|endoftext|>, then <unk>: the characters keep nanoGPT's ids.
+    assert tokenizer.unk_token == "<unk>" and tokenizer.unk_token_id == 4 == len(tokenizer) - 1
+    assert tokenizer("ab\U0001f600z", add_special_tokens=False)["input_ids"] == [0, 1, 4, 4]
+    tokenizer.save_pretrained(str(tmp_path))
+    assert load_tokenizer(str(tmp_path))("z")["input_ids"] == [4]
+
+
 def test_char_on_tiny_shakespeare_has_66_tokens_and_round_trips():
     text = shared_data("tinyshakespeare/input.txt").read_text(encoding="utf-8")
-    tokenizer = Char().train([text])
+    assert len(Char().train([text])) == 67  # with <unk>
+    tokenizer = Char(unk_token=None).train([text])
     assert len(tokenizer) == 66  # 65 characters + <|endoftext|>, as nanoGPT's meta.pkl (65)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text)

@@ -406,6 +406,32 @@ class Checkpoint(ModelCheckpoint):
             f"--checkpoint.mode max for accuracy-like metrics)"
         )
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # The data module's setup ran before this hook: whether there is validation is known.
+        data = trainer.datamodule
+        self._without_validation = (
+            stage == "fit"
+            and self.monitor is not None
+            and self.save_top_k != 0
+            and (trainer.limit_val_batches == 0 or getattr(data, "val_dataset", True) is None)
+        )
+        if self._without_validation:
+            rank_zero_warn(
+                f"gptlab: this run has no validation data (no val_files, no validation split, "
+                f"val_fraction=0): nothing computes checkpoint.monitor={self.monitor!r}, so "
+                f"{self.filename or 'best'}.ckpt is written at the end of training with the final "
+                f"weights, like last.ckpt; give data.init_args.val_files or a val_fraction > 0 to "
+                f"select by validation"
+            )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if getattr(self, "_without_validation", False):
+            # The README's next commands read best.ckpt: without a monitored metric it is the
+            # final state (Lightning would write none at all).
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         try:
             super()._save_checkpoint(trainer, filepath)

@@ -47,6 +47,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from gptlab.adapters import require_peft
 from gptlab.callbacks import Checkpoint, ProgressBar, Throughput
 from gptlab.checkpointing import install_atomic_checkpoints, require_complete, resume_checkpoint
 from gptlab.config_check import check_config_files, one_line_parser_error
@@ -399,6 +400,9 @@ class _Parser(LightningArgumentParser):
             return super().error(message, ex)
         argv = getattr(self, "_gptlab_argv", None) or sys.argv[1:]
         subcommand = argv[0] if argv and not argv[0].startswith("-") else None
+        if "peft" in message:
+            # A peft config class that cannot be imported: say which package is missing.
+            require_peft()
         raise ConfigError(one_line_parser_error(message, argv, subcommand)) from None
 
 

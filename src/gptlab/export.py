@@ -2,19 +2,24 @@
 
     <run>/checkpoints/best.ckpt --+--> backbone --> GPT2LMHeadModel (our GPT; gptlab.models.convert)
                                   |                 or the HFBackbone's own model
+                                  +--> task head -> *ForSequenceClassification / *ForTokenClassification
     <run>/tokenizer/ -------------+--> tokenizer
                                   v
     OUT/  config.json  generation_config.json  model.safetensors  tokenizer.json  tokenizer_config.json ...
 
-The directory loads with `AutoModelForCausalLM.from_pretrained(OUT)` and
-`AutoTokenizer.from_pretrained(OUT)` and gives gptlab's logits (checked before anything is
-written, tolerance 1e-5). gptlab starts from it too: `init_from: OUT` (and `tokenizer: OUT`).
+A language model (CausalLM, Generation) loads with `AutoModelForCausalLM.from_pretrained(OUT)`; a
+SequenceClassification with `AutoModelForSequenceClassification` and a TokenClassification with
+`AutoModelForTokenClassification` (id2label / label2id from the run's labels), so that
+`transformers.pipeline("text-classification" | "token-classification", model=OUT)` runs on it.
+Each gives gptlab's logits (checked before anything is written, tolerance 1e-5). gptlab starts
+from it too: `init_from: OUT` (and `tokenizer: OUT`).
 It is written into a temporary directory and renamed into place, so a failed export leaves
 nothing behind and an existing OUT is never touched without `--overwrite true`.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -23,7 +28,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedModel
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+)
 
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import GPT, HFBackbone
@@ -76,14 +89,20 @@ def export(
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"--tokenizer {source}: cannot load it ({err})") from None
-    backbone = task.backbone.eval()
+    task.eval()  # dropout off in the head too
+    backbone = task.backbone
     if len(tok) > backbone.vocab_size:
         raise CheckpointError(
             f"the tokenizer {source} has {len(tok)} tokens but the model only {backbone.vocab_size}: "
             f"pass the tokenizer the model was trained with (--tokenizer)"
         )
 
-    model = to_hf_model(backbone, tok)
+    head_task = _head_task(task)
+    if head_task is not None:
+        ensure_pad_token(tok)
+        model = to_hf_classifier(task, tok)
+    else:
+        model = to_hf_model(backbone, tok)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     # mkdtemp makes the directory private (0700); the export is a normal directory (umask applies).
@@ -93,9 +112,14 @@ def export(
     try:
         model.save_pretrained(tmp)  # safetensors; tied lm_head stored once
         tok.save_pretrained(tmp)
-        info = {"checkpoint": str(ckpt_path), "task": type(task).__name__, "tokenizer": str(source)}
+        info = {
+            "checkpoint": str(ckpt_path),
+            "task": type(task).__name__,
+            "architecture": type(model).__name__,
+            "tokenizer": str(source),
+        }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        diff = check_export(backbone, tmp)
+        diff = check_classifier_export(task, tmp, tok) if head_task else check_export(backbone, tmp)
         for path in tmp.iterdir():  # safetensors' writer leaves 0600; files of an export are shared
             path.chmod(0o666 & ~umask)
         if out_dir.exists():
@@ -168,6 +192,159 @@ def check_export(backbone: torch.nn.Module, directory: Path) -> float:
         raise CheckpointError(
             f"the exported model's logits differ from gptlab's by {diff:.2e} (> {LOGITS_ATOL}); "
             f"nothing written"
+        )
+    return diff
+
+
+# ----------------------------------------------------------------------------- task heads
+# How gptlab's heads map onto transformers' (modeling_layers.Generic*, GPT2For*):
+#
+#   SequenceClassification  hidden[length - 1] -> dropout -> Linear(H, C, bias)
+#   *ForSequenceClassification  score = Linear(H, C, bias=False) at the rightmost token != pad_token_id
+#   TokenClassification     hidden -> dropout -> Linear(H, C, bias)        (per token)
+#   *ForTokenClassification     dropout(classifier_dropout) -> Linear(H, C, bias)   the same
+#
+# Batches are right-padded, so "the last real token" and "the rightmost non-pad token" agree as long
+# as the tokenizer never emits the pad token inside a text (checked). The sequence head's bias, which
+# `score` lacks, moves into the final norm's bias: W (h + d) = W h + b with d = pinv(W) b (W has full
+# row rank). A backbone whose final norm has no bias (Llama's RMSNorm) cannot carry it: such heads are
+# trained with `head_bias: false`. Mean pooling has no transformers counterpart and is refused.
+
+
+def _head_task(task) -> str | None:
+    """ "sequence", "token", or None for a language model (exported as a causal LM)."""
+    from gptlab.tasks import SequenceClassification, TokenClassification
+
+    if isinstance(task, SequenceClassification):
+        return "sequence"
+    if isinstance(task, TokenClassification):
+        return "token"
+    return None
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """transformers' sequence classifiers find the last token by `pad_token_id`: the tokenizer needs one."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise CheckpointError(
+                "the tokenizer has neither a pad nor an eos token, which transformers' classifiers need to "
+                "find each text's end; pass --tokenizer with one that has a pad token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token  # gptlab pads with eos too (gptlab.data.tokenizers)
+
+
+def to_hf_classifier(task, tokenizer) -> PreTrainedModel:
+    """The transformers `*ForSequenceClassification` / `*ForTokenClassification` computing `task`'s logits."""
+    kind = _head_task(task)
+    if kind == "sequence" and task.pooling != "last":
+        raise CheckpointError(
+            f"pooling={task.pooling!r}: transformers' *ForSequenceClassification reads the last non-pad "
+            f"token's state only, so this classifier has no exact transformers equivalent; fine-tune with "
+            f"model.init_args.pooling: last to export it, or use gptlab's test / predict"
+        )
+    lm = to_hf_model(task.backbone, tokenizer)  # the backbone as a causal LM, special ids set
+    linear = task.head[-1]  # Sequential(Dropout, Linear)
+    config = copy.deepcopy(lm.config)
+    config.architectures = None  # from_config sets the head class's own name
+    config.num_labels = linear.out_features  # before id2label: a count mismatch resets the names
+    config.id2label = dict(enumerate(task.label_names))
+    config.label2id = {name: i for i, name in enumerate(task.label_names)}
+    if kind == "sequence":
+        multi = getattr(task, "multi_label", False)
+        # the pipeline applies sigmoid for multi-label, softmax otherwise
+        config.problem_type = "multi_label_classification" if multi else "single_label_classification"
+        auto = AutoModelForSequenceClassification
+    else:
+        config.classifier_dropout = task.head[0].p  # used in training only, as gptlab's
+        auto = AutoModelForTokenClassification
+    try:
+        model = auto.from_config(config, dtype=torch.float32)
+    except ValueError:
+        raise CheckpointError(
+            f"transformers has no {auto.__name__[len('AutoModelFor') :]} model for model type "
+            f"{config.model_type!r}; export this backbone as a language model instead"
+        ) from None
+    model.base_model.load_state_dict(lm.base_model.state_dict(), strict=True)
+    score = _score_layer(model)
+    with torch.no_grad():
+        score.weight.copy_(linear.weight)
+        bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+        if score.bias is not None:
+            score.bias.copy_(bias)
+        elif bias.abs().max() > 0:
+            _bias_into_final_norm(model, linear.weight, bias)
+    return model.eval()
+
+
+def _score_layer(model: PreTrainedModel) -> nn.Linear:
+    # GPT2ForSequenceClassification.score, GPT2ForTokenClassification.classifier, Llama*.score, ...
+    heads = [
+        m
+        for name, m in model.named_children()
+        if name != model.base_model_prefix and isinstance(m, nn.Linear)
+    ]
+    if len(heads) != 1:
+        raise CheckpointError(f"cannot find the classification layer of {type(model).__name__}")
+    return heads[0]
+
+
+def _bias_into_final_norm(model: PreTrainedModel, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Add d = pinv(W) b to the final norm's bias, so that score(h + d) = W h + b (see above)."""
+    base = model.base_model
+    norm = next(
+        (
+            getattr(base, n)
+            for n in ("ln_f", "norm", "final_layernorm", "final_layer_norm")
+            if hasattr(base, n)
+        ),
+        None,
+    )
+    if getattr(norm, "bias", None) is None:
+        raise CheckpointError(
+            f"the classifier's head has a bias, which {type(model).__name__} has no place for (its score "
+            f"layer has no bias and the backbone's final norm has none to carry it); fine-tune with "
+            f"model.init_args.head_bias: false to export it to transformers"
+        )
+    shift = torch.linalg.pinv(weight.double()) @ bias.double()  # (H,): minimum-norm d with W d = b
+    norm.bias.add_(shift.to(norm.bias.dtype))
+
+
+def check_classifier_export(task, directory: Path, tokenizer) -> float:
+    """Load `directory` as transformers' classifier and compare its logits with the task's; max |diff|.
+
+    The probe is a right-padded batch of three rows of different lengths, as gptlab's data modules
+    build them; token logits are compared at real tokens only (padding is ignored by both).
+    """
+    kind = _head_task(task)
+    if tokenizer.pad_token_id in tokenizer("", add_special_tokens=True)["input_ids"]:
+        raise CheckpointError(
+            f"the tokenizer adds its pad token ({tokenizer.pad_token!r}) to every text, and transformers' "
+            f"classifiers skip pad tokens when they look for a text's end; pass --tokenizer with a pad "
+            f"token of its own"
+        )
+    auto = AutoModelForSequenceClassification if kind == "sequence" else AutoModelForTokenClassification
+    hf = auto.from_pretrained(directory, dtype=torch.float32, trust_remote_code=False).eval()
+    special = set(tokenizer.all_special_ids)
+    ordinary = torch.tensor([i for i in range(min(len(tokenizer), 512)) if i not in special])
+    length = min(12, task.backbone.block_size or 12)
+    lengths = [length, max(1, length - 5), 1]
+    input_ids = torch.full((len(lengths), length), tokenizer.pad_token_id)  # (B, T), right-padded
+    attention_mask = torch.zeros_like(input_ids)
+    for row, n in enumerate(lengths):
+        input_ids[row, :n] = ordinary[(torch.arange(n) * 7 + row) % len(ordinary)]
+        attention_mask[row, :n] = 1
+    param = next(task.parameters())
+    with torch.no_grad():
+        batch = {"input_ids": input_ids.to(param.device), "attention_mask": attention_mask.to(param.device)}
+        ours = task(batch).float().cpu()
+        theirs = hf(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    if kind == "token":
+        ours, theirs = ours[attention_mask.bool()], theirs[attention_mask.bool()]  # (real tokens, C)
+    diff = (ours - theirs).abs().max().item()
+    if diff > LOGITS_ATOL:
+        raise CheckpointError(
+            f"the exported {type(hf).__name__}'s logits differ from gptlab's by {diff:.2e} "
+            f"(> {LOGITS_ATOL}); nothing written"
         )
     return diff
 

@@ -41,6 +41,78 @@ class DataError(GPTLabError, ValueError):
     """Input data is missing, malformed or too small; the message names the file, line or key."""
 
 
+def encode_texts(
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    wheres: list[str],
+    what: str,
+    add_special_tokens: bool = True,
+    split_special_tokens: bool = False,
+    return_offsets_mapping: bool = False,
+) -> Any:
+    """`tokenizer(texts, ...)` for a split of examples, with errors and warnings a user can act on.
+
+    `wheres[i]` says where `texts[i]` came from ("<file> line N"). Text the tokenizer knows no
+    token for becomes its unknown token, counted in one warning per split (`what`) that names a few
+    examples; a tokenizer without an unknown token fails instead, and the error names the file,
+    line and character (the Rust tokenizers raise a bare Exception with neither).
+    """
+    try:
+        encoded = tokenizer(
+            texts,
+            add_special_tokens=add_special_tokens,
+            split_special_tokens=split_special_tokens,
+            return_offsets_mapping=return_offsets_mapping,
+            return_attention_mask=False,
+        )
+    except Exception as err:  # noqa: BLE001 - any failure of the Rust encoder
+        raise DataError(_unencodable(tokenizer, texts, wheres, what, err)) from None
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return encoded
+    hits = [i for i, ids in enumerate(encoded["input_ids"]) if unk in ids]
+    if hits:
+        # Counted per example (`wheres`): an SFT record gives several texts.
+        examples = []
+        for i in hits[:3]:
+            spans = tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)
+            unknown = {
+                texts[i][a:b]
+                for token, (a, b) in zip(spans["input_ids"], spans["offset_mapping"], strict=True)
+                if token == unk
+            }
+            examples.append(f"{wheres[i]}: {', '.join(sorted(map(repr, unknown)))}")
+        rank_zero_warn(
+            f"gptlab: {what}: {len(dict.fromkeys(wheres[i] for i in hits))} of {len(set(wheres))} examples "
+            f"hold text the tokenizer has no token "
+            f"for, encoded as {tokenizer.unk_token!r} (e.g. {'; '.join(examples)}); a tokenizer trained "
+            f"on text that contains it (or a byte-level BPE) would keep it"
+        )
+    return encoded
+
+
+def _unencodable(
+    tokenizer: PreTrainedTokenizerFast, texts: list[str], wheres: list[str], what: str, err: Exception
+) -> str:
+    """The first text and character that `tokenizer` cannot encode, as one line."""
+    for text, where in zip(texts, wheres, strict=True):
+        try:
+            tokenizer(text, add_special_tokens=False)
+        except Exception:  # noqa: BLE001
+            for char in dict.fromkeys(text):
+                try:
+                    tokenizer(char, add_special_tokens=False)
+                except Exception:  # noqa: BLE001
+                    return (
+                        f"{where}: the tokenizer cannot encode the character {char!r} (U+{ord(char):04X}): "
+                        f"it has no token for it and no unknown token; use a tokenizer that covers it (a "
+                        f"BPE recipe is byte-level; Char() trained now maps unseen characters to <unk>) or "
+                        f"remove the character"
+                    )
+            return f"{where}: the tokenizer cannot encode this text ({err})"
+    return f"{what}: the tokenizer cannot encode the text ({err})"
+
+
 class SeededShuffleSampler(DistributedSampler):
     """A permutation of `range(num_samples)` that depends only on (seed, epoch), split across ranks.
 

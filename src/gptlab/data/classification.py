@@ -29,19 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
-from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule
+from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.text import VALIDATION_SPLITS, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
 
 ROLES = ("train", "val", "test", "predict")
-MAX_PROBLEMS = 20  # listed in one error; the rest are counted
+MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
+MAX_PROBLEM_CHARS = 240  # one problem's text at most
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
 Files = str | list[str] | None
@@ -62,12 +64,29 @@ class Problems:
         if not self.items:
             return
         more = len(self.items) - MAX_PROBLEMS
-        listed = self.items[:MAX_PROBLEMS] + ([f"... and {more} more"] if more > 0 else [])
+        listed = [shorten(item) for item in self.items[:MAX_PROBLEMS]]
+        listed += [f"... and {more} more"] if more > 0 else []
         raise DataError(
             f"{self.what}: {len(self.items)} problem(s):\n  "
             + "\n  ".join(listed)
             + (f"\n{hint}" if hint else "")
         )
+
+
+def shorten(text: str, limit: int = MAX_PROBLEM_CHARS) -> str:
+    """`text` cut to `limit` characters, marking the cut."""
+    return text if len(text) <= limit else text[: limit - 5] + " ..."
+
+
+def held_out(count: int, fraction: float, seed: int, what: str) -> set[int]:
+    """Indices of a seeded `fraction` of `count` training examples (at least one), held out for validation."""
+    held = max(1, round(count * fraction))
+    if held >= count:
+        raise DataError(
+            f"val_fraction={fraction} of {count} training examples leaves none to train on: lower "
+            f"data.init_args.val_fraction (0: no validation), add {what}, or give val_files"
+        )
+    return set(np.random.default_rng(seed).permutation(count)[:held].tolist())
 
 
 def is_int(value: Any) -> bool:
@@ -120,12 +139,16 @@ def unknown_label_hint(given: bool) -> str:
     )
 
 
-def read_table(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_table(
+    path: Path, columns: Sequence[str], names: Sequence[str] | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for every row of a csv / tsv / jsonl / json / parquet file.
 
     `where` is "<path> line N" (text formats) or "<path> row N" (parquet), for error messages.
-    The header must hold every name in `columns`; `.tsv` is read without quoting (GLUE's
-    convention: sentences contain quote characters), `.csv` with standard quoting.
+    A csv / tsv file's first line is its header, which must hold every name in `columns`; with
+    `names`, the file has no header and `names` name its columns in order (an empty list: by
+    position, "0", "1", ...). `.tsv` is read without quoting (GLUE's convention: sentences contain
+    quote characters), `.csv` with standard quoting.
     """
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
@@ -134,7 +157,7 @@ def read_table(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict[s
         if suffix == ".parquet":
             yield from _read_parquet(path, columns)
         elif suffix in (".csv", ".tsv"):
-            yield from _read_delimited(path, columns, suffix)
+            yield from _read_delimited(path, columns, suffix, names)
         else:
             yield from _read_json(path, columns)
     except UnicodeDecodeError as err:
@@ -143,35 +166,76 @@ def read_table(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict[s
         ) from None
 
 
-def _missing(path: Path, columns: Sequence[str], present: Sequence[str]) -> DataError:
+def _missing(path: Path, columns: Sequence[str], present: Sequence[str], header: bool = False) -> DataError:
     missing = [c for c in columns if c not in present]
-    return DataError(
-        f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(map(repr, present))}); "
-        f"set text_column / label_column to the file's column names"
+    shown = ", ".join(shorten(repr(c), 60) for c in present[:20])
+    hint = "set text_column / label_column to the file's column names"
+    if header and looks_like_data(present):
+        # Two columns are almost always text and label: the module's default column names.
+        example = (
+            "[text, label]" if len(present) == 2 else f"[{', '.join(f'col{i}' for i in range(len(present)))}]"
+        )
+        hint = (
+            f"its first line looks like data, not a header: if the file has no header line, set "
+            f"data.init_args.column_names to one name per column (e.g. column_names: {example}) "
+            f"or header: false and text_column / label_column by position (0, 1, ...)"
+        )
+    return DataError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {shown}); {hint}")
+
+
+def looks_like_data(header: Sequence[str]) -> bool:
+    """A header row that is probably the first example: a field with spaces, a number or a long text."""
+    return any(
+        " " in field.strip() or len(field) > 40 or field.strip().lstrip("-").replace(".", "", 1).isdigit()
+        for field in header
     )
 
 
-def _read_delimited(path: Path, columns: Sequence[str], suffix: str) -> Iterator[tuple[str, dict]]:
+def _read_delimited(
+    path: Path, columns: Sequence[str], suffix: str, names: Sequence[str] | None
+) -> Iterator[tuple[str, dict]]:
     options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ","}
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, **options)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}: empty file (expected a header row naming the columns)")
-        header = [h.strip() for h in header]
-        if any(c not in header for c in columns):
-            raise _missing(path, columns, header)
-        line = reader.line_num
+        line = 0
+        if names is None:
+            header = next(reader, None)
+            if header is None:
+                raise DataError(
+                    f"{path}: empty file (expected a header row naming the columns, or set "
+                    f"data.init_args.column_names for a file without one)"
+                )
+            header = [h.strip() for h in header]
+            line = reader.line_num
+            what = "the header has"
+        else:
+            header, what = None, "data.init_args.column_names names"
+        checked = False
         for row in reader:
             start, line = line + 1, reader.line_num  # a quoted field may span lines: report the first
             if not row:
                 continue
+            if header is None:
+                # Without a header, the first row decides how many columns there are; fewer
+                # than `names` (a predict file without its label column) drops the last names.
+                header = list(names)[: len(row)] if names else [str(i) for i in range(len(row))]
+                if len(row) > len(header):
+                    raise DataError(
+                        f"{path} line {start}: {len(row)} fields, but {what} {len(header)}: give one "
+                        f"name per column"
+                    )
+            if not checked:
+                if any(c not in header for c in columns):
+                    raise _missing(path, columns, header, header=names is None)
+                checked = True
             if len(row) != len(header):
                 raise DataError(
-                    f"{path} line {start}: {len(row)} fields, but the header has {len(header)}"
+                    f"{path} line {start}: {len(row)} fields, but {what} {len(header)}"
                     + ("; a tab inside a text field?" if suffix == ".tsv" else "")
                 )
             yield f"{path} line {start}", dict(zip(header, row, strict=True))
+        if header is not None and any(c not in header for c in columns):
+            raise _missing(path, columns, header, header=names is None)
 
 
 def _read_json(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict]]:
@@ -285,9 +349,12 @@ class ClassificationDataModule(DataModule):
         predict_files: Files = None,
         dataset: str | None = None,
         dataset_config: str | None = None,
-        text_column: str | list[str] = "text",
-        label_column: str = "label",
-        label_names: list[str] | None = None,
+        text_column: str | int | list[str | int] = "text",
+        label_column: str | int = "label",
+        header: bool = True,
+        column_names: list[str] | None = None,
+        label_names: list[str | int] | None = None,
+        val_fraction: float = 0.1,
         multi_label: bool = False,
         label_separator: str = ",",
         text_separator: str = "\n",
@@ -310,11 +377,18 @@ class ClassificationDataModule(DataModule):
                 optionally validation / test splits; files given for a role take precedence.
             dataset_config: the dataset's configuration name, if it has several.
             text_column: column with the text, or a list of columns joined with `text_separator`
-                (sentence pairs).
+                (sentence pairs); a position (0 = first) in csv / tsv files without a header.
             label_column: column with the label (a name or an integer; with `multi_label`, a
-                list or a `label_separator`-separated string).
+                list or a `label_separator`-separated string); a position without a header.
+            header: csv / tsv files start with a header line naming the columns. false: every
+                line is an example, and columns are named by position (0, 1, ...) or `column_names`.
+            column_names: names of the columns of csv / tsv files that have no header line, in
+                order (e.g. [text, label]); implies `header: false`.
             label_names: the labels, in id order. Default: inferred from the training labels
                 (sorted). Test and predict from a checkpoint use the checkpoint's.
+            val_fraction: share of the training examples held out (seeded by `seed`) for
+                validation when there are no val_files and no validation split; 0: no validation
+                (then `best.ckpt` is simply the latest weights).
             multi_label: each example has any number of labels (sigmoid + BCE in the task).
             label_separator: separates labels in one text field when `multi_label` is set.
             text_separator: joins several text columns into one input.
@@ -335,6 +409,8 @@ class ClassificationDataModule(DataModule):
             raise ConfigError(
                 "ClassificationDataModule needs train_files or a dataset (the label names come from it)"
             )
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"data.init_args.val_fraction={val_fraction} must be in [0, 1)")
         self.role_files = {
             "train": train_files,
             "val": val_files,
@@ -343,17 +419,25 @@ class ClassificationDataModule(DataModule):
         }
         self.dataset = dataset
         self.dataset_config = dataset_config
-        self.text_columns = [text_column] if isinstance(text_column, str) else list(text_column)
+        # Positions are column names too: a headerless file's columns are named "0", "1", ...
+        self.text_columns = [
+            str(c) for c in ([text_column] if isinstance(text_column, str | int) else text_column)
+        ]
         if not self.text_columns:
             raise ConfigError("text_column must name at least one column")
-        self.label_column = label_column
+        self.label_column = str(label_column)
+        # None: the first line of a csv / tsv file is its header; a list: the files have none.
+        self.column_names = list(column_names) if column_names is not None else (None if header else [])
+        self.val_fraction = val_fraction
         self.multi_label = multi_label
         self.label_separator = label_separator
         self.text_separator = text_separator
         self.block_size = block_size
-        self._given_label_names = list(label_names) if label_names is not None else None
+        # Integer names (label_names: [0, 1, 2]) are the labels as the files write them.
+        self._given_label_names = [str(n) for n in label_names] if label_names is not None else None
         self._label_names: list[str] | None = self._given_label_names
         self._label_map: LabelMap | None = None
+        self._held_out: set[int] | None = None
         self._splits: dict[str, datasets.Dataset] | None = None
         self.predict_dataset: Dataset | None = None
 
@@ -366,17 +450,39 @@ class ClassificationDataModule(DataModule):
     def has_role(self, role: str) -> bool:
         if role == "predict":
             return self.role_files["predict"] is not None or self.has_role("test")
+        if role == "val" and self.holds_out():
+            return True
         return self.role_files[role] is not None or role in self.dataset_splits()
+
+    def holds_out(self) -> bool:
+        """Validation is a seeded `val_fraction` of the training examples (no val files, no split)."""
+        return self.val_fraction > 0 and self.role_files["val"] is None and "val" not in self.dataset_splits()
+
+    def held_out_indices(self) -> set[int]:
+        """Positions (in file order) of the training examples held out for validation."""
+        if self._held_out is None:
+            count = sum(1 for _ in self._source_records("train", with_labels=False))
+            self._held_out = held_out(count, self.val_fraction, self.seed, "training examples")
+        return self._held_out
 
     def records(self, role: str, with_labels: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
         """(where, record) of every example of `role`; predict falls back to the test examples."""
+        if role in ("train", "val") and self.holds_out():
+            held = self.held_out_indices()
+            for i, item in enumerate(self._source_records("train", with_labels)):
+                if (i in held) == (role == "val"):
+                    yield item
+            return
+        yield from self._source_records(role, with_labels)
+
+    def _source_records(self, role: str, with_labels: bool) -> Iterator[tuple[str, dict[str, Any]]]:
         if role == "predict" and self.role_files["predict"] is None:
             role = "test"
         files = self.role_files[role]
         columns = [*self.text_columns, self.label_column] if with_labels else list(self.text_columns)
         if files is not None:
             for path in expand_files(files, f"{role}_files"):
-                yield from read_table(path, columns)
+                yield from read_table(path, columns, self.column_names)
             return
         split = self.dataset_splits().get(role)
         if split is None:
@@ -433,7 +539,7 @@ class ClassificationDataModule(DataModule):
     def _label_rows(self, role: str) -> Iterator[tuple[str, dict[str, Any]]]:
         files = self.role_files[role]
         for path in expand_files(files, f"{role}_files"):
-            yield from read_table(path, [self.label_column])
+            yield from read_table(path, [self.label_column], self.column_names)
 
     @property
     def num_labels(self) -> int:
@@ -450,7 +556,8 @@ class ClassificationDataModule(DataModule):
         )
 
     def tokenizer_corpus(self) -> Iterator[str]:
-        for _, record in self.records("train", with_labels=False):
+        # All training texts, the held-out ones included: the vocabulary does not depend on the split.
+        for _, record in self._source_records("train", with_labels=False):
             yield self._text(record)
 
     def _text(self, record: dict[str, Any]) -> str:
@@ -467,6 +574,12 @@ class ClassificationDataModule(DataModule):
                 setattr(self, f"{role}_dataset", self.build(role))
             elif role != "val":
                 raise DataError(f"no {role} data: give {role}_files or a dataset with a {role} split")
+        if stage == "fit":
+            announce_validation(self, len(self.train_dataset), self.val_dataset)
+            # The files `test` / `predict` will read are checked now, not after the whole run.
+            for role in ("test", "predict"):
+                if self.role_files[role] is not None:
+                    next(self._source_records(role, with_labels=role == "test"), None)
 
     def build(self, role: str) -> Examples:
         """Read, check and tokenize the examples of `role`."""
@@ -490,7 +603,7 @@ class ClassificationDataModule(DataModule):
                 f"{role} data: no examples in {source}; give data.init_args.{role}_files with at least one "
                 f"labelled row" + ("" if role == "train" else f" (or leave {role}_files out)")
             )
-        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        ids = encode_texts(self.tokenizer, texts, wheres, f"{role} data")["input_ids"]
         empty = [w for w, seq in zip(wheres, ids, strict=True) if not seq]
         if empty:
             raise DataError(f"{role} data: {len(empty)} text(s) give no tokens, e.g. {empty[0]}")
@@ -558,6 +671,18 @@ class ClassificationDataModule(DataModule):
         if self.predict_dataset is None:
             raise RuntimeError(f"{type(self).__name__}: no predict set; call setup('predict') first")
         return self._loader(self.predict_dataset, self.eval_batch_size, None)
+
+
+def announce_validation(data: Any, train_size: int, val: Any) -> None:
+    """Say at the start of `fit` which training examples were held out for validation.
+
+    (A run with no validation at all is announced by the checkpoint callback, for every data module.)
+    """
+    if val is not None and data.holds_out():
+        rank_zero_info(
+            f"gptlab: validation: {len(val)} training examples held out (val_fraction={data.val_fraction}, "
+            f"seed={data.seed}); training on the other {train_size}"
+        )
 
 
 def check_label_names(data_names: Sequence[str] | None, model_names: Sequence[str], what: str) -> None:

@@ -34,6 +34,7 @@ GSM8K's 7.5k examples); nothing but a trained tokenizer is cached.
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from collections.abc import Iterator
@@ -50,7 +51,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule
+from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.text import VALIDATION_SPLITS, _files_fingerprint, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
@@ -147,13 +148,19 @@ class SFTDataModule(DataModule):
             dataset_config: The hub dataset's configuration (subset) name.
             format: "prompt_completion" (a prompt and a completion per record) or "chat" (a list of
                 messages per record, rendered with the tokenizer's chat template).
-            prompt_field: Key / column of the prompt text (when no `prompt_template` is given).
-            completion_field: Key / column of the completion (the text trained on).
-            prompt_template: Builds the prompt from several columns with Python's str.format, e.g.
-                "Question: {question}\\nAnswer: "; literal braces are written {{ and }}. Empty:
-                the prompt is `prompt_field`. (A str, not str | None: jsonargparse reads an optional
-                string starting with "#" as a YAML comment, i.e. None.)
-            messages_field: Key / column of the messages list in the chat format.
+            prompt_field: Key / column of the prompt text (when no `prompt_template` is given); a
+                path into nested records, e.g. `instances.0.input` (keys and list positions).
+            completion_field: Key / column of the completion (the text trained on); a path as above,
+                e.g. `instances.0.output`.
+            prompt_template: Builds the prompt from the record's columns. With `{{ }}` or `{% %}` it
+                is a Jinja template, as transformers' chat templates (nested values and optional
+                parts: "{{ instruction }}\\n{% if input %}Input: {{ input }}\\n{% endif %}Output: ";
+                `instances[0].input` reads into nested records; a line holding only a `{% %}` tag
+                leaves no blank line). Otherwise Python's str.format with column names, e.g.
+                "Question: {question}\\nAnswer: ". Empty: the prompt is `prompt_field`. (A str, not
+                str | None: jsonargparse reads an optional string starting with "#" as a YAML
+                comment, i.e. None.)
+            messages_field: Key / column (or path) of the messages list in the chat format.
             block_size: Longest sequence in tokens (at most the model's block_size); longer ones
                 are truncated from the left with a warning. With packing, the block length.
             packing: Concatenate whole training examples into blocks of up to `block_size` tokens
@@ -190,7 +197,12 @@ class SFTDataModule(DataModule):
         if max_examples is not None and max_examples < 1:
             problems.append(f"max_examples={max_examples} must be at least 1")
         self.template_fields: list[str] = []
-        if prompt_template:
+        if prompt_template and is_jinja(prompt_template):
+            try:
+                jinja_template(prompt_template)
+            except ValueError as err:
+                problems.append(f"prompt_template={prompt_template!r}: {err}")
+        elif prompt_template:
             try:
                 self.template_fields = template_fields(prompt_template)
             except ValueError as err:
@@ -430,7 +442,9 @@ class SFTDataModule(DataModule):
             raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
         if self.format == "chat":
             return self._chat_example(location, record, need_completion, render or _plain_chat)
-        if self.prompt_template is not None:
+        if self.prompt_template is not None and is_jinja(self.prompt_template):
+            prompt = render_jinja(jinja_template(self.prompt_template), record, location)
+        elif self.prompt_template is not None:
             missing = [f for f in self.template_fields if f not in record]
             if missing:
                 raise DataError(
@@ -441,13 +455,13 @@ class SFTDataModule(DataModule):
         else:
             prompt = _text_field(record, self.prompt_field, location, "prompt_field (or set prompt_template)")
         segments = [(prompt, False)]
-        if need_completion or self.completion_field in record:
+        if need_completion or has_field(record, self.completion_field):
             completion = _text_field(record, self.completion_field, location, "completion_field")
             segments.append((completion, True))
         return Example(segments, location)
 
     def _chat_example(self, location: str, record: dict, need_completion: bool, render) -> Example:
-        messages = record.get(self.messages_field)
+        messages = get_field(record, self.messages_field)
         if not isinstance(messages, list) or not messages:
             keys = ", ".join(map(repr, record))
             raise DataError(
@@ -484,24 +498,21 @@ class SFTDataModule(DataModule):
         return Example([(t, trained) for t, trained in segments if t], location)
 
     # ----------------------------------------------------------------- examples -> tokens
-    def _tokenize(self, texts: list[str], tokenizer: PreTrainedTokenizerFast) -> list[list[int]]:
+    def _tokenize(
+        self, texts: list[str], wheres: list[str], tokenizer: PreTrainedTokenizerFast, role: str
+    ) -> list[list[int]]:
         if not texts:
             return []
         # Data text is text: a literal "<|endoftext|>" in a completion must not end it. Chat
         # templates, on the other hand, write their special tokens as text on purpose.
-        split_special = self.format != "chat"
-        try:
-            return tokenizer(
-                texts,
-                add_special_tokens=False,
-                split_special_tokens=split_special,
-                return_attention_mask=False,
-            )["input_ids"]
-        except Exception as err:  # the Rust tokenizers raise a bare Exception
-            raise DataError(
-                f"the tokenizer cannot encode the SFT text ({err}); a Char tokenizer knows only the "
-                f"characters it was trained on: use BPE or the pretrained run's tokenizer"
-            ) from None
+        return encode_texts(
+            tokenizer,
+            texts,
+            wheres,
+            f"{role} data",
+            add_special_tokens=False,
+            split_special_tokens=self.format != "chat",
+        )["input_ids"]
 
     def _sequence_items(
         self, examples: list[Example], tokenizer: PreTrainedTokenizerFast, role: str, with_text: bool
@@ -510,7 +521,8 @@ class SFTDataModule(DataModule):
         if eos is None:
             raise ConfigError("the tokenizer has no EOS token; SFT appends one to every completion")
         flat = [text for ex in examples for text, _ in ex.segments]
-        ids_flat = iter(self._tokenize(flat, tokenizer))
+        wheres = [ex.location for ex in examples for _ in ex.segments]
+        ids_flat = iter(self._tokenize(flat, wheres, tokenizer, role))
         items, truncated = [], 0
         for ex in examples:
             ids: list[int] = []
@@ -544,7 +556,7 @@ class SFTDataModule(DataModule):
 
     def _prompt_items(self, examples: list[Example], tokenizer: PreTrainedTokenizerFast) -> list[dict]:
         prompts = [ex.prompt if ex.reference else "".join(t for t, _ in ex.segments) for ex in examples]
-        ids = self._tokenize(prompts, tokenizer)
+        ids = self._tokenize(prompts, [ex.location for ex in examples], tokenizer, "predict")
         empty = [ex.location for ex, seq in zip(examples, ids, strict=True) if not seq]
         if empty:
             raise DataError(f"predict: empty prompt at {', '.join(empty[:5])}; every prompt needs some text")
@@ -626,14 +638,102 @@ def template_fields(template: str) -> list[str]:
     return fields
 
 
+_MISSING = object()
+
+
+def get_field(record: Any, path: str, default: Any = None) -> Any:
+    """The value at `path` in a nested record: "a" is record["a"], "a.0.b" is record["a"][0]["b"].
+
+    A key that itself contains dots ("meta.source") is found as written before it is split.
+    """
+    if isinstance(record, dict) and path in record:
+        return record[path]
+    value = record
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif (
+            isinstance(value, list | tuple)
+            and part.lstrip("-").isdigit()
+            and -len(value) <= int(part) < len(value)
+        ):
+            value = value[int(part)]
+        else:
+            return default
+    return value
+
+
+def has_field(record: Any, path: str) -> bool:
+    return get_field(record, path, _MISSING) is not _MISSING
+
+
 def _text_field(record: dict, key: str, location: str, setting: str) -> str:
-    if key not in record:
-        keys = ", ".join(map(repr, record)) or "none"
-        raise DataError(f"{location}: no key {key!r} (keys: {keys}); set {setting}")
-    value = record[key]
+    value = get_field(record, key, _MISSING)
+    if value is _MISSING:
+        raise DataError(f"{location}: no {_describe_missing(record, key)}; set {setting}")
     if not isinstance(value, str):
         raise DataError(f"{location}: {key!r} is a {type(value).__name__}, not a string")
     return value
+
+
+def _describe_missing(record: dict, path: str) -> str:
+    """What is missing on the way to `path`: "key 'x' (keys: ...)" or "'b' in instances.0 (keys: ...)"."""
+    if "." not in path or path.split(".")[0] not in record:
+        keys = ", ".join(map(repr, record)) or "none"
+        return f"key {path!r} (keys: {keys})"
+    parts = path.split(".")
+    value: Any = record
+    for depth, part in enumerate(parts):
+        found = get_field(value, part, _MISSING)
+        if found is _MISSING:
+            where = ".".join(parts[:depth])
+            if isinstance(value, list | tuple):
+                return f"item {part} in {where!r} (a list of {len(value)})"
+            keys = ", ".join(map(repr, value)) if isinstance(value, dict) else type(value).__name__
+            return f"{part!r} in {where!r} for {path!r} (there: {keys})"
+        value = found
+    return f"key {path!r}"
+
+
+# ----------------------------------------------------------------------------- Jinja prompt templates
+def is_jinja(template: str) -> bool:
+    """A template with Jinja markup ({{ }} or {% %}); others are str.format templates."""
+    return "{{" in template and "}}" in template or "{%" in template
+
+
+@functools.lru_cache(maxsize=8)
+def jinja_template(template: str) -> Any:
+    """Compile a prompt template with the environment transformers uses for chat templates.
+
+    Sandboxed (a template cannot reach Python internals), `trim_blocks` / `lstrip_blocks` (a line
+    with only a `{% %}` tag leaves nothing behind), the final newline kept, and an undefined
+    name is an error instead of an empty string (a misspelt column would otherwise vanish).
+    """
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    )
+    try:
+        return environment.from_string(template)
+    except jinja2.TemplateSyntaxError as err:
+        raise ValueError(f"not a valid Jinja template ({err.message}, template line {err.lineno})") from None
+
+
+def render_jinja(template: Any, record: dict, location: str) -> str:
+    import jinja2
+
+    try:
+        return template.render(**record)
+    except jinja2.UndefinedError as err:
+        keys = ", ".join(map(repr, record)) or "none"
+        raise DataError(
+            f"{location}: prompt_template uses a value the record does not have ({err.message}; keys: "
+            f"{keys}); fix the template (test optional values with `{{% if x is defined %}}`) or the data"
+        ) from None
+    except jinja2.TemplateError as err:
+        raise DataError(f"{location}: prompt_template cannot render this record ({err})") from None
 
 
 def _plain_chat(messages: list[dict], add_generation_prompt: bool) -> str:

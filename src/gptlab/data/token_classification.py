@@ -26,13 +26,15 @@ from typing import Any
 import datasets
 import torch
 
-from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule
+from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.classification import (
     Examples,
     Files,
     LabelMap,
     Problems,
+    announce_validation,
     class_label_names,
+    held_out,
     load_dataset_splits,
     read_table,
     sort_labels,
@@ -137,7 +139,8 @@ class TokenClassificationDataModule(DataModule):
         column_separator: str | None = None,
         tokens_field: str = "tokens",
         tags_field: str = "tags",
-        label_names: list[str] | None = None,
+        label_names: list[str | int] | None = None,
+        val_fraction: float = 0.1,
         label_all_subtokens: bool = False,
         block_size: int = 128,
         tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
@@ -165,6 +168,9 @@ class TokenClassificationDataModule(DataModule):
             tags_field: key / column of the tag list.
             label_names: the tags, in id order. Default: inferred from the training tags (O
                 first, then by entity type). Test and predict from a checkpoint use the checkpoint's.
+            val_fraction: share of the training sentences held out (seeded by `seed`) for
+                validation when there are no val_files and no validation split; 0: no validation
+                (then `best.ckpt` is simply the latest weights).
             label_all_subtokens: train on every sub-token of a word (continuations of a B- tag get
                 the I- tag) instead of the first sub-token only. Evaluation always reads the first.
             block_size: the longest sentence in tokens; longer ones are truncated (counted warning)
@@ -184,6 +190,10 @@ class TokenClassificationDataModule(DataModule):
             raise ConfigError(
                 "TokenClassificationDataModule needs train_files or a dataset (the tags come from it)"
             )
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"data.init_args.val_fraction={val_fraction} must be in [0, 1)")
+        self.val_fraction = val_fraction
+        self._held_out: set[int] | None = None
         self.role_files = {
             "train": train_files,
             "val": val_files,
@@ -199,7 +209,8 @@ class TokenClassificationDataModule(DataModule):
         self.tags_field = tags_field
         self.label_all_subtokens = label_all_subtokens
         self.block_size = block_size
-        self._given_label_names = list(label_names) if label_names is not None else None
+        # Integer names (label_names: [0, 1, 2]) are the tags as the files write them.
+        self._given_label_names = [str(n) for n in label_names] if label_names is not None else None
         self._label_names: list[str] | None = self._given_label_names
         self._splits: dict[str, datasets.Dataset] | None = None
         self.predict_dataset: Examples | None = None
@@ -213,10 +224,27 @@ class TokenClassificationDataModule(DataModule):
     def has_role(self, role: str) -> bool:
         if role == "predict":
             return self.role_files["predict"] is not None or self.has_role("test")
+        if role == "val" and self.holds_out():
+            return True
         return self.role_files[role] is not None or role in self.dataset_splits()
+
+    def holds_out(self) -> bool:
+        """Validation is a seeded `val_fraction` of the training sentences (no val files, no split)."""
+        return self.val_fraction > 0 and self.role_files["val"] is None and "val" not in self.dataset_splits()
 
     def sentences(self, role: str) -> Iterator[Sentence]:
         """Every sentence of `role`; tags are None for a predict file without a tag column."""
+        if role in ("train", "val") and self.holds_out():
+            if self._held_out is None:
+                count = sum(1 for _ in self._source_sentences("train"))
+                self._held_out = held_out(count, self.val_fraction, self.seed, "training sentences")
+            for i, sentence in enumerate(self._source_sentences("train")):
+                if (i in self._held_out) == (role == "val"):
+                    yield sentence
+            return
+        yield from self._source_sentences(role)
+
+    def _source_sentences(self, role: str) -> Iterator[Sentence]:
         if role == "predict" and self.role_files["predict"] is None:
             role = "test"
         files = self.role_files[role]
@@ -279,13 +307,35 @@ class TokenClassificationDataModule(DataModule):
             names = class_label_names(split.features.get(self.tags_field)) if split is not None else None
             if names is None:
                 tags: set[str] = set()
-                for _, _, sentence_tags, _ in self.sentences("train"):
+                words: set[str] = set()
+                for _, sentence_words, sentence_tags, _ in self._source_sentences("train"):
                     tags.update(str(t) for t in sentence_tags or ())
+                    if len(words) < 1000:
+                        words.update(sentence_words)
                 if not tags:
                     raise DataError("the training data has no tags: check tag_column / tags_field")
+                self._check_not_swapped(tags, words)
                 names = sort_tags(tags)
             self._label_names = names
         return self._label_names
+
+    def _check_not_swapped(self, tags: set[str], words: set[str]) -> None:
+        """Refuse tags that are words while the words are tags: the two columns are swapped."""
+        if is_entity_tagset(list(tags)) or len(tags) <= 2 * len(PREFIXES) + 1:
+            return
+        tag_like = [w for w in words if is_entity_tagset([w]) or w == OUTSIDE]
+        if len(tag_like) < 0.8 * len(words):
+            return
+        where = (
+            f"tag_column={self.tag_column} and token_column={self.token_column}"
+            if self.role_files["train"] is not None
+            else f"tags_field={self.tags_field!r} and tokens_field={self.tokens_field!r}"
+        )
+        raise DataError(
+            f"train data: the tags look like words ({len(tags)} different ones, e.g. "
+            f"{', '.join(map(repr, sorted(tags)[:4]))}) and the tokens look like tags (e.g. "
+            f"{', '.join(map(repr, sorted(tag_like)[:4]))}): {where} are probably swapped; swap them"
+        )
 
     @property
     def num_labels(self) -> int:
@@ -302,7 +352,8 @@ class TokenClassificationDataModule(DataModule):
         )
 
     def tokenizer_corpus(self) -> Iterator[str]:
-        for _, words, _, _ in self.sentences("train"):
+        # All training sentences, the held-out ones included: the vocabulary does not depend on the split.
+        for _, words, _, _ in self._source_sentences("train"):
             yield " ".join(words)
 
     def setup_datasets(self, stage: str) -> None:
@@ -314,12 +365,19 @@ class TokenClassificationDataModule(DataModule):
                 setattr(self, f"{role}_dataset", self.build(role))
             elif role != "val":
                 raise DataError(f"no {role} data: give {role}_files or a dataset with a {role} split")
+        if stage == "fit":
+            announce_validation(self, len(self.train_dataset), self.val_dataset)
+            # The files `test` / `predict` will read are checked now, not after the whole run.
+            for role in ("test", "predict"):
+                if self.role_files[role] is not None:
+                    next(self._source_sentences(role), None)
 
     def build(self, role: str) -> Examples:
         """Read, check, tokenize and align the sentences of `role`."""
         tags = LabelMap(self.label_names)
         problems = Problems(f"{role} data")
-        sentences = []
+        sentences, wheres = [], []
+        unknown_words = 0  # unknown tags that are words of the sentence's own tag set: columns swapped?
         for where, words, sentence_tags, word_wheres in self.sentences(role):
             empty = [w for w, word in zip(word_wheres, words, strict=True) if not word.strip()]
             if not words or empty:
@@ -328,11 +386,20 @@ class TokenClassificationDataModule(DataModule):
             ids = None
             if sentence_tags is not None:
                 ids = [tags.get(t) for t in sentence_tags]
-                for w, t, i in zip(word_wheres, sentence_tags, ids, strict=True):
+                for w, word, t, i in zip(word_wheres, words, sentence_tags, ids, strict=True):
                     if i is None:
                         problems.add(f"{w}: unknown tag {t!r} (tags: {tags.describe()})")
+                        unknown_words += tags.get(word) is not None
             sentences.append((words, ids))
-        problems.raise_if_any(unknown_label_hint(self._given_label_names is not None))
+            wheres.append(where)
+        hint = unknown_label_hint(self._given_label_names is not None)
+        if problems.items and unknown_words >= 0.5 * len(problems.items):
+            hint = (
+                f"The tokens of these lines are tag names and their tags are words: token_column="
+                f"{self.token_column} and tag_column={self.tag_column} (or tokens_field / tags_field) are "
+                f"probably swapped; swap them. " + hint
+            )
+        problems.raise_if_any(hint)
         if not sentences:
             raise DataError(f"{role} data: no sentences")
         items, truncated, lost, longest = [], 0, 0, 0
@@ -346,7 +413,7 @@ class TokenClassificationDataModule(DataModule):
                 position += len(word) + 1
             texts.append(" ".join(words))
             starts.append(offsets)
-        encoded = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        encoded = encode_texts(self.tokenizer, texts, wheres, f"{role} data", return_offsets_mapping=True)
         continuation = self._continuation_ids()
         for (words, ids), start, input_ids, spans in zip(
             sentences, starts, encoded["input_ids"], encoded["offset_mapping"], strict=True

@@ -117,13 +117,22 @@ class BPE(TokenizerRecipe):
 class Char(TokenizerRecipe):
     """Character-level, as nanoGPT's shakespeare_char: one token per character of the corpus.
 
-    Ids follow the sorted characters (nanoGPT's `stoi`), then `<|endoftext|>`; Tiny Shakespeare
-    gives 65 + 1 = 66 tokens. A character absent from the training corpus cannot be encoded: the
-    tokenizer raises instead of silently dropping it.
+    Ids follow the sorted characters (nanoGPT's `stoi`), then `<|endoftext|>`, then the unknown
+    token that stands for any character the corpus lacks (emoji in fine-tuning data, say);
+    Tiny Shakespeare gives 65 + 2 = 67 tokens. With `unk_token: null` the vocabulary is exactly
+    nanoGPT's (65 + 1) and an unseen character is an error instead.
     """
 
-    def __init__(self) -> None:
-        """A character vocabulary has no parameters: it is whatever the corpus contains."""
+    version = 2  # v2: the unknown token
+
+    def __init__(self, unk_token: str | None = "<unk>") -> None:
+        """
+        Args:
+            unk_token: Token that encodes characters absent from the training corpus (data modules
+                count them in one warning per split); None: such characters cannot be encoded and
+                the data modules stop with the file, line and character.
+        """
+        self.unk_token = unk_token
 
     def train(self, texts: Iterable[str]) -> PreTrainedTokenizerFast:
         chars: set[str] = set()
@@ -133,15 +142,20 @@ class Char(TokenizerRecipe):
             raise ValueError("Char tokenizer: the training corpus contains no characters")
         vocab = {c: i for i, c in enumerate(sorted(chars))}
         vocab[EOS_TOKEN] = len(vocab)
-        # WordLevel over single characters: an unknown character is an error (no unk token), where
-        # a merge-less BPE model would drop it without a word.
-        tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+        if self.unk_token is not None:
+            vocab[self.unk_token] = len(vocab)
+        # WordLevel over single characters; without an unk token an unknown character is an error,
+        # where a merge-less BPE model would drop it without a word.
+        tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=self.unk_token))
         # Every character, newlines included, is its own piece ("." would skip "\n").
         tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         # Join pieces with nothing in between (the default decoder inserts spaces).
         tokenizer.decoder = decoders.Fuse()
-        tokenizer.add_special_tokens([EOS_TOKEN])
-        return _wrap(tokenizer)
+        tokenizer.add_special_tokens([EOS_TOKEN] + ([self.unk_token] if self.unk_token is not None else []))
+        wrapped = _wrap(tokenizer)
+        if self.unk_token is not None:
+            wrapped.unk_token = self.unk_token
+        return wrapped
 
 
 # ----------------------------------------------------------------------------- cache and loading
@@ -167,7 +181,9 @@ def _from_pretrained(source: str | Path) -> PreTrainedTokenizerFast:
     try:
         # trust_remote_code=False, explicitly: transformers' default (None) asks on a terminal
         # and would run a tokenizer's own Python code on "y"; gptlab only loads plain tokenizers.
-        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+        # "~/.cache/gptlab/models/..." in YAML: expanded like HFBackbone's name_or_path
+        source = os.path.expanduser(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
         if "custom code" in str(err):
             raise ConfigError(

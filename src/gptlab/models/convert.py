@@ -129,6 +129,7 @@ def load_hf_weights(backbone: torch.nn.Module, directory: str | Path) -> None:
     """
     from transformers import AutoModelForCausalLM
 
+    from gptlab.adapters import base_state_dict, load_base_state_dict
     from gptlab.errors import CheckpointError
     from gptlab.models.hf import HFBackbone
 
@@ -156,13 +157,15 @@ def load_hf_weights(backbone: torch.nn.Module, directory: str | Path) -> None:
         target = backbone
         if not backbone.config.bias:
             # A bias-free GPT exports zero biases; anything else would be silently dropped.
-            extra = {k: v for k, v in source.items() if k not in target.state_dict()}
+            own = base_state_dict(target)
+            extra = {k: v for k, v in source.items() if k not in own}
             if any(v.abs().max() > 0 for v in extra.values()):
                 raise CheckpointError(f"{directory}: the model has non-zero biases; set the GPT's bias: true")
-            source = {k: v for k, v in source.items() if k in target.state_dict()}
+            source = {k: v for k, v in source.items() if k in own}
     else:
         raise CheckpointError(f"cannot load {directory} into a {type(backbone).__name__}")
-    expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    # Base weights under their plain names, also when peft adapters wrap some layers.
+    expected = {k: tuple(v.shape) for k, v in base_state_dict(target).items()}
     found = {k: tuple(v.shape) for k, v in source.items()}
     if expected != found:
         diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
@@ -170,4 +173,4 @@ def load_hf_weights(backbone: torch.nn.Module, directory: str | Path) -> None:
             f"{directory}: weights do not match the configured backbone (first differences: {diff}); "
             f"configure the backbone like the saved model (see its config.json)"
         )
-    target.load_state_dict(source, strict=True)
+    load_base_state_dict(target, source)

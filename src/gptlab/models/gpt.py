@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gptlab.errors import ConfigError
 from gptlab.models.backbone import Backbone, transformer_flops_per_token
@@ -236,6 +237,11 @@ class GPT(Backbone):
             0 for pretraining (nanoGPT); 0.1 can help when fine-tuning on small data.
         bias: Use biases in Linear and LayerNorm layers, as GPT-2 does. False is slightly faster
             and no worse (nanoGPT).
+        gradient_checkpointing: Activation checkpointing: keep only each block's input during
+            training and recompute the block in the backward pass. Activation memory drops from
+            every block's intermediates to one block's; a step costs about one extra forward
+            (~1.3x). Not an architecture setting: weights and outputs are unchanged. (FSDP's
+            `activation_checkpointing` does the same per sharded block: use one or the other.)
     """
 
     def __init__(
@@ -247,10 +253,12 @@ class GPT(Backbone):
         n_embd: int = 768,
         dropout: float = 0.0,
         bias: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         _check_shape(vocab_size, block_size, n_layer, n_head, n_embd, dropout)
         self.config = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias)
+        self.gradient_checkpointing = gradient_checkpointing
         config = self.config
         # nanoGPT's layout, which is also GPT2LMHeadModel's: transformer.{wte,wpe,h,ln_f} + lm_head
         self.transformer = nn.ModuleDict(
@@ -383,8 +391,14 @@ class GPT(Backbone):
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x, attn_mask, is_causal, cache)  # (B, T, C)
+            if recompute:
+                # Non-reentrant checkpointing (the one torch recommends) restores the RNG state, so
+                # the recomputed dropout masks are the forward's.
+                x = checkpoint(block, x, attn_mask, is_causal, cache, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, is_causal, cache)  # (B, T, C)
         if cache is not None:
             cache.pos = S  # every layer wrote at the same offset; advance once
         return self.transformer.ln_f(x)  # (B, T, C)

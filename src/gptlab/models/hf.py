@@ -16,6 +16,7 @@ HF model's own logits, refusing a family whose head it does not reproduce (docs/
 from __future__ import annotations
 
 import inspect
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from gptlab.errors import ConfigError
 from gptlab.models.backbone import Backbone, transformer_flops_per_token
+from gptlab.models.gguf import MODEL_NAME as SMOLLM2
 
 
 def _build(
@@ -33,6 +35,7 @@ def _build(
 ) -> PreTrainedModel:
     """The transformers model: pretrained from `name_or_path`, or random from `model_type`'s config."""
     if name_or_path is not None:
+        name_or_path = os.path.expanduser(name_or_path)  # "~/.cache/gptlab/models/..." in YAML
         # dtype=float32: transformers 5 defaults to dtype="auto" (the checkpoint's, often bf16),
         # but Lightning's precision plugins expect fp32 master weights and cast for compute;
         # training bf16 weights directly with AdamW loses small updates.
@@ -68,8 +71,10 @@ def _load_failure(name_or_path: str, err: Exception) -> str:
             f"({reason}); give a directory written by save_pretrained (config.json + weights)"
         )
     if path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
+        # the SmolLM2 configs name the directory that scripts/get_smollm2.py makes
+        hint = " (make it with: python scripts/get_smollm2.py)" if path.name == SMOLLM2 else ""
         return (
-            f"HFBackbone name_or_path={name_or_path}: no such directory; give a directory written by "
+            f"HFBackbone name_or_path={name_or_path}: no such directory{hint}; give a directory written by "
             f"save_pretrained, or a hub name such as gpt2"
         )
     return (
@@ -95,8 +100,8 @@ class HFBackbone(Backbone):
     weights, built from ``AutoConfig.for_model(model_type, **config_overrides)``).
 
     Args:
-        name_or_path: Local directory (from ``save_pretrained``) or hub name (e.g. "gpt2") of a
-            pretrained causal LM. Hub names need network access on first use.
+        name_or_path: Local directory (from ``save_pretrained``; ``~`` expands) or hub name (e.g.
+            "gpt2") of a pretrained causal LM. Hub names need network access on first use.
         model_type: A transformers model type (e.g. "gpt2", "llama") to build with random weights,
             offline. Use ``config_overrides`` to make it small.
         config_overrides: Config fields to set, e.g. {"n_layer": 2, "n_embd": 64}. With
@@ -104,6 +109,10 @@ class HFBackbone(Backbone):
             config (e.g. dropout).
         trust_remote_code: Allow models whose code lives in the checkpoint directory / hub repo.
             Only enable for sources you trust: it executes that code.
+        gradient_checkpointing: Activation checkpointing through transformers'
+            ``gradient_checkpointing_enable`` (non-reentrant): each decoder layer is recomputed
+            in the backward pass instead of keeping its activations; about one extra forward per
+            step for a fraction of the activation memory. Weights and outputs are unchanged.
     """
 
     def __init__(
@@ -112,6 +121,7 @@ class HFBackbone(Backbone):
         model_type: str | None = None,
         config_overrides: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if (name_or_path is None) == (model_type is None):
@@ -121,6 +131,7 @@ class HFBackbone(Backbone):
                 f"model_type={model_type!r}: remove one of them"
             )
         overrides = dict(config_overrides or {})
+        self.name_or_path = name_or_path  # where pretrained weights come back from (peft checkpoints)
         self.trust_remote_code = trust_remote_code
         try:
             self.model: PreTrainedModel = _build(name_or_path, model_type, overrides, trust_remote_code)
@@ -147,8 +158,17 @@ class HFBackbone(Backbone):
         self._softcap = getattr(config, _SOFTCAP, None)
         self._check_logits(name_or_path or model_type)
         # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode as
-        # built: without this, dropout would stay off for a whole fine-tune (docs/design.md).
+        # built: without this, dropout (and transformers' gradient checkpointing, active in training
+        # mode only) would stay off for a whole fine-tune (docs/design.md).
         self.train()
+        if gradient_checkpointing:
+            # Active in training mode only, as in transformers; non-reentrant keeps the RNG state
+            # (same dropout masks) and works when the inputs need no grad (frozen embeddings, LoRA).
+            options = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
     # -- Backbone interface ------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import inspect
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -26,9 +27,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torchmetrics import MeanMetric, MetricCollection
 
+from gptlab import adapters
 from gptlab.errors import CheckpointError, ConfigError
-from gptlab.models import Backbone
-from gptlab.optim import WarmupCosine, apply_lr_scales, no_decay_names, param_groups
+from gptlab.models import Backbone, HFBackbone
+from gptlab.optim import WarmupCosine, apply_lr_scales, canonical_name, no_decay_names, param_groups
 from gptlab.reports import Report
 from gptlab.strategies import (
     consolidate_checkpoint,
@@ -37,6 +39,18 @@ from gptlab.strategies import (
     save_consolidated,
     verify_sharded_checkpoint,
 )
+
+try:  # optional dependency (gptlab[peft]): without it the argument only accepts None
+    from peft import PeftConfig
+
+    # jsonargparse fills LoraConfig's `loftq_config` (default {}) with LoftQConfig's defaults, and
+    # peft then warns on every LoraConfig that it ignores them: it does (init_lora_weights != "loftq").
+    warnings.filterwarnings("ignore", message="`loftq_config` specified but will be ignored")
+except ImportError:  # pragma: no cover - exercised by the missing-dependency test in a subprocess
+
+    class PeftConfig:  # type: ignore[no-redef]
+        """Stand-in for peft.PeftConfig when peft is not installed (pip install 'gptlab[peft]')."""
+
 
 STAGES = ("train", "val", "test")
 
@@ -52,6 +66,7 @@ class TaskModule(L.LightningModule):
         init_from: str | None = None,
         freeze_backbone: bool = False,
         backbone_lr_scale: float = 1.0,
+        peft: PeftConfig | None = None,
     ) -> None:
         """
         Args:
@@ -67,6 +82,13 @@ class TaskModule(L.LightningModule):
             freeze_backbone: train only the task head; the backbone keeps its (pretrained) weights.
             backbone_lr_scale: the backbone's learning rate as a fraction of the optimizer's lr
                 (e.g. 0.1: the pretrained body moves slower than the freshly initialised head).
+            peft: parameter-efficient fine-tuning with the peft library, e.g. `{class_path:
+                peft.LoraConfig, init_args: {r: 16, lora_alpha: 32, lora_dropout: 0.05}}` (LoRA,
+                AdaLoRA, IA3; gptlab.adapters): adapters in the backbone, whose own weights stay
+                frozen; the task head trains fully. Default target modules: every linear layer of
+                the blocks (`target_modules` overrides). Checkpoints then hold adapters and head
+                only, with a reference to the base weights (`init_from` or the backbone's
+                `name_or_path`). Needs `pip install 'gptlab[peft]'`.
         """
         super().__init__()
         if backbone is None:
@@ -76,6 +98,8 @@ class TaskModule(L.LightningModule):
             )
         if backbone_lr_scale < 0:
             raise ConfigError(f"backbone_lr_scale={backbone_lr_scale} must be >= 0 (0 freezes in effect)")
+        if peft is not None:
+            _check_peft_args(backbone, peft, init_from, freeze_backbone)
         given = _given_hyperparameters.get()
         if given is not None:
             # LightningCLI records every instantiation link in the hyperparameters, also the data ->
@@ -89,8 +113,20 @@ class TaskModule(L.LightningModule):
         # directly in Python, the objects are not pickled into the checkpoint (it must load with
         # weights_only=True): pass them again to `load_from_checkpoint`.
         from_config = given is not None
-        self.save_hyperparameters(ignore=[] if from_config else ["backbone", "optimizer", "scheduler"])
+        self.save_hyperparameters(
+            ignore=[] if from_config else ["backbone", "optimizer", "scheduler", "peft"]
+        )
         self.backbone = backbone
+        self.peft_config = peft
+        # peft's tuner object, outside the module tree (it would register the backbone twice).
+        self.__dict__["peft_tuner"] = adapters.add_adapters(backbone, peft) if peft is not None else None
+        # Loaded at construction (a Hugging Face name_or_path) unless init_from brings them later.
+        self._base_loaded = init_from is None
+        self._base_fingerprint: str | None = None
+        if peft is not None:
+            # Checkpoints hold the rest only; Lightning's strict loading would miss them, so
+            # on_load_checkpoint checks the saved part itself.
+            self.strict_loading = False
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         check_optimization(optimizer, scheduler)
@@ -299,8 +335,41 @@ class TaskModule(L.LightningModule):
         if datamodule is not None:
             self.tokenizer = getattr(datamodule, "tokenizer", None)
             self.check_data(datamodule)
-        if stage == "fit" and self.init_from and not self.trainer.ckpt_path:
+        if self.peft_config is not None:
+            # Under peft the checkpoints do not hold the base weights: they come from init_from
+            # in every stage, resuming included.
+            self.load_base()
+        elif stage == "fit" and self.init_from and not self.trainer.ckpt_path:
             load_backbone_weights(self.backbone, self.init_from)
+        if stage == "fit":
+            trainable, total = adapters.count_parameters(self)
+            share = 100 * trainable / max(total, 1)
+            method = type(self.peft_config).__name__ if self.peft_config else None
+            adapted = f", {method} adapters on a frozen base" if method else ""
+            self.print(f"gptlab: {trainable:,} trainable parameters of {total:,} ({share:.2f}%){adapted}")
+
+    # ----------------------------------------------------------------- peft: base weights
+    def load_base(self) -> None:
+        """Under peft: load the base weights from `init_from` once, and fingerprint them."""
+        if not self._base_loaded:
+            load_backbone_weights(self.backbone, self.init_from)
+            self._base_loaded = True
+        if self._base_fingerprint is None:
+            self._base_fingerprint = adapters.base_fingerprint(self.backbone)
+
+    def base_source(self) -> str:
+        """Where the base weights come from: `init_from`, or the HFBackbone's name_or_path."""
+        return str(self.init_from or getattr(self.backbone, "name_or_path", None))
+
+    def saved_keys(self, keys) -> list[str]:
+        """The state-dict keys a checkpoint keeps: under peft all but the frozen base weights."""
+        if self.peft_config is None:
+            return list(keys)
+        prefix = adapters.adapter_prefix(self.peft_config)
+        trainable = {canonical_name(n) for n, p in self.named_parameters() if p.requires_grad}
+        return [
+            k for k in keys if not k.startswith("backbone.") or prefix in k or canonical_name(k) in trainable
+        ]
 
     def check_data(self, datamodule: L.LightningDataModule) -> None:
         """Fail before training when the data does not fit the model (one message, what to do)."""
@@ -366,6 +435,69 @@ class TaskModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Which task wrote this checkpoint, so that loading it into another task fails clearly.
         checkpoint["gptlab"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}"}
+        if self.peft_config is not None:
+            # Adapters and head only, plus what identifies the frozen base they were trained on.
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: state[k] for k in self.saved_keys(state)}
+            self.load_base()
+            checkpoint["gptlab"]["peft"] = {
+                "method": type(self.peft_config).__name__,
+                "base": self.base_source(),
+                "base_fingerprint": self._base_fingerprint,
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        info = checkpoint.get("gptlab", {}).get("peft")
+        if self.peft_config is None:
+            if info:
+                raise CheckpointError(
+                    f"the checkpoint holds {info['method']} adapters and a head only (trained on the base "
+                    f"{info['base']}), but the model has no peft config: set model.init_args.peft as in "
+                    f"its run (evaluate with that run's config.yaml, found beside the checkpoint)"
+                )
+            return
+        if not info:
+            raise CheckpointError(
+                f"the model has {type(self.peft_config).__name__} adapters but the checkpoint holds a "
+                f"full model without them: leave model.init_args.peft out to load it, or use it as "
+                f"init_from for a peft fine-tune"
+            )
+        self.load_base()
+        if info["base_fingerprint"] != self._base_fingerprint:
+            raise CheckpointError(
+                f"the adapter checkpoint was trained on the base {info['base']} (fingerprint "
+                f"{info['base_fingerprint']}), but this model's base is {self.base_source()} (fingerprint "
+                f"{self._base_fingerprint}): load it on the base it was trained on (init_from: "
+                f"{info['base']})"
+            )
+        state = checkpoint.get("state_dict")
+        if state is not None:  # (a sharded checkpoint was read by the strategy itself)
+            missing = [k for k in self.saved_keys(self.state_dict()) if k not in state]
+            if missing:
+                raise CheckpointError(
+                    f"the checkpoint lacks {len(missing)} adapter / head tensors of this model (e.g. "
+                    f"{', '.join(missing[:3])}): it was trained with another peft config or task; use "
+                    f"that run's config"
+                )
+
+
+def _check_peft_args(
+    backbone: Backbone, peft: PeftConfig, init_from: str | None, freeze_backbone: bool
+) -> None:
+    """What a peft fine-tune needs: no freeze_backbone, and a base with weights to come back from."""
+    if freeze_backbone:
+        raise ConfigError(
+            "model.init_args.peft and freeze_backbone: true exclude each other (peft already freezes "
+            "the base weights and trains its adapters; freeze_backbone would freeze those too): set "
+            "freeze_backbone: false, or drop peft to train the head only"
+        )
+    pretrained = isinstance(backbone, HFBackbone) and backbone.name_or_path is not None
+    if init_from is None and not pretrained:
+        raise ConfigError(
+            f"model.init_args.peft: the {type(backbone).__name__} backbone has random weights (no init_from, "
+            f"no name_or_path); adapters fine-tune a pretrained base, whose weights their checkpoints "
+            f"leave out: set model.init_args.init_from (a gptlab checkpoint or a Hugging Face directory)"
+        )
 
 
 def check_optimization(optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None) -> None:
@@ -504,11 +636,18 @@ def load_backbone_weights(backbone: Backbone, source: str | Path) -> None:
 
         load_hf_weights(backbone, source)
         return
-    state = load_checkpoint(source).get("state_dict", {})
+    checkpoint = load_checkpoint(source)
+    if checkpoint.get("gptlab", {}).get("peft"):
+        raise CheckpointError(
+            f"init_from={source} is a peft checkpoint (adapters and head only, no base weights): export "
+            f"it merged (`main.py export --ckpt_path {source} --out DIR --merged true`) and init_from DIR"
+        )
+    state = checkpoint.get("state_dict", {})
     weights = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     if not weights:
         raise CheckpointError(f"init_from={source}: the checkpoint holds no backbone weights")
-    own = backbone.state_dict()
+    # Plain names also when peft adapters wrap some layers (gptlab.adapters).
+    own = adapters.base_state_dict(backbone)
     shapes = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
         for k, v in weights.items()
@@ -521,9 +660,10 @@ def load_backbone_weights(backbone: Backbone, source: str | Path) -> None:
             f"differ in shape, e.g. {'; '.join(shapes[:2])} (checkpoint vs model)); use the same backbone "
             f"config as the pretraining run, or leave model.init_args.backbone out to take the checkpoint's"
         )
-    missing, unexpected = backbone.load_state_dict(weights, strict=False)
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or unexpected:
         raise CheckpointError(
-            f"init_from={source}: backbone does not match the checkpoint (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}); use the same backbone config as the pretraining run"
+            f"init_from={source}: backbone does not match the checkpoint (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}); use the same backbone config as the pretraining run"
         )
+    adapters.load_base_state_dict(backbone, weights)

@@ -30,6 +30,7 @@ from gptlab.generate import decode_completion, generate_batch
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine
 from gptlab.reports import Report, write_text
+from gptlab.tasks.base import PeftConfig
 from gptlab.tasks.causal_lm import CausalLM
 
 # lm-evaluation-harness's GSM8K "strict-match" filter: the number after "#### ".
@@ -121,6 +122,7 @@ class Generation(CausalLM):
         seed: int = 0,
         answer_pattern: str = GSM8K_ANSWER,
         num_samples: int = 5,
+        peft: PeftConfig | None = None,
     ) -> None:
         """
         Args:
@@ -143,8 +145,11 @@ class Generation(CausalLM):
                 completions are compared. (A str, not str | None: jsonargparse reads an optional
                 string starting with "#" as a YAML comment, i.e. None.)
             num_samples: test generations shown in the report.
+            peft: a peft config (e.g. peft.LoraConfig): adapters on a frozen backbone (see TaskModule).
         """
-        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, init_from=init_from)
+        super().__init__(
+            backbone=backbone, optimizer=optimizer, scheduler=scheduler, init_from=init_from, peft=peft
+        )
         problems = []
         if max_new_tokens < 1:
             problems.append(f"max_new_tokens={max_new_tokens} must be at least 1")

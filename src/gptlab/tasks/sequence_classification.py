@@ -44,7 +44,7 @@ from gptlab.metrics.classification import (
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine
 from gptlab.reports import Report, write_text
-from gptlab.tasks.base import TaskModule
+from gptlab.tasks.base import PeftConfig, TaskModule
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -68,6 +68,7 @@ class SequenceClassification(TaskModule):
         label_names: list[str] | None = None,
         pooling: Literal["last", "mean"] = "last",
         dropout: float = 0.1,
+        head_bias: bool = True,
         multi_label: bool = False,
         threshold: float = 0.5,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -75,6 +76,7 @@ class SequenceClassification(TaskModule):
         init_from: str | None = None,
         freeze_backbone: bool = False,
         backbone_lr_scale: float = 1.0,
+        peft: PeftConfig | None = None,
     ) -> None:
         """
         Args:
@@ -85,6 +87,9 @@ class SequenceClassification(TaskModule):
                 saved with the checkpoint.
             pooling: `last` (the last non-pad token, right for causal backbones) or `mean`.
             dropout: dropout on the pooled state before the linear head.
+            head_bias: a bias in the linear head. transformers' *ForSequenceClassification have
+                none: `main.py export` moves it into the final norm's bias where there is one (our
+                GPT, GPT-2); for backbones without (Llama's RMSNorm) set false to export.
             multi_label: any number of labels per text (sigmoid + BCE) instead of exactly one.
             threshold: with multi_label, a label is predicted when its probability reaches this.
             optimizer: called with the parameter groups (see TaskModule).
@@ -92,6 +97,7 @@ class SequenceClassification(TaskModule):
             init_from: initialise the backbone from a gptlab checkpoint or HF model directory.
             freeze_backbone: train the head only.
             backbone_lr_scale: the backbone's learning rate as a fraction of the head's.
+            peft: a peft config (e.g. peft.LoraConfig): adapters on a frozen backbone (see TaskModule).
         """
         if not label_names:
             raise ConfigError(
@@ -102,12 +108,14 @@ class SequenceClassification(TaskModule):
             raise ConfigError(f"pooling={pooling!r} must be 'last' or 'mean'")
         if not 0.0 < threshold < 1.0:
             raise ConfigError(f"threshold={threshold} must be between 0 and 1")
-        super().__init__(backbone, optimizer, scheduler, init_from, freeze_backbone, backbone_lr_scale)
+        super().__init__(backbone, optimizer, scheduler, init_from, freeze_backbone, backbone_lr_scale, peft)
         self.label_names = list(label_names)
         self.pooling = pooling
         self.multi_label = multi_label
         self.threshold = threshold
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.hidden_size, len(label_names)))
+        self.head = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(self.backbone.hidden_size, len(label_names), bias=head_bias)
+        )
         self.configure_metrics()
         self._predictions: list[str] = []
 
@@ -170,6 +178,7 @@ class SequenceClassification(TaskModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("hyper_parameters", {}).get("label_names")
         if saved is not None and list(saved) != self.label_names:
             raise CheckpointError(

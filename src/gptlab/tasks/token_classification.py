@@ -34,7 +34,7 @@ from gptlab.metrics.ner import OUTSIDE, EntityCounts, EntityF1, entity_table, is
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine
 from gptlab.reports import Report, write_text
-from gptlab.tasks.base import TaskModule
+from gptlab.tasks.base import PeftConfig, TaskModule
 from gptlab.tasks.sequence_classification import predictions_path
 
 
@@ -67,6 +67,7 @@ class TokenClassification(TaskModule):
         init_from: str | None = None,
         freeze_backbone: bool = False,
         backbone_lr_scale: float = 1.0,
+        peft: PeftConfig | None = None,
     ) -> None:
         """
         Args:
@@ -80,13 +81,14 @@ class TokenClassification(TaskModule):
             init_from: initialise the backbone from a gptlab checkpoint or HF model directory.
             freeze_backbone: train the head only.
             backbone_lr_scale: the backbone's learning rate as a fraction of the head's.
+            peft: a peft config (e.g. peft.LoraConfig): adapters on a frozen backbone (see TaskModule).
         """
         if not label_names:
             raise ConfigError(
                 f"{type(self).__name__} needs label_names: use a data module that provides them "
                 f"(gptlab.data.TokenClassificationDataModule), or pass label_names"
             )
-        super().__init__(backbone, optimizer, scheduler, init_from, freeze_backbone, backbone_lr_scale)
+        super().__init__(backbone, optimizer, scheduler, init_from, freeze_backbone, backbone_lr_scale, peft)
         self.label_names = list(label_names)
         num = len(self.label_names)
         # The tag of a word the model never saw (cut off by truncation).
@@ -127,6 +129,7 @@ class TokenClassification(TaskModule):
         check_label_names(getattr(datamodule, "label_names", None), self.label_names, "tags")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("hyper_parameters", {}).get("label_names")
         if saved is not None and list(saved) != self.label_names:
             raise CheckpointError(

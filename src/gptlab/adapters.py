@@ -1,0 +1,217 @@
+"""Parameter-efficient fine-tuning (LoRA, IA3, ...) through the peft library, inside a gptlab backbone.
+
+    TaskModule(backbone, peft=LoraConfig(r=16, ...))
+        └─ add_adapters(backbone, config)
+             where:  HFBackbone -> backbone.model (the PreTrainedModel: peft's per-architecture
+                     defaults and "all-linear" know it); GPT -> the GPT itself
+             how:    peft's tuner (the code path of `peft.inject_adapter_in_model`) replaces each
+                     targeted Linear by a peft layer holding the frozen `base_layer` and the adapter;
+                     every base weight is frozen. The backbone keeps its interface (forward ->
+                     hidden states), which `peft.get_peft_model` would not (docs/design.md).
+        task heads live outside the backbone: they stay fully trainable.
+
+Checkpoints under peft hold the trainable part only (adapters, heads, buffers of the task) and a
+reference to the base model with a fingerprint of its weights (`base_fingerprint`): the base comes
+back from that reference (a Hugging Face directory or hub name, or `init_from`), and a checkpoint
+put on another base is refused. Base weights keep their own names in every file gptlab reads or
+writes (`base_state_dict`): `...c_attn.weight`, never peft's `...c_attn.base_layer.weight`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from gptlab.errors import ConfigError
+
+INSTALL = "pip install 'gptlab[peft]'"
+# How peft names the wrapped original layer inside its layers (peft.tuners.tuners_utils.BaseTunerLayer).
+_BASE_LAYER = ".base_layer."
+# Linear layers of our GPT's blocks (GPT-2's names): LoRA on every one of them by default.
+_GPT_LINEARS = ["c_attn", "c_proj", "c_fc"]
+
+
+def require_peft(what: str = "model.init_args.peft") -> None:
+    """Raise a one-line ConfigError naming the pip command when peft is not installed."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{what} needs the peft library, which is not installed: {INSTALL}") from None
+
+
+def adapter_target(backbone: nn.Module) -> nn.Module:
+    """The module peft adapts: an HFBackbone's PreTrainedModel, or the backbone itself (our GPT)."""
+    from gptlab.models.hf import HFBackbone
+
+    return backbone.model if isinstance(backbone, HFBackbone) else backbone
+
+
+def with_default_targets(backbone: nn.Module, config: Any) -> Any:
+    """A copy of the peft `config` with gptlab's default target modules filled in where it has none.
+
+    LoRA-like methods (LoRA, AdaLoRA, LoHa, LoKr, ...) adapt every linear layer of the blocks (the
+    setting of QLoRA, Dettmers et al. 2023, and of the reference in benchmarks/): "all-linear" for a
+    Hugging Face model (peft leaves its output layer out) and the GPT-2 names for ours. IA3 takes
+    peft's own per-architecture defaults, GPT-2's for our GPT (same module names).
+    """
+    import copy
+
+    from peft.utils import constants
+
+    from gptlab.models.hf import HFBackbone
+
+    config = copy.deepcopy(config)
+    if getattr(config, "target_modules", None) is not None:
+        return config
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    hf = isinstance(backbone, HFBackbone)
+    if kind == "IA3":
+        if hf:
+            return config  # peft looks up model.config.model_type itself
+        config.target_modules = list(constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING["gpt2"])
+        config.feedforward_modules = list(
+            constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING["gpt2"]
+        )
+        return config
+    config.target_modules = "all-linear" if hf else list(_GPT_LINEARS)
+    return config
+
+
+def module_names(module: nn.Module, limit: int = 12) -> str:
+    """The distinct names of `module`'s leaf layers with weights, e.g. "q_proj (Linear), ...", shortened."""
+    seen: dict[str, str] = {}
+    for name, child in module.named_modules():
+        if name and not list(child.children()) and any(True for _ in child.parameters(recurse=False)):
+            seen.setdefault(name.rsplit(".", 1)[-1], type(child).__name__)
+    names = [f"{n} ({t})" for n, t in seen.items()]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def add_adapters(backbone: nn.Module, config: Any) -> Any:
+    """Inject the adapters of peft `config` into `backbone` in place and freeze its base weights.
+
+    Returns peft's tuner object (kept by the task for methods that act during training, e.g.
+    AdaLoRA's rank allocation); the adapted modules are the backbone's own.
+    """
+    require_peft()
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    if not isinstance(config, PeftConfig):
+        raise ConfigError(
+            f"model.init_args.peft must be a peft config (e.g. peft.LoraConfig), got {config!r}"
+        )
+    kind = type(config).__name__
+    if config.is_prompt_learning or config.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+        raise ConfigError(
+            f"model.init_args.peft: {kind} is not supported by gptlab's backbones (prompt learning "
+            f"such as prefix tuning needs peft's whole-model wrapper); use LoraConfig, AdaLoraConfig "
+            f"or IA3Config"
+        )
+    tuner_class = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
+    if tuner_class.uses_shared_state:
+        raise ConfigError(
+            f"model.init_args.peft: {kind} keeps state across layers, which gptlab does not support"
+        )
+    target = adapter_target(backbone)
+    config = with_default_targets(backbone, config)
+    try:
+        tuner = tuner_class(target, config, adapter_name="default")
+    except (NoMatchingPeftModuleError, ValueError) as err:
+        if isinstance(err, NoMatchingPeftModuleError) or "not found in the base model" in str(err):
+            raise ConfigError(
+                f"model.init_args.peft.init_args.target_modules={config.target_modules!r} matches no "
+                f"module of the backbone ({type(target).__name__}); its layers are: {module_names(target)}"
+            ) from None
+        raise ConfigError(f"model.init_args.peft ({kind}): {' '.join(str(err).split())}") from None
+    # The tuner would register `target` under itself; keep it out of the module tree (one owner).
+    return tuner
+
+
+def is_adapted(module: nn.Module) -> bool:
+    """True when `module` holds peft adapter layers."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def adapter_prefix(config: Any) -> str:
+    """The name fragment of peft's adapter tensors for this method ("lora_", "ia3_", ...)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    return PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type].prefix
+
+
+def base_name(name: str) -> str:
+    """A base weight's name as in the plain model (`a.q_proj.base_layer.weight` -> `a.q_proj.weight`)."""
+    return name.replace(_BASE_LAYER, ".")
+
+
+def base_state_dict(module: nn.Module, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` without adapter tensors, under the plain model's names.
+
+    `prefix`: the adapter name fragment to leave out; None finds the adapted layers by type.
+    """
+    state = module.state_dict()
+    adapter_keys = _adapter_keys(module, state) if prefix is None else {k for k in state if prefix in k}
+    return {base_name(k): v for k, v in state.items() if k not in adapter_keys}
+
+
+def _adapter_keys(module: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
+    """Keys of `state` that belong to peft adapters (inside a peft layer, outside its base_layer)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return set()
+    layers = [name for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
+    keys = set()
+    for key in state:
+        for layer in layers:
+            if key.startswith(layer + ".") and not key.startswith(layer + _BASE_LAYER[:-1] + "."):
+                keys.add(key)
+    return keys
+
+
+def load_base_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load plain-model weights (`base_state_dict` names) into `module`, adapted or not; strict.
+
+    Adapter tensors keep their values; every base weight must be given.
+    """
+    own = module.state_dict()
+    names = {base_name(k): k for k in own if k not in _adapter_keys(module, own)}
+    missing = sorted(set(names) - set(state))
+    unexpected = sorted(set(state) - set(names))
+    if missing or unexpected:
+        raise RuntimeError(f"base weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    module.load_state_dict({names[k]: v for k, v in state.items()}, strict=False)
+
+
+def base_fingerprint(backbone: nn.Module) -> str:
+    """A short hash identifying the base weights: names, shapes, dtypes and a sample of each tensor.
+
+    Cheap for any model size (at most 256 evenly spaced values per tensor), and enough to tell
+    two bases apart: another checkpoint or another initialisation differs in every sampled value.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(base_state_dict(backbone).items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 256)
+        sample = flat[::step][:256].to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of `module`, each shared tensor counted once."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in module.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,249 @@
+"""Bringing a new dataset by YAML alone: headerless tables, held-out validation, unseen characters,
+integer label names, a run without validation, files checked at `fit`."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import yaml
+
+from finetune_data import finetune_config, ner_sentences, write_conll, write_sentiment
+from gptlab.data import BPE, Char, ClassificationDataModule, DataError, TokenClassificationDataModule
+from tiny_runs import run_cli
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tokenizer")
+    text = " ".join(w for s in ner_sentences(50) for w, _ in s) + " good bad movie plot"
+    BPE(vocab_size=300).train([text]).save_pretrained(str(directory))
+    return str(directory)
+
+
+def ready(module):
+    module.prepare_data()
+    module.setup("fit")
+    return module
+
+
+def test_headerless_tsv_by_column_names_and_by_position(tmp_path, tokenizer_dir):
+    rows = "good movie\tpos\nbad plot\tneg\ngood plot\tpos\n"
+    (tmp_path / "train.tsv").write_text(rows)
+    common = {"train_files": str(tmp_path / "train.tsv"), "tokenizer": tokenizer_dir, "val_fraction": 0.0}
+    named = ready(ClassificationDataModule(column_names=["text", "label"], **common))
+    by_position = ready(ClassificationDataModule(header=False, text_column=0, label_column=1, **common))
+    for dm in (named, by_position):
+        assert dm.label_names == ["neg", "pos"]
+        assert [item["labels"] for item in dm.train_dataset] == [1, 0, 1]  # the first row is data
+        assert dm.tokenizer.decode(dm.train_dataset[0]["input_ids"]) == "good movie"
+    # A predict file without the label column: the missing last column is the label.
+    (tmp_path / "predict.tsv").write_text("good plot\nawful\n")
+    named.role_files["predict"] = str(tmp_path / "predict.tsv")
+    named.setup("predict")
+    assert [item["text"] for item in named.predict_dataset] == ["good plot", "awful"]
+
+
+@pytest.mark.parametrize("kind", ["classification", "ner"])
+def test_val_fraction_holds_out_a_seeded_share_of_train(kind, tmp_path, tokenizer_dir):
+    if kind == "classification":
+        files = write_sentiment(tmp_path)  # 84 training rows
+        make = ClassificationDataModule
+        args = {"train_files": str(files["train"]), "text_column": "sentence", "tokenizer": tokenizer_dir}
+    else:
+        write_conll(tmp_path / "ner.train", ner_sentences(40))
+        make = TokenClassificationDataModule
+        args = {"train_files": str(tmp_path / "ner.train"), "tokenizer": tokenizer_dir}
+
+    def split(seed: int, fraction: float = 0.25):
+        dm = ready(make(val_fraction=fraction, seed=seed, **args))
+
+        def key(item):
+            return (*item["input_ids"], str(item["labels"]))
+
+        return [key(i) for i in dm.train_dataset], [key(i) for i in dm.val_dataset or []]
+
+    train, val = split(1)
+    total = len(train) + len(val)
+    assert len(val) == round(total * 0.25)
+    assert split(1) == (train, val)  # the same split on every call (every rank, fit and test)
+    assert split(2) != (train, val)  # and another with another seed
+    everything, _ = split(1, fraction=0.0)
+    assert sorted(train + val) == sorted(everything)  # a partition of the training data
+    with pytest.raises(DataError, match="leaves none to train on"):
+        ready(make(val_fraction=0.999, **args))
+
+
+def test_val_files_win_over_val_fraction(tmp_path, tokenizer_dir):
+    files = write_sentiment(tmp_path)
+    dm = ready(
+        ClassificationDataModule(
+            train_files=str(files["train"]),
+            val_files=str(files["dev"]),
+            text_column="sentence",
+            tokenizer=tokenizer_dir,
+            val_fraction=0.5,
+        )
+    )
+    assert (len(dm.train_dataset), len(dm.val_dataset)) == (84, 18)
+
+
+@pytest.mark.parametrize("kind", ["classification", "ner"])
+def test_test_files_are_checked_at_fit(kind, tmp_path, tokenizer_dir):
+    if kind == "classification":
+        files = write_sentiment(tmp_path)
+        dm = ClassificationDataModule(
+            train_files=str(files["train"]),
+            test_files=str(tmp_path / "tset.tsv"),
+            text_column="sentence",
+            tokenizer=tokenizer_dir,
+        )
+    else:
+        write_conll(tmp_path / "ner.train", ner_sentences(20))
+        dm = TokenClassificationDataModule(
+            train_files=str(tmp_path / "ner.train"),
+            test_files=str(tmp_path / "ner.tset"),
+            tokenizer=tokenizer_dir,
+        )
+    with pytest.raises(DataError, match="test_files: no file matches .*tset"):
+        ready(dm)
+
+
+def test_unseen_characters_become_unk_with_one_counted_warning(tmp_path):
+    (tmp_path / "train.tsv").write_text("text\tlabel\ngood movie\tpos\nbad plot\tneg\n")
+    (tmp_path / "dev.tsv").write_text(
+        "text\tlabel\ngood \U0001f600\tpos\nbad plot\tneg\nbad \u2603 \u2603\tneg\n"
+    )
+    dm = ClassificationDataModule(
+        train_files=str(tmp_path / "train.tsv"),
+        val_files=str(tmp_path / "dev.tsv"),
+        tokenizer=Char(),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ready(dm)
+    messages = [str(w.message) for w in caught if "no token for" in str(w.message)]
+    assert len(messages) == 1, messages  # one per split, none for the training split
+    assert "val data: 2 of 3 examples" in messages[0]
+    assert f"{tmp_path / 'dev.tsv'} line 2: '\U0001f600'" in messages[0] and "line 4: '\u2603'" in messages[0]
+    unk = dm.tokenizer.unk_token_id
+    assert [unk in item["input_ids"] for item in dm.val_dataset] == [True, False, True]
+
+
+def test_unencodable_text_in_ner_names_file_line_and_character(tmp_path):
+    write_conll(tmp_path / "ner.train", ner_sentences(10))
+    bad = tmp_path / "ner.testa"
+    bad.write_text("John NNP B-NP B-PER\n\nAnna NNP B-NP B-PER\n\u00e9t\u00e9 NNP B-NP O\n")
+    dm = TokenClassificationDataModule(
+        train_files=str(tmp_path / "ner.train"),
+        val_files=str(bad),
+        tokenizer=Char(unk_token=None),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.raises(DataError, match=rf"{bad} line 3: the tokenizer cannot encode the character '\u00e9'"):
+        ready(dm)
+
+
+def test_integer_label_names_and_a_run_without_validation(tmp_path, capsys, recwarn):
+    # SST-2-like 0 / 1 labels named by integers, no validation at all: fit says so at the start and
+    # still leaves best.ckpt, which `test` (the README's next command) reads.
+    config = finetune_config(tmp_path, "classification", write_sentiment(tmp_path))
+    data = config["data"]["init_args"]
+    del data["val_files"]
+    data.update(val_fraction=0.0, label_names=[0, 1])
+    config["trainer"].update(max_steps=2)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = run_cli(capsys, "fit", "--config", str(path))
+    assert code == 0, err
+    assert any("no validation data" in str(w.message) and "best.ckpt" in str(w.message) for w in recwarn)
+    best = tmp_path / "logs" / "classification" / "version_0" / "checkpoints" / "best.ckpt"
+    assert best.is_file()
+    code, err = run_cli(capsys, "test", "--ckpt_path", str(best))
+    assert code == 0, err
+    report = (best.parent.parent / "reports" / "test_report.txt").read_text()
+    assert "\n           0     " in report and "\n           1     " in report  # integer names label the rows
+
+
+# ----------------------------------------------------------------------------- instruction data
+INSTRUCTIONS = [
+    {"id": "a", "instruction": "Add the numbers.", "instances": [{"input": "2 3", "output": "5"}]},
+    {"id": "b", "instruction": "Say hello.", "instances": [{"input": "", "output": "hello"}]},
+]
+TEMPLATE = (
+    "{{ instruction }}\n{% if instances[0].input %}\nInput: {{ instances[0].input }}\n{% endif %}\nOutput: "
+)
+
+
+def sft(tmp_path, tokenizer_dir, records, stage="fit", **kwargs):
+    from gptlab.data import SFTDataModule
+
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = {"train_files": str(path), "tokenizer": tokenizer_dir, "val_fraction": 0.0, **kwargs}
+    if stage == "test":
+        args["test_files"] = args.pop("train_files")
+    dm = SFTDataModule(**args)
+    dm.prepare_data()
+    dm.setup(stage)
+    return dm, path
+
+
+def test_nested_fields_and_a_jinja_template_with_an_optional_part(tmp_path, tokenizer_dir):
+    dm, _ = sft(
+        tmp_path,
+        tokenizer_dir,
+        INSTRUCTIONS,
+        stage="test",
+        prompt_template=TEMPLATE,
+        completion_field="instances.0.output",
+    )
+    items = dm.test_dataset.items
+    # The empty input leaves no "Input:" line and no blank line behind.
+    assert [i["prompt"] for i in items] == ["Add the numbers.\nInput: 2 3\nOutput: ", "Say hello.\nOutput: "]
+    assert [i["reference"] for i in items] == ["5", "hello"]
+    # A plain field path for the prompt as well (no template).
+    dm, _ = sft(
+        tmp_path,
+        tokenizer_dir,
+        INSTRUCTIONS,
+        stage="test",
+        prompt_field="instances.0.input",
+        completion_field="instances.0.output",
+    )
+    assert [i["prompt"] for i in dm.test_dataset.items] == ["2 3", ""]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (
+            {"prompt_template": TEMPLATE, "completion_field": "instances.1.output"},
+            ["line 1: no item 1 in 'instances' (a list of 1)", "completion_field"],
+        ),
+        (
+            {"prompt_template": TEMPLATE, "completion_field": "instances.0.answer"},
+            ["line 1: no 'answer' in 'instances.0'", "'input', 'output'"],
+        ),
+        (
+            {"prompt_template": "{{ instructions }}: ", "completion_field": "instances.0.output"},
+            ["line 1: prompt_template uses a value the record does not have", "'instructions' is undefined"],
+        ),
+    ],
+)
+def test_nested_field_and_template_errors_name_the_record_and_the_path(
+    tmp_path, tokenizer_dir, args, needles
+):
+    with pytest.raises(DataError) as err:
+        sft(tmp_path, tokenizer_dir, INSTRUCTIONS, **args)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_a_broken_jinja_template_is_a_config_error(tmp_path, tokenizer_dir):
+    from gptlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a valid Jinja template"):
+        sft(tmp_path, tokenizer_dir, INSTRUCTIONS, prompt_template="{% if instruction %}{{ instruction }}")

@@ -1,0 +1,226 @@
+"""Parameter-efficient fine-tuning through peft (gptlab.adapters): adapters, checkpoints, export, errors.
+
+Bases are tiny and random, saved the way real bases come: a gptlab pretraining checkpoint for our
+GPT (the shared tiny causal LM run) and a Hugging Face directory for a Llama (random weights
+written with save_pretrained, the tiny run's tokenizer beside them). Commands run in-process.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from peft import IA3Config, LoraConfig
+
+from finetune_data import finetune_config, write_sentiment
+from gptlab import adapters
+from gptlab.models import GPT, HFBackbone
+from gptlab.tasks import CausalLM, SequenceClassification
+from test_bad_inputs import one_line_error, snapshot
+from tiny_runs import run_cli
+
+LLAMA = {
+    "vocab_size": 320,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": True,
+}
+LORA = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05}}
+
+
+def save_llama(directory: Path, tokenizer: Path | None = None, seed: int = 0) -> Path:
+    """A tiny random Llama saved as a Hugging Face directory (with `tokenizer`'s files beside it)."""
+    torch.manual_seed(seed)
+    HFBackbone(model_type="llama", config_overrides=LLAMA).model.save_pretrained(directory)
+    if tokenizer is not None:
+        for file in tokenizer.iterdir():
+            shutil.copy(file, directory / file.name)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_runs, tmp_path_factory) -> SimpleNamespace:
+    """init_from sources: the tiny GPT pretraining checkpoint and a tiny Llama directory; task data."""
+    tmp = tmp_path_factory.mktemp("peft")
+    tokenizer = tiny_runs.runs["causal_lm"] / "tokenizer"
+    (tmp / "sentiment").mkdir()
+    return SimpleNamespace(
+        tmp=tmp,
+        gpt=str(tiny_runs.runs["causal_lm"] / "checkpoints" / "last.ckpt"),
+        llama=str(save_llama(tmp / "llama", tokenizer)),
+        tokenizer=tokenizer,
+        sentiment=write_sentiment(tmp / "sentiment"),
+    )
+
+
+def fit_config(bases: SimpleNamespace, tmp: Path, base: str, **model_args) -> Path:
+    config = finetune_config(
+        tmp, "classification", bases.sentiment, init_from=getattr(bases, base), **model_args
+    )
+    config["trainer"].update(max_steps=4, val_check_interval=2)
+    path = tmp / "peft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def tiny_gpt() -> GPT:
+    return GPT(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+# ----------------------------------------------------------------- adapters in the backbone
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_lora_adapts_every_linear_of_the_blocks_and_trains_adapters_and_head_only(kind):
+    backbone = tiny_gpt() if kind == "gpt" else HFBackbone(model_type="llama", config_overrides=LLAMA)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        before = backbone(ids)
+    task = SequenceClassification(backbone, label_names=["a", "b"], init_from="base", peft=LoraConfig(r=4))
+    trainable = [n for n, p in task.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n or n.startswith("head.") for n in trainable), trainable
+    assert {"head.1.weight", "head.1.bias"} <= set(trainable)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n}
+    linears = {"c_attn", "c_proj", "c_fc"} if kind == "gpt" else {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    }  # fmt: skip
+    assert adapted == linears  # never the output layer (lm_head) or the embeddings
+    # LoRA's B starts at zero: the adapted backbone computes what the base did.
+    with torch.no_grad():
+        torch.testing.assert_close(task.backbone(ids), before)
+    n_trainable, total = adapters.count_parameters(task)
+    assert n_trainable == sum(p.numel() for n, p in task.named_parameters() if p.requires_grad)
+    assert 0 < n_trainable < total / 5
+
+
+def test_target_modules_override_and_ia3_defaults():
+    task = CausalLM(tiny_gpt(), init_from="base", peft=LoraConfig(r=2, target_modules=["c_attn"]))
+    assert {n.split(".lora_")[0] for n, p in task.named_parameters() if p.requires_grad} == {
+        f"backbone.transformer.h.{i}.attn.c_attn" for i in range(2)
+    }
+    task = CausalLM(tiny_gpt(), init_from="base", peft=IA3Config())
+    trainable = sorted(n for n, p in task.named_parameters() if p.requires_grad)
+    assert trainable and all(".ia3_l." in n for n in trainable), trainable
+
+
+# ----------------------------------------------------------------- the CLI: config, fit, checkpoint, test
+def test_peft_config_from_yaml_and_command_line_is_recorded_as_plain_data(bases, tmp_path):
+    from gptlab.cli import GPTLabCLI
+
+    path = fit_config(bases, tmp_path, "gpt", peft=LORA)
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = GPTLabCLI(args=["--config", str(path)], run=False)
+        assert isinstance(cli.model.peft_config, LoraConfig) and cli.model.peft_config.r == 4
+        assert cli.model.hparams["peft"]["class_path"] == "peft.LoraConfig"
+        # The command line alone, over a YAML without peft.
+        plain = fit_config(bases, tmp_path, "gpt")
+        args = ["--model.init_args.peft", "peft.LoraConfig", "--model.init_args.peft.init_args.r", "8"]
+        cli = GPTLabCLI(args=["--config", str(plain), *args], run=False)
+    assert cli.model.peft_config.r == 8
+    assert any(".lora_" in n for n, p in cli.model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("base", ["gpt", "llama"])
+def test_peft_fit_saves_adapters_and_head_only_and_evaluates_from_the_checkpoint(
+    bases, tmp_path, base, capsys
+):
+    from gptlab.cli import main
+
+    path = fit_config(bases, tmp_path, base, peft=LORA)
+    capsys.readouterr()
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        main(["fit", "--config", str(path)])
+    printed = capsys.readouterr().out
+    assert "trainable parameters of" in printed and "LoraConfig adapters on a frozen base" in printed
+    run = tmp_path / "logs" / "classification" / "version_0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    keys = set(checkpoint["state_dict"])
+    assert keys == {k for k in keys if ".lora_" in k or k.startswith("head.") or k == "tokens_seen"}
+    assert {"head.1.weight", "head.1.bias"} <= keys and any(".lora_" in k for k in keys)
+    info = checkpoint["gptlab"]["peft"]
+    assert info["method"] == "LoraConfig" and info["base"] == getattr(bases, base)
+    assert len(info["base_fingerprint"]) == 16
+    # Optimizer state for the trainable tensors only.
+    assert len(checkpoint["optimizer_states"][0]["state"]) == len(keys) - 1
+    assert checkpoint["hyper_parameters"]["peft"]["init_args"]["r"] == 4
+
+    # `test` from the checkpoint alone: the base comes back from the recorded init_from.
+    code, err = run_cli(capsys, "test", "--ckpt_path", str(ckpt))
+    assert code == 0, err
+    assert (run / "reports" / "test_report.json").is_file()
+    # And in Python: the same weights as the trained model's.
+    task = SequenceClassification.load_from_checkpoint(ckpt)
+    for key in keys:
+        torch.testing.assert_close(task.state_dict()[key], checkpoint["state_dict"][key])
+
+
+@pytest.fixture(scope="module")
+def lora_run(bases) -> Path:
+    """The last.ckpt of one LoRA fine-tune on the tiny Llama base (read only)."""
+    from gptlab.cli import main
+
+    tmp = bases.tmp / "lora_run"
+    tmp.mkdir()
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        main(["fit", "--config", str(fit_config(bases, tmp, "llama", peft=LORA))])
+    return tmp / "logs" / "classification" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+# ----------------------------------------------------------------- bad input (docs/bad_inputs.md)
+def test_peft_target_modules_that_match_nothing(bases, tmp_path, capsys):
+    lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["query", "value"]}}
+    path = fit_config(bases, tmp_path, "gpt", peft=lora)
+    code, err = run_cli(capsys, "fit", "--config", str(path))
+    line = one_line_error(code, err, "target_modules", "matches no module")
+    assert "c_attn (Linear)" in line and "lm_head (Linear)" in line  # the backbone's own names
+    assert not (tmp_path / "logs").exists()
+
+
+def test_adapter_checkpoint_on_another_base(bases, lora_run, tmp_path, capsys):
+    other = save_llama(tmp_path / "other_llama", bases.tokenizer, seed=1)
+    before = snapshot(lora_run.parent.parent)
+    args = ["--ckpt_path", str(lora_run), "--model.init_args.init_from", str(other)]
+    code, err = run_cli(capsys, "test", *args)
+    line = one_line_error(code, err, "trained on the base", bases.llama, str(other), "fingerprint")
+    assert "load it on the base it was trained on" in line
+    assert snapshot(lora_run.parent.parent) == before
+
+
+def test_peft_without_the_peft_package(bases, tmp_path, capsys):
+    path = fit_config(bases, tmp_path, "gpt", peft=LORA)
+    with mock.patch.dict(sys.modules, {"peft": None}):  # `import peft` raises ImportError
+        code, err = run_cli(capsys, "fit", "--config", str(path))
+    one_line_error(code, err, "needs the peft library", "pip install 'gptlab[peft]'")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_peft_with_freeze_backbone(bases, tmp_path, capsys):
+    path = fit_config(bases, tmp_path, "gpt", peft=LORA, freeze_backbone=True)
+    code, err = run_cli(capsys, "fit", "--config", str(path))
+    one_line_error(code, err, "model.init_args.peft and freeze_backbone: true exclude each other")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_peft_on_a_random_backbone(bases, tmp_path, capsys):
+    config = finetune_config(tmp_path, "classification", bases.sentiment, peft=LORA)  # no init_from
+    path = tmp_path / "random.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = run_cli(capsys, "fit", "--config", str(path))
+    one_line_error(code, err, "has random weights", "set model.init_args.init_from")
+
+
+def test_init_from_a_peft_checkpoint(bases, lora_run, tmp_path, capsys):
+    config = finetune_config(tmp_path, "classification", bases.sentiment, init_from=str(lora_run))
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = run_cli(capsys, "fit", "--config", str(path))
+    one_line_error(code, err, f"init_from={lora_run} is a peft checkpoint", "--merged true")
