@@ -727,3 +727,25 @@ def test_wrong_before_training(row, causal, tmp_path, capsys):
     one_line_error(*run_cli(capsys, *command, "--config", str(config), *argv), *needles)
     assert sorted(p.name for p in run.parent.parent.rglob("*") if p.is_dir()) == folders
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.slow
+def test_full_disk_at_start(causal, tmp_path):
+    # A real process under a file-size limit that the first files of a run (config.yaml, the
+    # tokenizer, the event file) exceed: EFBIG, handled as a full disk (ENOSPC) is. One line, and
+    # no run folder left behind.
+    config = write_config(tmp_path / "c.yaml", causal[0], logs=str(tmp_path / "logs"))
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "fit", "--config", str(config)],
+        capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"},
+    )  # fmt: skip
+    one_line_error(
+        result.returncode, result.stderr, "disk full while writing", "nothing of this run was kept"
+    )
+    assert not (tmp_path / "logs").exists(), list((tmp_path / "logs").rglob("*"))

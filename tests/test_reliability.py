@@ -200,3 +200,29 @@ def test_a_resume_keeps_the_runs_tokenizer_when_the_training_files_changed(tiny_
     code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last",
                         "--data.init_args.tokenizer", str(other))  # fmt: skip
     assert code == 2 and "--data.init_args.tokenizer: resuming" in err and str(run / "tokenizer") in err, err
+
+
+def test_lightning_noise_is_not_shown(tiny_runs, tmp_path, caplog, recwarn):
+    # Its advertising tips at start, "`weights_only` was not set, defaulting to False" after every
+    # fit (it describes what goes into a saved file, and reads as unsafe loading), and "dataloader
+    # is not resumable" on a mid-epoch resume, which gptlab's loaders do exactly.
+    import logging
+
+    from gptlab.cli import GPTLabCLI
+
+    run = tmp_path / "logs" / "causal_lm" / "version_0"
+    shutil.copytree(tiny_runs.runs["causal_lm"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["logs"] = str(tmp_path / "logs")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO), mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = GPTLabCLI(
+            args=["fit", "--config", str(path), "--ckpt_path", "last", "--trainer.max_steps", "3",
+                  "--preemption.every_n_steps", "1"]
+        )  # fmt: skip
+    assert cli.trainer.global_step == 3 and 0 < 3 % cli.trainer.num_training_batches  # resumed mid-epoch
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("Seed set to" in m for m in messages)  # Lightning's other info lines still show
+    assert not [m for m in messages if "Tip:" in m or "`weights_only` was not set" in m]
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]

@@ -29,12 +29,15 @@ What it adds to LightningCLI:
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,20 @@ from gptlab.tasks import TaskModule
 from gptlab.tasks.base import RUN_CODE_KEYS, load_checkpoint, records_remote_code, verify_checkpoint
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+
+
+class _QuietLightning(logging.Filter):
+    """Drops Lightning's advertising tips at start ("💡 Tip: ... litlogger", "... litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning() -> None:
+    """Install `_QuietLightning` on the logger that emits the tips (once per process)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _QuietLightning) for f in logger.filters):
+        logger.addFilter(_QuietLightning())
 
 
 def require_lightning_checkpoint(ckpt: str, checkpoint: Any) -> None:
@@ -416,6 +433,7 @@ class GPTLabCLI(LightningCLI):
         elif isinstance(args, list):
             args = with_run_config(args)
         self._argv = args if isinstance(args, list) else sys.argv[1:]
+        quiet_lightning()
         # Duplicate keys, YAML syntax and missing files, with file and line, before jsonargparse.
         check_config_files([str(a) for a in self._argv])
         # The checkpoint as given, when evaluation reads a consolidated copy of a sharded one.
@@ -586,7 +604,12 @@ class GPTLabCLI(LightningCLI):
         self.trainer.callbacks.append(batches)
         try:
             try:
-                super()._run_subcommand(subcommand)
+                with warnings.catch_warnings():
+                    if isinstance(self.datamodule, DataModule):
+                        # gptlab's loaders resume mid-epoch exactly (data/base.py SeededShuffleSampler);
+                        # Lightning warns on every such resume because they have no state_dict.
+                        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
+                    super()._run_subcommand(subcommand)
             except ValueError as err:
                 # Lightning checks val_check_interval against the epoch only once the data is
                 # loaded (loops/fit_loop.py setup_data) and raises a plain ValueError: a config error.
@@ -891,6 +914,18 @@ def main(args: ArgsType = None) -> None:
             export_main(argv[1:])
             return
         GPTLabCLI(args=args)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # A full disk (or quota) while writing anything outside a checkpoint save, which reports
+        # its own (gptlab.callbacks.Checkpoint): the run folder this command made is removed.
+        where = f" {err.filename}" if err.filename else ""
+        print(
+            f"gptlab: error: disk full while writing{where} ({err.strerror}); nothing of this run was "
+            f"kept: free space (or set --logs / data.init_args.cache_dir to another disk) and run again",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     except (GPTLabError, MisconfigurationException) as err:
         # MisconfigurationException: Lightning's own "this Trainer setting is invalid" (e.g.
         # max_steps=-5), a user error like ours. One line: what is wrong and where is in the text.

@@ -219,7 +219,9 @@ class Preemption(L.Callback):
             # `--ckpt_path last` would never see (lightning/pytorch/callbacks/model_checkpoint.py,
             # `_save_last_checkpoint`).
             callback.last_model_path = str(path)
-        trainer.save_checkpoint(path)
+        # A full checkpoint (optimizer, loops, callbacks) to resume from; said explicitly, since
+        # Lightning logs "`weights_only` was not set" when it is left to its default.
+        trainer.save_checkpoint(path, weights_only=False)
         return path
 
     @staticmethod
