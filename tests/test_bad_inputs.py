@@ -749,3 +749,71 @@ def test_full_disk_at_start(causal, tmp_path):
         result.returncode, result.stderr, "disk full while writing", "nothing of this run was kept"
     )
     assert not (tmp_path / "logs").exists(), list((tmp_path / "logs").rglob("*"))
+
+
+# ----------------------------------------------------------------- messages that name the real cause
+def _message_rows(tmp: Path, run: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """id -> (argv after the subcommand's config, needles); `{config}` stands for the causal LM config."""
+    import zipfile
+
+    empty = tmp / "empty.yaml"
+    empty.write_text("# nothing here yet\n")
+    listed = tmp / "listed.yaml"
+    listed.write_text("- trainer:\n    max_steps: 3\n")
+    folder = tmp / "configs"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("trainer: {max_steps: 3}\n")
+    empty_dir = tmp / "empty_ckpt"
+    empty_dir.mkdir()
+    garbage = tmp / "garbage.ckpt"
+    with zipfile.ZipFile(garbage, "w") as archive:  # a zip like torch.save's, its pickle random bytes
+        archive.writestr("garbage/data.pkl", bytes(range(256)) * 4)
+        archive.writestr("garbage/version", "3\n")
+    missing = run / "checkpoints" / "nope.ckpt"
+    return {
+        "empty_yaml": (
+            ["fit", "--config", "{config}", "--config", str(empty)],
+            [f"{empty}: an empty config file"],
+        ),
+        "yaml_list": (
+            ["fit", "--config", "{config}", "--config", str(listed)],
+            [f"{listed}: a YAML list at the top level", "mapping of keys"],
+        ),
+        "directory_as_config": (
+            ["fit", "--config", str(folder)],
+            [f"--config {folder}: a directory, not a config file", f"--config {folder / 'a.yaml'}"],
+        ),
+        "empty_folder_as_ckpt_path": (
+            ["fit", "--config", "{config}", "--ckpt_path", str(empty_dir)],
+            [f"--ckpt_path {empty_dir} is an empty folder, not a checkpoint"],
+        ),
+        "garbage_zip_as_ckpt_path": (
+            ["fit", "--config", "{config}", "--ckpt_path", str(garbage)],
+            [f"checkpoint {garbage} could not be read by the weights-only loader", "corrupt"],
+        ),
+        "missing_checkpoint_of_a_run": (
+            ["test", "--ckpt_path", str(missing)],
+            [f"--ckpt_path {missing} does not exist"],
+        ),
+        "unknown_subcommand": (["train", "--config", "{config}"], ["`main.py --help`"]),
+    }
+
+
+MESSAGE_ROWS = [
+    "empty_yaml",
+    "yaml_list",
+    "directory_as_config",
+    "empty_folder_as_ckpt_path",
+    "garbage_zip_as_ckpt_path",
+    "missing_checkpoint_of_a_run",
+    "unknown_subcommand",
+]
+
+
+@pytest.mark.parametrize("row", MESSAGE_ROWS)
+def test_messages_name_the_real_cause(row, causal, tmp_path, capsys):
+    base, run = causal
+    argv, needles = _message_rows(tmp_path, run)[row]
+    line = one_line_error(*run_cli(capsys, *[str(base) if a == "{config}" else a for a in argv]), *needles)
+    assert "no such file" not in line and "unsafe" not in line and "cut off" not in line
+    assert "main.py train --help" not in line and "no run config" not in line

@@ -125,6 +125,8 @@ def with_run_config(argv: list[str]) -> list[str]:
     run = run_dir_of(ckpt)
     if ckpt is None:
         return argv
+    if ckpt and "://" not in ckpt and ckpt not in ("best", "last") and not Path(ckpt).exists():
+        raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
     config = run / "config.yaml" if run is not None else None
     if config is None or not config.is_file():
         raise ConfigError(
