@@ -7,6 +7,7 @@ written with save_pretrained, the tiny run's tokenizer beside them). Commands ru
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -224,3 +225,109 @@ def test_init_from_a_peft_checkpoint(bases, lora_run, tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     code, err = run_cli(capsys, "fit", "--config", str(path))
     one_line_error(code, err, f"init_from={lora_run} is a peft checkpoint", "--merged true")
+
+
+# ----------------------------------------------------------------- export
+def fit_run(bases: SimpleNamespace, name: str, config: dict) -> Path:
+    """`fit` of `config` under bases.tmp/<name>; its last.ckpt."""
+    from gptlab.cli import main
+
+    tmp = bases.tmp / name
+    tmp.mkdir()
+    path = tmp / "config.yaml"
+    config["logs"] = str(tmp / "logs")
+    path.write_text(yaml.safe_dump(config))
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        main(["fit", "--config", str(path)])
+    return tmp / "logs" / config["experiment"] / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def lm_runs(bases, tiny_runs) -> dict[str, Path]:
+    """LoRA fine-tunes of a language model (CausalLM) on each base: {base: last.ckpt}."""
+    runs = {}
+    for base in ("gpt", "llama"):
+        config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+        model = config["model"]["init_args"]
+        model.pop("backbone")  # taken from init_from, with its tokenizer
+        model.update(init_from=getattr(bases, base), peft=LORA)
+        config["data"]["init_args"]["cache_dir"] = str(bases.tmp / "cache")
+        config["trainer"].update(max_steps=4, val_check_interval=2)
+        runs[base] = fit_run(bases, f"lm_{base}", config)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def gpt_lora_run(bases) -> Path:
+    """A LoRA classifier fine-tune on the GPT base: last.ckpt (read only)."""
+    config = finetune_config(bases.tmp, "classification", bases.sentiment, init_from=bases.gpt, peft=LORA)
+    config["trainer"].update(max_steps=4, val_check_interval=2)
+    return fit_run(bases, "gpt_classifier", config)
+
+
+@pytest.mark.parametrize("base", ["gpt", "llama"])
+def test_export_writes_the_adapter_in_peft_format_and_merged_on_request(
+    bases, lm_runs, tmp_path, base, capsys
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptlab.adapters import without_adapters
+    from gptlab.export import to_hf_model
+    from gptlab.tasks import CausalLM
+
+    ckpt = lm_runs[base]
+    task = CausalLM.load_from_checkpoint(ckpt).eval()
+    # Training moved the adapters off their start (LoRA's B = 0).
+    assert any(p.abs().max() > 0 for n, p in task.named_parameters() if ".lora_B." in n)
+    ids = torch.arange(16)[None] % 300
+    with torch.no_grad():
+        ours = task.backbone.logits(task.backbone(ids))
+
+    adapter = tmp_path / "adapter"
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(adapter))
+    assert code == 0, err
+    files = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == (bases.llama if base == "llama" else None)  # a .ckpt is no transformers base
+    # The base as transformers has it: the Hugging Face directory, or (our GPT) its plain export.
+    if base == "llama":
+        hf_base = AutoModelForCausalLM.from_pretrained(bases.llama, dtype=torch.float32)
+    else:
+        plain = to_hf_model(without_adapters(task.backbone), AutoTokenizer.from_pretrained(adapter))
+        plain.save_pretrained(tmp_path / "gpt_base")
+        hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt_base", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(hf_base, adapter).eval()(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    merged = tmp_path / "merged"
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(merged), "--merged", "true")
+    assert code == 0, err
+    assert not (merged / "adapter_config.json").exists()
+    with torch.no_grad():
+        plain_logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(plain_logits, ours, rtol=0, atol=1e-5)
+
+
+def test_export_of_a_peft_classifier_merged(gpt_lora_run, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "classifier"
+    code, err = run_cli(
+        capsys, "export", "--ckpt_path", str(gpt_lora_run), "--out", str(out), "--merged", "true"
+    )
+    assert code == 0, err
+    task = SequenceClassification.load_from_checkpoint(gpt_lora_run).eval()
+    batch = {"input_ids": torch.arange(3, 11)[None], "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**batch).logits, task(batch), rtol=0, atol=1e-5)
+    assert hf.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_export_of_a_peft_classifier_without_merged(gpt_lora_run, tmp_path, capsys):
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(gpt_lora_run), "--out", str(tmp_path / "x"))
+    one_line_error(code, err, "is a peft SequenceClassification", "pass --merged true")
+    assert not (tmp_path / "x").exists()

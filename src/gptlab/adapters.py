@@ -209,6 +209,29 @@ def base_fingerprint(backbone: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def without_adapters(backbone: nn.Module, merge: bool = False) -> nn.Module:
+    """A copy of `backbone` with every peft layer replaced by the base layer it wraps.
+
+    `merge`: fold the adapters into the base weights first (peft's own `merge`), so that the copy
+    computes what the adapted backbone does; otherwise the copy is the plain base.
+    """
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    plain = copy.deepcopy(backbone)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            if merge:
+                module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent), child, module.get_base_layer())
+    target = adapter_target(plain)
+    if "peft_config" in target.__dict__:  # set by peft's tuner on the adapted model
+        del target.__dict__["peft_config"]
+    return plain
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts of `module`, each shared tensor counted once."""
     seen: dict[int, nn.Parameter] = {id(p): p for p in module.parameters()}

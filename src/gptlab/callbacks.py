@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 
@@ -443,3 +443,25 @@ class Checkpoint(ModelCheckpoint):
                 f"before are unchanged: free space in {Path(filepath).parent} (or set --logs to another "
                 f"disk) and resume with --ckpt_path last"
             ) from None
+
+
+class LearningRate(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor``, on in every run (`lr_monitor.*`): the learning rate of
+    every parameter group, as ``lr/decay``, ``lr/no_decay`` (and ``..._lr_x<scale>`` groups with a
+    backbone_lr_scale); ``lr-<Optimizer>/<group>`` without a scheduler.
+
+    With no logger (``trainer.logger: false``) there is nowhere to write: it does nothing, where
+    Lightning's would stop the run.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)

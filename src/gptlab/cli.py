@@ -51,7 +51,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from gptlab.adapters import require_peft
-from gptlab.callbacks import Checkpoint, ProgressBar, Throughput
+from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, Throughput
 from gptlab.checkpointing import install_atomic_checkpoints, require_complete, resume_checkpoint
 from gptlab.config_check import check_config_files, one_line_parser_error
 from gptlab.data import DataModule
@@ -284,18 +284,64 @@ def _label_names_of(datamodule: Any) -> list[str] | None:
     return getattr(datamodule, "label_names", None)
 
 
+def retarget_loggers(trainer_cfg: Namespace, save_dir: Path, name: str, version: str) -> None:
+    """Point every configured logger that takes `save_dir` / `version` (TensorBoard, CSV, ...) at
+    `save_dir/name/version`; loggers that write elsewhere (e.g. to a tracking server) are kept as
+    configured. `trainer.logger: false` keeps no logger, with the run as the Trainer's root dir.
+    """
+    import inspect
+
+    if trainer_cfg.logger is False:
+        trainer_cfg.default_root_dir = str(save_dir / name / version)
+        return
+    loggers = trainer_cfg.logger if isinstance(trainer_cfg.logger, list) else [trainer_cfg.logger]
+    for logger in loggers:
+        if not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
+            continue
+        cls = task_class_of(str(logger.get("class_path")))
+        params = inspect.signature(cls).parameters if cls is not None else {}
+        if "save_dir" not in params or "version" not in params:
+            continue
+        logger.init_args.save_dir, logger.init_args.version = str(save_dir), version
+        if "name" in params:
+            logger.init_args.name = name
+
+
+def _recorded(text: str) -> dict:
+    """A saved run config without `ckpt_path` (which every resume sets): what the run is made of."""
+    config = yaml.safe_load(text) or {}
+    return {k: v for k, v in config.items() if k != "ckpt_path"} if isinstance(config, dict) else config
+
+
 class RunDirectory(SaveConfigCallback):
     """Writes `config.yaml` and the tokenizer into the run directory when `fit` starts.
 
-    A resumed run (same directory) keeps the files it already has: nothing is overwritten.
-    Evaluation subcommands write nothing here; `test` writes its reports from the CLI.
+    `config.yaml` is always the config of the newest command that trained the run: a resumed run
+    with other settings (e.g. a new `--trainer.max_steps`) moves the previous one to
+    `config.<n>.yaml` (n = 1, 2, ... in order, config.1.yaml being the first run's) and records its
+    own; a resume that changes nothing but `ckpt_path` keeps the file as it is. The tokenizer is
+    written once. Evaluation subcommands write nothing here; `test` writes its reports from the CLI.
     """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
         log_dir = Path(trainer.log_dir)
-        if not (log_dir / self.config_filename).exists():
+        path = log_dir / self.config_filename
+        action = "write"
+        if trainer.is_global_zero and path.exists():
+            ours = self.parser.dump(self.config, skip_none=False)
+            action = "keep" if _recorded(path.read_text()) == _recorded(ours) else "rotate"
+        action = trainer.strategy.broadcast(action)
+        if action == "rotate" and trainer.is_global_zero:
+            n = 1
+            while (log_dir / f"{path.stem}.{n}{path.suffix}").exists():
+                n += 1
+            path.rename(log_dir / f"{path.stem}.{n}{path.suffix}")
+            rank_zero_info(
+                f"gptlab: {path} now records this resumed run; the previous one is {path.stem}.{n}.yaml"
+            )
+        if action != "keep":
             super().setup(trainer, pl_module, stage)
         tokenizer_dir = log_dir / "tokenizer"
         datamodule = trainer.datamodule
@@ -630,7 +676,12 @@ class GPTLabCLI(LightningCLI):
             default="default",
             help="Experiment name: runs land in logs/<experiment>/version_N/.",
         )
-        parser.add_argument("--logs", type=str, default="logs", help="Root directory of all runs.")
+        # `--logs_root` is the spelling that survives launchers: torchrun's parser reads options
+        # placed after the script too and prefix-matches `--logs` to its own `--logs-specs`
+        # (docs/multinode.md). `--logs` stays an alias, and `logs:` the key in YAML.
+        parser.add_argument(
+            "--logs_root", "--logs", dest="logs", type=str, default="logs", help="Root directory of all runs."
+        )
         # Always present and configurable as `checkpoint.*`: best by the monitored metric, and last.
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         # The data module knows the labels (given, or read cheaply from the training labels); the
@@ -651,6 +702,9 @@ class GPTLabCLI(LightningCLI):
         )
         # Always on, like the checkpoint callback: tokens/s, samples/s and MFU for every task.
         parser.add_lightning_class_args(Throughput, "throughput")
+        # Always on: the learning rate of every parameter group at every logging step (`lr/...`).
+        parser.add_lightning_class_args(LearningRate, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
         # Always on: periodic last.ckpt and save-then-exit on SIGTERM / SIGUSR1 (`preemption.*`),
         # and a NaN / inf training loss stops the run at its step (`nonfinite_loss.*`).
         parser.add_lightning_class_args(Preemption, "preemption")
@@ -687,17 +741,20 @@ class GPTLabCLI(LightningCLI):
                 run, "run directory", "copy the run to a writable place and give --ckpt_path from there"
             )
         self._check_settings(cfg, ckpt)
-        if run is not None or cfg.trainer.logger in (None, True):
-            # Resuming or evaluating a checkpoint writes into that checkpoint's run directory.
-            save_dir, name, version = (
-                (run.parent.parent, run.parent.name, run.name) if run else (logs, cfg.experiment, None)
-            )
+        # Resuming or evaluating a checkpoint writes into that checkpoint's run directory.
+        save_dir, name, version = (
+            (run.parent.parent, run.parent.name, run.name) if run else (logs, cfg.experiment, None)
+        )
+        if cfg.trainer.logger in (None, True):
             cfg.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(
                     save_dir=str(save_dir), name=name, version=version, default_hp_metric=False
                 ),
             )
+        elif run is not None:
+            # The user's logger(s) stay: only where they write moves to the run directory.
+            retarget_loggers(cfg.trainer, save_dir, name, version)
         self._fill_from_checkpoints(cfg, ckpt)
         self._refuse_recorded_remote_code(cfg, ckpt)
         self._claim_run_dirs(cfg)

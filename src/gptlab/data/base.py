@@ -17,6 +17,7 @@ recipe trains on (`tokenizer_corpus`, `corpus_fingerprint`), does its expensive 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerFast
 
+from gptlab.data.cache import claim
 from gptlab.data.tokenizers import BPE, TokenizerRecipe, load_tokenizer, prepare_tokenizer
 from gptlab.errors import ConfigError, GPTLabError
 
@@ -244,14 +246,22 @@ class DataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:
-        # Lightning runs this on one process per node (rank 0) before setup on every rank.
-        if isinstance(self.tokenizer_source, TokenizerRecipe):
-            prepare_tokenizer(
-                self.tokenizer_source, self.cache_dir, self.tokenizer_corpus(), self.corpus_fingerprint()
-            )
-        else:
-            prepare_tokenizer(self.tokenizer_source, self.cache_dir, (), "")
-        self.prepare_datasets(self._load_tokenizer())
+        # Lightning runs this on one process per node (local rank 0) before setup on every rank.
+        # Nodes sharing cache_dir take turns (gptlab.data.cache.claim): the first builds the
+        # tokenizer and the tokenized data, the others find them cached.
+        try:
+            fingerprint = self.corpus_fingerprint()
+        except NotImplementedError:
+            if isinstance(self.tokenizer_source, TokenizerRecipe):
+                raise
+            fingerprint = ""  # a subclass that never trains a tokenizer need not define it
+        key = hashlib.sha256(f"{type(self).__qualname__}\n{fingerprint}".encode()).hexdigest()[:32]
+        with claim(self.cache_dir / "claims" / f"{key}.claim", what=f"the data of {type(self).__name__}"):
+            if isinstance(self.tokenizer_source, TokenizerRecipe):
+                prepare_tokenizer(self.tokenizer_source, self.cache_dir, self.tokenizer_corpus(), fingerprint)
+            else:
+                prepare_tokenizer(self.tokenizer_source, self.cache_dir, (), "")
+            self.prepare_datasets(self._load_tokenizer())
 
     def setup(self, stage: str) -> None:
         if self._tokenizer is None:

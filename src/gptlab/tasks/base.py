@@ -408,7 +408,11 @@ class TaskModule(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosine) and scheduler.max_steps is None:
             scheduler.max_steps = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # "name": the logged learning rates are `lr/<group>` (gptlab.callbacks.LearningRate).
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
+        }
 
     def configure_gradient_clipping(
         self,
