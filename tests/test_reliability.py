@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -226,3 +227,38 @@ def test_lightning_noise_is_not_shown(tiny_runs, tmp_path, caplog, recwarn):
     assert any("Seed set to" in m for m in messages)  # Lightning's other info lines still show
     assert not [m for m in messages if "Tip:" in m or "`weights_only` was not set" in m]
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def test_ckpt_path_with_other_model_settings_is_refused_naming_both(tiny_runs, tmp_path, capsys):
+    run = tmp_path / "logs" / "classification" / "version_0"
+    shutil.copytree(tiny_runs.runs["classification"], run)
+    last = run / "checkpoints" / "last.ckpt"
+    config = str(tiny_runs.configs["classification"])
+    code, err = run_cli(capsys, "test", "--config", config, "--ckpt_path", str(last),
+                        "--model.init_args.freeze_backbone", "true")  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "model.init_args.freeze_backbone: True here, False in the checkpoint" in err, err
+    assert f"drop --config to use the run's own {run / 'config.yaml'}" in err, err
+    # The same config without the override agrees with the checkpoint: it runs, and the report
+    # names the config that was used (not the run's config.yaml).
+    code, err = run_cli(capsys, "test", "--config", config, "--ckpt_path", str(last))
+    assert code == 0, err
+    report = json.loads((run / "reports" / "test_report.json").read_text())
+    assert report["meta"]["config"] == config
+
+
+def test_init_from_with_ckpt_path_says_the_checkpoint_wins(tiny_runs, tmp_path, capsys, recwarn):
+    run = tmp_path / "logs" / "classification" / "version_0"
+    shutil.copytree(tiny_runs.runs["classification"], run)
+    config = yaml.safe_load(tiny_runs.configs["classification"].read_text())
+    config["logs"] = str(tmp_path / "logs")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    other = tiny_runs.runs["causal_lm"] / "checkpoints" / "last.ckpt"
+    code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last",
+                        "--trainer.max_steps", "3", "--model.init_args.init_from", str(other))  # fmt: skip
+    assert code == 0, err
+    messages = [str(w.message) for w in recwarn]
+    assert any(f"init_from={other} is not used: --ckpt_path" in m and "resumes" in m for m in messages), (
+        messages
+    )

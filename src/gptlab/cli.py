@@ -47,7 +47,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from gptlab.adapters import require_peft
@@ -90,6 +90,16 @@ def require_lightning_checkpoint(ckpt: str, checkpoint: Any) -> None:
         f"logs/<experiment>/version_N/checkpoints/*.ckpt; start from bare weights by loading them into "
         f"the backbone in Python"
     )
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    """{dotted key: value} of the plain values in nested dicts (lists compared whole)."""
+    if not isinstance(value, dict):
+        return {prefix: list(value) if isinstance(value, tuple) else value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_leaves(item, f"{prefix}.{key}"))
+    return out
 
 
 def run_dir_of(ckpt_path: str | Path | None) -> Path | None:
@@ -542,6 +552,7 @@ class GPTLabCLI(LightningCLI):
         # Before anyone unpickles it (Lightning's _parse_ckpt_path below, the trainer later): a
         # checkpoint that does not load with weights_only=True stops here with one line.
         ckpt = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        checkpoint = None
         if ckpt and Path(ckpt).exists():
             require_complete(ckpt)  # a cut-off or empty file is named as such
             if not is_sharded_checkpoint(ckpt):
@@ -559,7 +570,38 @@ class GPTLabCLI(LightningCLI):
         configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
         if run is not None and any(Path(c) == run / "config.yaml" for c in configs):
             return
+        if checkpoint is not None:
+            # Any other config would be overwritten by the checkpoint's values without a word.
+            self._refuse_overrides_of_checkpoint(ckpt, checkpoint.get("hyper_parameters") or {})
         super()._parse_ckpt_path()
+
+    def _refuse_overrides_of_checkpoint(self, ckpt: str, hparams: dict[str, Any]) -> None:
+        """Model values of the config / command line that differ from the checkpoint's, named."""
+        model = self.config[self.config.subcommand].get("model")
+        init_args = model.get("init_args") if isinstance(model, Namespace) else None
+        if not isinstance(init_args, Namespace):
+            return
+        ours = _leaves(init_args.as_dict(), "model.init_args")
+        theirs = _leaves({k: v for k, v in hparams.items() if not k.startswith("_")}, "model.init_args")
+        differ = [
+            (k, ours[k], theirs[k])
+            for k in ours
+            if k in theirs and ours[k] is not None and ours[k] != theirs[k]
+        ]
+        if not differ:
+            return
+        shown = "; ".join(f"{k}: {a!r} here, {b!r} in the checkpoint" for k, a, b in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        run = run_dir_of(ckpt)
+        hint = (
+            f"drop --config to use the run's own {run / 'config.yaml'} (command-line options then win)"
+            if run is not None and (run / "config.yaml").is_file()
+            else "give the values the checkpoint was trained with"
+        )
+        raise ConfigError(
+            f"--ckpt_path {ckpt} was trained with other model settings than this config: {shown}{more}; "
+            f"the checkpoint's would silently replace them: {hint}, or make them agree"
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -782,6 +824,14 @@ class GPTLabCLI(LightningCLI):
             return
         ckpt = ckpt if ckpt and Path(ckpt).is_file() else None
         init_from = model.get("init_from")
+        if init_from and self.subcommand == "fit" and ckpt:
+            recorded = checkpoint_hparams(ckpt).get("init_from")
+            if recorded != init_from:
+                # TaskModule.setup loads init_from only for a new run: the checkpoint wins.
+                rank_zero_warn(
+                    f"gptlab: model.init_args.init_from={init_from} is not used: --ckpt_path {ckpt} resumes "
+                    f"that run with its own weights (init_from only initialises a new run); drop one of them"
+                )
         if init_from and self.subcommand == "fit":
             backbone_args = model.get("backbone") and model.backbone.get("init_args")
             check_init_from(
@@ -949,9 +999,11 @@ class GPTLabCLI(LightningCLI):
         if report is None or not self.trainer.is_global_zero:
             return
         ckpt = self._ckpt_source or self.trainer.ckpt_path
+        # The config files this command read (the run's own config.yaml when none was given).
+        configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
         report.meta.update(
             checkpoint=str(ckpt) if ckpt else "(weights as initialised)",
-            config=str(run / "config.yaml") if (run / "config.yaml").exists() else "(command line)",
+            config=" + ".join(configs) if configs else "(command line)",
             run_dir=str(run),
         )
         paths = write_report(report, run / "reports")
