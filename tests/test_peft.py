@@ -331,3 +331,29 @@ def test_export_of_a_peft_classifier_without_merged(gpt_lora_run, tmp_path, caps
     code, err = run_cli(capsys, "export", "--ckpt_path", str(gpt_lora_run), "--out", str(tmp_path / "x"))
     one_line_error(code, err, "is a peft SequenceClassification", "pass --merged true")
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------- other peft methods
+def test_adalora_allocates_its_rank_budget_and_checkpoints_the_allocator(bases, tiny_runs, tmp_path, capsys):
+    config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+    model = config["model"]["init_args"]
+    model.pop("backbone")
+    adalora = {"init_r": 4, "target_r": 1, "total_step": 8, "tinit": 1, "tfinal": 2, "deltaT": 1}
+    model.update(init_from=bases.gpt, peft={"class_path": "peft.AdaLoraConfig", "init_args": adalora})
+    config["data"]["init_args"]["cache_dir"] = str(bases.tmp / "cache")
+    config["trainer"].update(max_steps=8, val_check_interval=4)
+    ckpt = fit_run(bases, "adalora", config)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"]
+    singular = [v for k, v in state.items() if ".lora_E." in k]  # (init_r, 1) each
+    assert singular and all(v.shape == (4, 1) for v in singular)
+    # The budget fell from 4 to 1 triplet per layer on average: most singular values are masked.
+    kept = sum(int((v != 0).sum()) for v in singular)
+    assert kept <= len(singular) * 2, kept
+    # The final allocation (step total_step - tfinal) is recorded and kept: masked triplets stay 0.
+    pattern = checkpoint["gptlab"]["peft"]["adalora"]["rank_pattern"]
+    assert pattern and sum(sum(kept) for kept in pattern.values()) == kept
+    task = CausalLM.load_from_checkpoint(ckpt)
+    assert task.peft_tuner.peft_config["default"].rank_pattern == pattern
+    code, err = run_cli(capsys, "test", "--ckpt_path", str(ckpt))
+    assert code == 0, err
