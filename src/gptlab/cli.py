@@ -85,6 +85,16 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _print_config_flags(argv: list[str]) -> set[str] | None:
+    """The flags of a `--print_config[=flags]` in argv (an empty set without flags), None without one."""
+    for arg in argv:
+        if arg == "--print_config":
+            return set()
+        if arg.startswith("--print_config="):
+            return set(arg.split("=", 1)[1].split(","))
+    return None
+
+
 def with_run_config(argv: list[str]) -> list[str]:
     """Add `--config <run>/config.yaml` to an evaluation command that names a checkpoint but no config."""
     if not argv or argv[0] not in EVAL_SUBCOMMANDS:
@@ -463,6 +473,32 @@ class GPTLabCLI(LightningCLI):
             run=run,
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        argv = args if isinstance(args, list) else None if args is not None else sys.argv[1:]
+        flags = _print_config_flags(argv or [])
+        if flags is None:
+            super().parse_arguments(parser, args)
+            return
+        # `--print_config` prints what the command would run, so that `fit --config <printed>`
+        # runs the same experiment: jsonargparse prints while parsing, before the backbone and
+        # tokenizer that `init_from` implies are filled in (they would print as null).
+        self.config = parser.parse_args([a for a in argv if _print_config_flags([a]) is None])
+        subcommand = self.config.get("subcommand")
+        cfg = self.config[subcommand] if subcommand else self.config
+        self.subcommand = subcommand
+        try:
+            self._fill_from_checkpoints(cfg, cfg.get("ckpt_path"))
+        except GPTLabError as err:
+            print(
+                f"gptlab: warning: printed without what init_from / ckpt_path would add ({err})",
+                file=sys.stderr,
+            )
+        printer = self._subcommand_parsers[subcommand] if subcommand else parser
+        sys.stdout.write(
+            printer.dump(cfg, skip_none="skip_null" in flags, skip_default="skip_default" in flags)
+        )
+        raise SystemExit(0)
+
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
         parser._gptlab_argv = self._argv  # the args its one-line errors look up keys in
@@ -612,7 +648,12 @@ class GPTLabCLI(LightningCLI):
             default="default",
             help="Experiment name: runs land in logs/<experiment>/version_N/.",
         )
-        parser.add_argument("--logs", type=str, default="logs", help="Root directory of all runs.")
+        # `--logs_root` is the spelling that survives launchers: torchrun's parser reads options
+        # placed after the script too and prefix-matches `--logs` to its own `--logs-specs`
+        # (docs/multinode.md). `--logs` stays an alias, and `logs:` the key in YAML.
+        parser.add_argument(
+            "--logs_root", "--logs", dest="logs", type=str, default="logs", help="Root directory of all runs."
+        )
         # Always present and configurable as `checkpoint.*`: best by the monitored metric, and last.
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         # The data module knows the labels (given, or read cheaply from the training labels); the

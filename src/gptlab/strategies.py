@@ -71,6 +71,7 @@ class FSDP(ModelParallelStrategy):
         data_parallel_size: Literal["auto"] | int = "auto",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        hybrid_sharding: bool = False,
     ) -> None:
         """
         Args:
@@ -87,7 +88,13 @@ class FSDP(ModelParallelStrategy):
             data_parallel_size: processes that shard the model; "auto" = all of them. Lower it
                 only to combine with tensor parallelism in a custom strategy.
             process_group_backend: "nccl" / "gloo"; default: nccl on GPUs, gloo on CPUs.
-            timeout: how long collectives wait for a slow rank before failing.
+            timeout: how long collectives wait for a slow rank before failing (a lost node is
+                noticed at once when its connections close, after this when they just go silent).
+            hybrid_sharding: HSDP: shard within each node and replicate across nodes (a
+                `num_nodes x devices` mesh). Gradients cross the slower inter-node links once per
+                step as an all-reduce of each node's shards, instead of every block's all-gathers
+                and reduce-scatters; each device holds `1 / devices` of the model instead of
+                `1 / (num_nodes x devices)`. Checkpoints are the same as with plain FSDP.
         """
         super().__init__(
             data_parallel_size=data_parallel_size,
@@ -98,6 +105,8 @@ class FSDP(ModelParallelStrategy):
         )
         self.activation_checkpointing = activation_checkpointing
         self.reshard_after_forward = reshard_after_forward
+        self.hybrid_sharding = hybrid_sharding
+        self.shard_mesh: Any = None  # the mesh fully_shard uses (set in setup_environment)
 
     def setup_environment(self) -> None:
         # Lightning's "auto" is one data-parallel group per node (meant for 2-D parallelism with
@@ -106,6 +115,18 @@ class FSDP(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+        self.shard_mesh = self.device_mesh["data_parallel"]
+        if self.hybrid_sharding:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            # Global rank = node * devices + local rank (every cluster environment numbers ranks
+            # so): a row of the mesh is one node. fully_shard over a 2-D mesh is HSDP: replicate
+            # over dim 0, shard over dim 1 (torch.distributed.fsdp.fully_shard docs).
+            self.shard_mesh = init_device_mesh(
+                self.root_device.type,
+                (self.num_nodes, self.num_processes),
+                mesh_dim_names=("replicate", "shard"),
+            )
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Sharded: write a new step folder, mark it complete, then point `filepath` at it.
@@ -206,7 +227,9 @@ def parallelize(task: nn.Module, strategy: Any) -> None:
     shard(
         task,
         block_class=task.backbone.block_class,
-        mesh=mesh["data_parallel"],
+        # gptlab's FSDP may shard over a 2-D (replicate, shard) mesh (HSDP); Lightning's strategy
+        # shards over its data-parallel dimension.
+        mesh=getattr(strategy, "shard_mesh", None) or mesh["data_parallel"],
         activation_checkpointing=getattr(strategy, "activation_checkpointing", False),
         reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
     )

@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
-from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.text import VALIDATION_SPLITS, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
@@ -359,7 +359,7 @@ class ClassificationDataModule(DataModule):
         label_separator: str = ",",
         text_separator: str = "\n",
         block_size: int = 128,
-        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        tokenizer: TokenizerRecipe | str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,

@@ -51,7 +51,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.text import VALIDATION_SPLITS, _files_fingerprint, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
@@ -111,7 +111,7 @@ class SFTDataModule(DataModule):
 
     def __init__(
         self,
-        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        tokenizer: TokenizerRecipe | str | None = None,
         train_files: str | list[str] | None = None,
         val_files: str | list[str] | None = None,
         test_files: str | list[str] | None = None,

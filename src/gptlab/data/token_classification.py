@@ -26,7 +26,7 @@ from typing import Any
 import datasets
 import torch
 
-from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.classification import (
     Examples,
     Files,
@@ -143,7 +143,7 @@ class TokenClassificationDataModule(DataModule):
         val_fraction: float = 0.1,
         label_all_subtokens: bool = False,
         block_size: int = 128,
-        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        tokenizer: TokenizerRecipe | str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
