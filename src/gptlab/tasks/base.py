@@ -289,7 +289,17 @@ class TaskModule(L.LightningModule):
         seed_step_rng(self.device, step_seed(trainer.global_step, micro, trainer.global_rank))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.shared_step(batch, "train")
+        loss = self.shared_step(batch, "train")
+        if adapters.is_adalora(self.peft_config):
+            loss = loss + adapters.orthogonality_penalty(self.peft_tuner)
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if adapters.is_adalora(self.peft_config):
+            # After the step, before the gradients are cleared (peft's AdaLoRA recipe); the index
+            # of the step just taken.
+            self.peft_tuner.update_and_allocate(self.trainer.global_step - 1)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.shared_step(batch, "val")
@@ -449,6 +459,8 @@ class TaskModule(L.LightningModule):
                 "base": self.base_source(),
                 "base_fingerprint": self._base_fingerprint,
             }
+            if adapters.is_adalora(self.peft_config):
+                checkpoint["gptlab"]["peft"]["adalora"] = adapters.adalora_state(self.peft_tuner)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get("gptlab", {}).get("peft")
@@ -474,6 +486,8 @@ class TaskModule(L.LightningModule):
                 f"{self._base_fingerprint}): load it on the base it was trained on (init_from: "
                 f"{info['base']})"
             )
+        if "adalora" in info and adapters.is_adalora(self.peft_config):
+            adapters.load_adalora_state(self.peft_tuner, info["adalora"])
         state = checkpoint.get("state_dict")
         if state is not None:  # (a sharded checkpoint was read by the strategy itself)
             missing = [k for k in self.saved_keys(self.state_dict()) if k not in state]
@@ -483,6 +497,9 @@ class TaskModule(L.LightningModule):
                     f"{', '.join(missing[:3])}): it was trained with another peft config or task; use "
                     f"that run's config"
                 )
+            # The frozen base keeps what it holds (Lightning would list every such key as missing).
+            for key, value in self.state_dict().items():
+                state.setdefault(key, value)
 
 
 def _check_peft_args(
