@@ -200,6 +200,17 @@ def _check_parquet(path: Path, column: str) -> tuple[list[str], bool]:
     return [], bool(pc.max(lengths).as_py() or 0)
 
 
+def _nul_problem(path: Path) -> str | None:
+    """A NUL byte is valid UTF-8 but never in text: the file is binary (an archive, weights, ...)."""
+    offset = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if (at := chunk.find(b"\0")) >= 0:
+                return f"{path}: a NUL byte at byte {offset + at}: a binary file, not text; give text files"
+            offset += len(chunk)
+    return None
+
+
 def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
     """The files of `files` that hold text, after checking all of them; one DataError lists every problem.
 
@@ -213,6 +224,7 @@ def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
             found, content = _check_parquet(path, text_column)
         else:
             problem, content = _check_utf8(path)
+            problem = problem or _nul_problem(path)
             found = [problem] if problem else []
             if kind == "json" and not found:
                 found, content = _check_json(path, text_column)

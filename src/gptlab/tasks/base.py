@@ -129,6 +129,7 @@ class TaskModule(L.LightningModule):
             self.strict_loading = False
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        check_optimization(optimizer, scheduler)
         self.init_from = init_from
         self.freeze_backbone = freeze_backbone
         self.backbone_lr_scale = backbone_lr_scale
@@ -520,6 +521,26 @@ def _check_peft_args(
         )
 
 
+def check_optimization(optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None) -> None:
+    """Build optimizer and scheduler once on a stand-in parameter, so that a value they refuse (a
+    negative lr or warmup) stops the command now, naming its key, rather than after data setup."""
+    probe = torch.nn.Parameter(torch.zeros(1))
+    try:
+        built = optimizer([probe])
+    except ValueError as err:
+        raise ConfigError(f"model.init_args.optimizer: {err}; fix the optimizer's init_args") from None
+    except Exception:  # anything else is the real call's to report, with the real parameters
+        return
+    if scheduler is None:
+        return
+    try:
+        scheduler(built)
+    except ValueError as err:
+        raise ConfigError(f"model.init_args.scheduler: {err}; fix the scheduler's init_args") from None
+    except Exception:
+        return
+
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -570,6 +591,16 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):
+            # Not a refused class or function but an opcode the weights-only unpickler does not
+            # read: random bytes do that, and so could a payload; either way nothing was loaded.
+            lines = [line.strip() for line in str(err).splitlines() if "Unsupported" in line]
+            reason = (lines or ["bad pickle"])[0]
+            raise CheckpointError(
+                f"checkpoint {path} could not be read by the weights-only loader ({reason}): "
+                f"it is corrupt, or holds something other than tensors and plain values; it was not loaded: "
+                f"use another checkpoint of the run"
+            ) from None
         # torch's weights-only unpickler refused a global (a class or function to call): the file
         # holds Python objects, and building them could run any code (CVE-2025-32434 is why
         # torch >= 2.10 is required). Name the object, never fall back to weights_only=False.
