@@ -194,6 +194,10 @@ def test_resumed_run_records_the_config_it_used(tiny_runs, tmp_path, capsys):
     run = tmp_path / "logs" / "causal_lm" / "version_0"
     first = (run / "config.yaml").read_text()
     last = str(run / "checkpoints" / "last.ckpt")
+    # A resume with the same settings keeps the record as it is.
+    code, err = run_cli(capsys, "fit", "--config", str(run / "config.yaml"), "--ckpt_path", last)
+    assert code == 0, err[-3000:]
+    assert (run / "config.yaml").read_text() == first and not (run / "config.1.yaml").exists()
     code, err = run_cli(
         capsys, "fit", "--config", str(run / "config.yaml"), "--ckpt_path", last, "--trainer.max_steps", "3"
     )
