@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -54,3 +55,18 @@ def test_a_live_holder_is_waited_for_and_a_dead_one_taken_over(tmp_path: Path):
     with claim(path, what="x", stale_after=0.3, poll=0.01):
         assert path.read_text() != "somewhere 12345\n"
     assert 0.3 <= time.monotonic() - start < 5
+
+
+def test_a_read_only_cache_needs_no_claim(tmp_path: Path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o555)
+    try:
+        if os.access(cache, os.W_OK):  # root: make the claims folder a file instead
+            cache.chmod(0o755)
+            (cache / "claims").write_text("")
+        with claim(cache / "claims" / "x.claim", what="x"):
+            ran = True
+        assert ran
+    finally:
+        cache.chmod(0o755)

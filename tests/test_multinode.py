@@ -357,13 +357,9 @@ def test_lost_node_fails_both_and_resumes_exactly(two_node_ddp: Path, tmp_path_f
     experiment = new_experiment(tmp_path_factory.mktemp("lost_node"))
     # `--ckpt_path last` from the first launch on, as in the sbatch script: nothing to resume
     # starts fresh, so the same two commands serve the first job and the restarted one.
-    extra = [
-        "--ckpt_path",
-        "last",
-        "--trainer.callbacks+=dist_run.Stall",
-        "--trainer.callbacks.init_args.step",
-        "3",
-    ]
+    # The documented bound on a silent node (here the lost node's connections close: sooner).
+    extra = ["--ckpt_path", "last", "--trainer.strategy.init_args.timeout", "0:02:00"]
+    extra += ["--trainer.callbacks+=dist_run.Stall", "--trainer.callbacks.init_args.step", "3"]
     out, procs = two_nodes(experiment, "ddp", 1, *extra, name="first")
     stalled = experiment.parent / "stalled1"
     deadline = time.monotonic() + TIMEOUT

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 
-from gptlab.errors import CheckpointError
+from gptlab.errors import CheckpointError, ConfigError
 from gptlab.generate import generate
 
 
@@ -387,6 +387,24 @@ class Checkpoint(ModelCheckpoint):
         if key is None:
             key = self.__dict__["_state_key"] = super().state_key
         return key
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The validation at step 0 logs every validation metric of the run: a monitored one that
+        # is not among them would only fail at the first validation after training, with every
+        # step before it lost. (Training metrics appear later and are not checked here.)
+        monitor = self.monitor
+        if (
+            monitor is None
+            or not monitor.startswith(("val/", "test/"))
+            or monitor in trainer.callback_metrics
+        ):
+            return
+        logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+        raise ConfigError(
+            f"checkpoint.monitor={monitor!r} is never logged by this run (its validation logs "
+            f"{', '.join(logged) or 'nothing'}); set --checkpoint.monitor to one of those (with "
+            f"--checkpoint.mode max for accuracy-like metrics)"
+        )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

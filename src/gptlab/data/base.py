@@ -31,12 +31,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerFast
 
 from gptlab.data.cache import claim
-from gptlab.data.tokenizers import BPE, TokenizerRecipe, load_tokenizer, prepare_tokenizer
+from gptlab.data.tokenizers import BPE, TokenizerRecipe, load_tokenizer, prepare_tokenizer, save_tokenizer
 from gptlab.errors import ConfigError, GPTLabError
 
 IGNORE_INDEX = -100  # PyTorch's cross_entropy default ignore_index, and Hugging Face's convention
-# A module-level default (recipes are never mutated): jsonargparse prints it as class_path + init_args.
-DEFAULT_TOKENIZER = BPE()
 
 
 class DataError(GPTLabError, ValueError):
@@ -183,7 +181,7 @@ class DataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        tokenizer: TokenizerRecipe | str | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -193,7 +191,8 @@ class DataModule(L.LightningDataModule):
         """
         Args:
             tokenizer: A recipe trained on this data's corpus and cached (`BPE`, `Char`), or a
-                tokenizer directory / hub name loaded with `AutoTokenizer.from_pretrained`.
+                tokenizer directory / hub name loaded with `AutoTokenizer.from_pretrained`. None:
+                `BPE()` (a default that `--print_config` can write and read back, as null).
             batch_size: Sequences per training batch (per device).
             eval_batch_size: Sequences per validation / test batch; defaults to `batch_size`.
             num_workers: DataLoader worker processes; 0 loads in the main process.
@@ -212,7 +211,7 @@ class DataModule(L.LightningDataModule):
         ]
         if problems:
             raise ConfigError("; ".join(problems) + ": fix the data config")
-        self.tokenizer_source = tokenizer
+        self.tokenizer_source = tokenizer if tokenizer is not None else BPE()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -318,8 +317,9 @@ class DataModule(L.LightningDataModule):
         return 0
 
     def save_tokenizer(self, directory: str | Path) -> None:
-        """Save the tokenizer where `AutoTokenizer.from_pretrained(directory)` loads it back."""
-        self.tokenizer.save_pretrained(str(directory))
+        """Save the tokenizer where `AutoTokenizer.from_pretrained(directory)` loads it back (any
+        transformers version gptlab allows)."""
+        save_tokenizer(self.tokenizer, directory)
 
     # ----------------------------------------------------------------- batches
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -30,7 +30,9 @@ from lightning.pytorch.utilities import rank_zero_info
 __all__ = ["claim"]
 
 HEARTBEAT = 5.0  # seconds between the holder's touches of its claim
-STALE_AFTER = 60.0  # seconds without a touch after which a claim is taken over
+# Seconds without a touch after which a claim is taken over: above NFS's longest default
+# attribute caching (acregmax, 60 s), during which a waiter may see an old modification time.
+STALE_AFTER = 120.0
 
 
 def _try_create(path: Path) -> bool:
@@ -82,7 +84,15 @@ def claim(
     waiting process prints.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path.parent, os.W_OK)  # False on a read-only mount, also for root
+    except OSError:
+        writable = False
+    if not writable:
+        # A read-only cache (prepared beforehand) needs no turns; a build into it fails on its own.
+        yield
+        return
     announced = False
     seen, since = None, time.monotonic()
     while not _try_create(path):
