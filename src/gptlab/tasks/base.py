@@ -418,10 +418,10 @@ class TaskModule(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosine) and scheduler.max_steps is None:
             scheduler.max_steps = int(self.trainer.estimated_stepping_batches)
-        # "name": the logged learning rates are `lr/<group>` (gptlab.callbacks.LearningRate).
+        # "name": the logged learning rates are `train/lr/<group>` (gptlab.callbacks.LearningRate).
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
         }
 
     def configure_gradient_clipping(
