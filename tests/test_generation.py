@@ -190,6 +190,13 @@ def test_export_round_trip(sft_run: Path, tmp_path: Path):
         expected = task.backbone.logits(task.backbone(batch))
         torch.testing.assert_close(model(batch).logits, expected, atol=1e-5, rtol=0)
     assert model.config.eos_token_id == theirs.eos_token_id
+    # The context length travels with the tokenizer: truncation stops at the position table's end.
+    assert theirs.model_max_length == TINY_BACKBONE["block_size"]
+    long_ids = theirs(text * 20, truncation=True)["input_ids"]
+    assert (
+        len(long_ids) == TINY_BACKBONE["block_size"]
+        and model(torch.tensor([long_ids])).logits.isfinite().all()
+    )
     # transformers' greedy generate continues exactly like gptlab's decoding
     prompt = ours("Question: What is 3 plus 4?\nAnswer: ")["input_ids"]
     hf_new = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[
