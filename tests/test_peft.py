@@ -184,7 +184,7 @@ def test_peft_target_modules_that_match_nothing(bases, tmp_path, capsys):
     lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["query", "value"]}}
     path = fit_config(bases, tmp_path, "gpt", peft=lora)
     code, err = run_cli(capsys, "fit", "--config", str(path))
-    line = one_line_error(code, err, "target_modules", "matches no module")
+    line = one_line_error(code, err, "target_modules=['query', 'value'] matches no module")
     assert "c_attn (Linear)" in line and "lm_head (Linear)" in line  # the backbone's own names
     assert not (tmp_path / "logs").exists()
 
