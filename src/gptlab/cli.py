@@ -333,10 +333,22 @@ def retarget_loggers(trainer_cfg: Namespace, save_dir: Path, name: str, version:
             logger.init_args.name = name
 
 
-def _recorded(text: str) -> dict:
-    """A saved run config without `ckpt_path` (which every resume sets): what the run is made of."""
+def _recorded(text: str) -> Any:
+    """A saved run config without what a resume sets by itself: `ckpt_path`, the loggers' settings
+    (pointed at the run directory; only their classes are compared) and the data's tokenizer (the
+    run's own `tokenizer/`, written once by the first command)."""
     config = yaml.safe_load(text) or {}
-    return {k: v for k, v in config.items() if k != "ckpt_path"} if isinstance(config, dict) else config
+    if not isinstance(config, dict):
+        return config
+    config = {k: v for k, v in config.items() if k != "ckpt_path"}
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict) and "logger" in trainer:
+        loggers = trainer["logger"] if isinstance(trainer["logger"], list) else [trainer["logger"]]
+        trainer["logger"] = [x.get("class_path") if isinstance(x, dict) else x for x in loggers]
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):
+        data["init_args"].pop("tokenizer", None)
+    return config
 
 
 class RunDirectory(SaveConfigCallback):
