@@ -242,7 +242,11 @@ def to_hf_classifier(task, tokenizer) -> PreTrainedModel:
             f"token's state only, so this classifier has no exact transformers equivalent; fine-tune with "
             f"model.init_args.pooling: last to export it, or use gptlab's test / predict"
         )
-    lm = to_hf_model(task.backbone, tokenizer)  # the backbone as a causal LM, special ids set
+    backbone = task.backbone
+    if getattr(task, "peft_config", None) is not None:
+        # transformers' pipeline loads plain models: a peft classifier exports merged
+        backbone = merged_backbone(backbone)
+    lm = to_hf_model(backbone, tokenizer)  # the backbone as a causal LM, special ids set
     linear = task.head[-1]  # Sequential(Dropout, Linear)
     config = copy.deepcopy(lm.config)
     config.architectures = None  # from_config sets the head class's own name
@@ -274,6 +278,19 @@ def to_hf_classifier(task, tokenizer) -> PreTrainedModel:
         elif bias.abs().max() > 0:
             _bias_into_final_norm(model, linear.weight, bias)
     return model.eval()
+
+
+def merged_backbone(backbone: nn.Module) -> nn.Module:
+    """A copy of a peft-adapted backbone with each adapter merged into the base layer it wraps."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    plain = copy.deepcopy(backbone)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()  # W <- W + scale * B A (LoRA), or the method's own merge
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent), child, module.get_base_layer())
+    return plain
 
 
 def _score_layer(model: PreTrainedModel) -> nn.Linear:
