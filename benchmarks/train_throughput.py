@@ -115,8 +115,8 @@ def prepare_tokens(data: Path, cache: Path) -> Path:
     from gptlab.data import Char, TextDataModule
 
     dm = TextDataModule(
-        train_files=str(data), tokenizer=Char(), block_size=64, stride=1, val_fraction=0.1, val_split="tail",
-        cache_dir=str(cache),
+        train_files=str(data), tokenizer=Char(unk_token=None), block_size=64, stride=1, val_fraction=0.1,
+        val_split="tail", cache_dir=str(cache),
     )  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")

@@ -51,8 +51,15 @@ class Recorder(L.Callback):
         names = {id(p): canonical_name(n) for n, p in pl_module.named_parameters()}
         groups = trainer.optimizers[0].param_groups
         matrices = [p for p in pl_module.parameters() if isinstance(p, DTensor) and p.dim() >= 2]
+        env = trainer.strategy.cluster_environment
+        mesh = matrices[0].device_mesh if matrices else None
         self.facts = {
             "world_size": trainer.world_size,
+            "cluster_environment": type(env).__name__,
+            "ranks": [env.global_rank(), env.local_rank(), env.node_rank()],
+            # The mesh a sharded matrix lives on and how it is laid out over it (HSDP: 2-D).
+            "mesh": None if mesh is None else list(mesh.shape),
+            "placements": None if mesh is None else [str(p) for p in matrices[0].placements],
             "strategy": type(trainer.strategy).__name__,
             "groups": [
                 {"weight_decay": g["weight_decay"], "names": sorted(names[id(p)] for p in g["params"])}
@@ -136,9 +143,53 @@ class CrashAfterFit(L.Callback):
             os._exit(3)  # no Python cleanup, as a segfault or an OOM kill would end it
 
 
+class Stall(L.Callback):
+    """Rank `rank` stops making progress after optimizer step `step`, once per $GPTLAB_TEST_OUT folder.
+
+    It writes `stalled<rank>` and sleeps, so that a test can kill its node at a known point; a
+    resumed run (the marker exists) passes the same step.
+    """
+
+    def __init__(self, step: int, rank: int = 1) -> None:
+        self.step = step
+        self.rank = rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        marker = _out().parent / f"stalled{self.rank}"
+        if trainer.global_rank == self.rank and trainer.global_step == self.step and not marker.exists():
+            marker.write_text(str(self.step))
+            time.sleep(3600)
+
+
+def count_builds() -> None:
+    """Append one line to builds.txt (beside $GPTLAB_TEST_OUT) per tokenizer training or text tokenization."""
+    from gptlab.data import TextDataModule, tokenizers
+
+    def counted(what: str, function):
+        def wrapper(*args, **kwargs):
+            with (_out().parent / "builds.txt").open("a") as file:
+                file.write(f"{what} {process_rank()}\n")
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for recipe in (tokenizers.BPE, tokenizers.Char):
+        recipe.train = counted("tokenizer", recipe.train)
+    TextDataModule._build = counted("tokenize", TextDataModule._build)
+
+
+def process_rank() -> str:
+    """This process's global rank as its launcher set it (torchrun: RANK; srun: SLURM_PROCID;
+    Lightning's own launcher: LOCAL_RANK on one node, nothing on rank 0)."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if name in os.environ:
+            return os.environ[name]
+    return "0"
+
+
 if __name__ == "__main__":
+    count_builds()
     main()
-    # Reached only when main() returned: rank 0 runs as the launcher's own process, other ranks get
-    # LOCAL_RANK from it (one node).
-    (_out() / f"exit{os.environ.get('LOCAL_RANK', '0')}").write_text("ok")
+    # Reached only when main() returned.
+    (_out() / f"exit{process_rank()}").write_text("ok")
     sys.exit(0)

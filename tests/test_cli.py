@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import run_main, tiny_config
 from gptlab.tasks import CausalLM
+from tiny_runs import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +46,10 @@ def test_fit_writes_the_run_directory(fitted_run: Path):
     # Step 0 is the full sanity check (the untrained model), then every val_check_interval=3 steps.
     assert val_steps == [0, 2, 5], val_steps
     assert {"train/loss", "train/tokens", "val/ppl"} <= set(events.Tags()["scalars"])
+    # The learning rate of every parameter group (decay, no decay), at every logging step.
+    lrs = {tag: [e.value for e in events.Scalars(tag)] for tag in ("lr/decay", "lr/no_decay")}
+    assert lrs["lr/decay"] == lrs["lr/no_decay"] and len(lrs["lr/decay"]) == 6
+    assert lrs["lr/decay"][0] == pytest.approx(3e-3 / 3)  # WarmupCosine: warmup step 1 of 2
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(fitted_run / "tokenizer")
@@ -72,6 +80,17 @@ def test_test_from_checkpoint_alone_writes_reports(fitted_run: Path):
         torch.tensor(report["metrics"]["loss"]).exp().item(), rel=1e-5
     )
     assert report["metrics"]["tokens_evaluated"] > 0
+    # Perplexity's unit is named; bits per byte divide the same total loss by the scored text's bytes.
+    metrics = report["metrics"]
+    assert metrics["bits_per_byte"] == pytest.approx(
+        metrics["loss"] * metrics["tokens_evaluated"] / math.log(2) / metrics["bytes_evaluated"], rel=1e-6
+    )
+    # A byte-level BPE token holds at least one byte (eos, none); merges make it several on average.
+    assert metrics["tokens_evaluated"] < metrics["bytes_evaluated"] < 8 * metrics["tokens_evaluated"]
+    assert (
+        "per token of the tokenizer" in report["meta"]["perplexity"]
+        and "(300 tokens)" in report["meta"]["perplexity"]
+    )
     assert report["meta"]["checkpoint"].endswith("last.ckpt")
     assert "perplexity" in (reports / "test_report.md").read_text()
     assert "perplexity" in result.stdout and "perplexity" in (reports / "test_report.txt").read_text()
@@ -136,3 +155,55 @@ def test_eval_without_run_config_says_what_to_do(tmp_path):
     stray = tmp_path / "model.ckpt"
     stray.write_bytes(b"")
     _assert_clean_failure(run_main("test", "--ckpt_path", str(stray)), "--config")
+
+
+# ----------------------------------------------------------------- in-process, on the shared tiny runs
+def _copy_run(run: Path, tmp: Path) -> Path:
+    copy_ = tmp / "logs" / run.parent.name / run.name
+    shutil.copytree(run, copy_)
+    return copy_
+
+
+def test_evaluation_keeps_the_users_logger(tiny_runs, tmp_path, capsys):
+    run = _copy_run(tiny_runs.runs["causal_lm"], tmp_path)
+    # The run was fitted with a CSVLogger writing elsewhere (its config.yaml records it).
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["trainer"]["logger"] = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(tmp_path / "elsewhere"), "name": "x"},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    events = sorted(run.glob("events.out.tfevents.*"))
+    for command in ("test", "validate"):
+        code, err = run_cli(capsys, command, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+        assert code == 0, err[-3000:]
+        # CSV, not TensorBoard, and into the run directory (CSVLogger starts its file anew)
+        assert {"test": "test/loss", "validate": "val/loss"}[command] in (run / "metrics.csv").read_text()
+    assert sorted(run.glob("events.out.tfevents.*")) == events
+    assert (run / "reports" / "test_report.json").is_file() and not (tmp_path / "elsewhere").exists()
+
+
+def test_resumed_run_records_the_config_it_used(tiny_runs, tmp_path, capsys):
+    # A run of its own (a copy would resume under another checkpoint folder than it recorded).
+    config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+    config["logs"] = str(tmp_path / "logs")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    code, err = run_cli(capsys, "fit", "--config", str(tmp_path / "c.yaml"))
+    assert code == 0, err[-3000:]
+    run = tmp_path / "logs" / "causal_lm" / "version_0"
+    first = (run / "config.yaml").read_text()
+    last = str(run / "checkpoints" / "last.ckpt")
+    code, err = run_cli(
+        capsys, "fit", "--config", str(run / "config.yaml"), "--ckpt_path", last, "--trainer.max_steps", "3"
+    )
+    assert code == 0, err[-3000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 3
+    assert (run / "config.1.yaml").read_text() == first  # the first command's, kept
+    # Resuming again with the same settings (only ckpt_path differs) records nothing new.
+    second = (run / "config.yaml").read_text()
+    code, err = run_cli(
+        capsys, "fit", "--config", str(run / "config.yaml"), "--ckpt_path", last, "--trainer.max_steps", "3"
+    )
+    assert code == 0, err[-3000:]
+    assert (run / "config.yaml").read_text() == second and not (run / "config.2.yaml").exists()

@@ -25,7 +25,7 @@ from gptlab.generate import generate_batch
 from gptlab.models import GPT
 from gptlab.tasks import Generation
 from gptlab.tasks.base import load_backbone_weights
-from gptlab.tasks.generation import AnswerExactMatch
+from gptlab.tasks.generation import GSM8K_ANSWER, AnswerExactMatch
 
 SFT_CONFIG = REPO / "configs" / "finetune" / "gsm8k_sft.yaml"
 TINY_BACKBONE = dict(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_embd=32)
@@ -108,6 +108,20 @@ def test_shipped_config_instantiates_on_the_real_data(sft_run: Path):
     assert cli.model.test_metrics["exact_match"].pattern.pattern == r"#### (\-?[0-9\.\,]+)"
 
 
+def test_exact_match_defaults_to_whole_completions_with_whitespace_normalised():
+    exact = AnswerExactMatch()
+    exact.update(["Paris ", "the  cat\nsat", "#### 4", "1,000."], ["Paris", "the cat sat", "#### 5", "1000"])
+    # "#### 4" is not "#### 5" as a whole; no number normalisation without a pattern ("1,000." != "1000").
+    assert exact.compute().item() == 0.5 and int(exact.found) == 4
+    gsm8k = AnswerExactMatch(GSM8K_ANSWER)
+    gsm8k.update(["so #### 1,000.", "no answer"], ["#### 1000", "#### 3"])
+    assert gsm8k.compute().item() == 0.5 and int(gsm8k.found) == 1
+    assert (
+        Generation(backbone=GPT(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)).answer_pattern
+        == ""
+    )
+
+
 def test_test_report_scores_the_generations(sft_run: Path):
     # A decoding option given on the command line wins over the checkpoint's hyperparameters.
     main(
@@ -128,7 +142,7 @@ def test_test_report_scores_the_generations(sft_run: Path):
     completions = [s["completion"] for s in report["samples"]]
     references = [s["reference"] for s in report["samples"]]
     assert references == [r["answer"] for r in arithmetic(6, 1)]
-    exact = AnswerExactMatch()
+    exact = AnswerExactMatch(GSM8K_ANSWER)  # the GSM8K config's pattern
     exact.update(completions, references)
     assert metrics["exact_match"] == pytest.approx(exact.compute().item())
     assert metrics["bleu"] == pytest.approx(BLEUScore()(completions, [[r] for r in references]).item())
@@ -137,6 +151,7 @@ def test_test_report_scores_the_generations(sft_run: Path):
         "checkpoint"
     ].endswith("last.ckpt")
     assert "exact_match" in (sft_run / "reports" / "test_report.md").read_text()
+    assert report["meta"]["exact_match"].startswith(f"answer_pattern {GSM8K_ANSWER!r}")
     # predict writes the same greedy completions for the same prompts
     main(
         [

@@ -7,6 +7,7 @@ written with save_pretrained, the tiny run's tokenizer beside them). Commands ru
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -224,3 +225,200 @@ def test_init_from_a_peft_checkpoint(bases, lora_run, tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     code, err = run_cli(capsys, "fit", "--config", str(path))
     one_line_error(code, err, f"init_from={lora_run} is a peft checkpoint", "--merged true")
+
+
+# ----------------------------------------------------------------- export
+def fit_run(bases: SimpleNamespace, name: str, config: dict) -> Path:
+    """`fit` of `config` under bases.tmp/<name>; its last.ckpt."""
+    from gptlab.cli import main
+
+    tmp = bases.tmp / name
+    tmp.mkdir()
+    path = tmp / "config.yaml"
+    config["logs"] = str(tmp / "logs")
+    path.write_text(yaml.safe_dump(config))
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        main(["fit", "--config", str(path)])
+    return tmp / "logs" / config["experiment"] / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def lm_runs(bases, tiny_runs) -> dict[str, Path]:
+    """LoRA fine-tunes of a language model (CausalLM) on each base: {base: last.ckpt}."""
+    runs = {}
+    for base in ("gpt", "llama"):
+        config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+        model = config["model"]["init_args"]
+        model.pop("backbone")  # taken from init_from, with its tokenizer
+        model.update(init_from=getattr(bases, base), peft=LORA)
+        config["data"]["init_args"]["cache_dir"] = str(bases.tmp / "cache")
+        config["trainer"].update(max_steps=4, val_check_interval=2)
+        runs[base] = fit_run(bases, f"lm_{base}", config)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def gpt_lora_run(bases) -> Path:
+    """A LoRA classifier fine-tune on the GPT base: last.ckpt (read only)."""
+    config = finetune_config(bases.tmp, "classification", bases.sentiment, init_from=bases.gpt, peft=LORA)
+    config["trainer"].update(max_steps=4, val_check_interval=2)
+    return fit_run(bases, "gpt_classifier", config)
+
+
+@pytest.mark.parametrize("base", ["gpt", "llama"])
+def test_export_writes_the_adapter_in_peft_format_and_merged_on_request(
+    bases, lm_runs, tmp_path, base, capsys
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptlab.adapters import without_adapters
+    from gptlab.export import to_hf_model
+    from gptlab.tasks import CausalLM
+
+    ckpt = lm_runs[base]
+    task = CausalLM.load_from_checkpoint(ckpt).eval()
+    # Training moved the adapters off their start (LoRA's B = 0).
+    assert any(p.abs().max() > 0 for n, p in task.named_parameters() if ".lora_B." in n)
+    ids = torch.arange(16)[None] % 300
+    with torch.no_grad():
+        ours = task.backbone.logits(task.backbone(ids))
+
+    adapter = tmp_path / "adapter"
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(adapter))
+    assert code == 0, err
+    files = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == (bases.llama if base == "llama" else None)  # a .ckpt is no transformers base
+    # The base as transformers has it: the Hugging Face directory, or (our GPT) its plain export.
+    if base == "llama":
+        hf_base = AutoModelForCausalLM.from_pretrained(bases.llama, dtype=torch.float32)
+    else:
+        plain = to_hf_model(without_adapters(task.backbone), AutoTokenizer.from_pretrained(adapter))
+        plain.save_pretrained(tmp_path / "gpt_base")
+        hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt_base", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(hf_base, adapter).eval()(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    merged = tmp_path / "merged"
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(merged), "--merged", "true")
+    assert code == 0, err
+    assert not (merged / "adapter_config.json").exists()
+    with torch.no_grad():
+        plain_logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(plain_logits, ours, rtol=0, atol=1e-5)
+
+
+def test_export_of_a_peft_classifier_merged(gpt_lora_run, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "classifier"
+    code, err = run_cli(
+        capsys, "export", "--ckpt_path", str(gpt_lora_run), "--out", str(out), "--merged", "true"
+    )
+    assert code == 0, err
+    task = SequenceClassification.load_from_checkpoint(gpt_lora_run).eval()
+    batch = {"input_ids": torch.arange(3, 11)[None], "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**batch).logits, task(batch), rtol=0, atol=1e-5)
+    assert hf.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_export_of_a_peft_classifier_without_merged(gpt_lora_run, tmp_path, capsys):
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(gpt_lora_run), "--out", str(tmp_path / "x"))
+    one_line_error(code, err, "is a peft SequenceClassification", "pass --merged true")
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------- other peft methods
+def test_adalora_allocates_its_rank_budget_and_checkpoints_the_allocator(bases, tiny_runs, tmp_path, capsys):
+    config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+    model = config["model"]["init_args"]
+    model.pop("backbone")
+    adalora = {"init_r": 4, "target_r": 1, "total_step": 8, "tinit": 1, "tfinal": 2, "deltaT": 1}
+    model.update(init_from=bases.gpt, peft={"class_path": "peft.AdaLoraConfig", "init_args": adalora})
+    config["data"]["init_args"]["cache_dir"] = str(bases.tmp / "cache")
+    config["trainer"].update(max_steps=8, val_check_interval=4)
+    ckpt = fit_run(bases, "adalora", config)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"]
+    singular = [v for k, v in state.items() if ".lora_E." in k]  # (init_r, 1) each
+    assert singular and all(v.shape == (4, 1) for v in singular)
+    # The budget fell from 4 to 1 triplet per layer on average: most singular values are masked.
+    kept = sum(int((v != 0).sum()) for v in singular)
+    assert kept <= len(singular) * 2, kept
+    # The final allocation (step total_step - tfinal) is recorded and kept: masked triplets stay 0.
+    pattern = checkpoint["gptlab"]["peft"]["adalora"]["rank_pattern"]
+    assert pattern and sum(sum(kept) for kept in pattern.values()) == kept
+    task = CausalLM.load_from_checkpoint(ckpt)
+    assert task.peft_tuner.peft_config["default"].rank_pattern == pattern
+    code, err = run_cli(capsys, "test", "--ckpt_path", str(ckpt))
+    assert code == 0, err
+
+
+def test_lora_overlay_on_the_shipped_smollm2_config(fake_smollm2, bases, tmp_path, capsys):
+    """configs/peft/lora.yaml stacked on configs/finetune/sst2_smollm2.yaml (a tiny stand-in model)."""
+    from conftest import REPO
+    from gptlab.cli import main
+
+    args = [
+        "fit", "--config", str(REPO / "configs/finetune/sst2_smollm2.yaml"),
+        "--config", str(REPO / "configs/peft/lora.yaml"),
+        "--data.init_args.train_files", str(bases.sentiment["train"]),
+        "--data.init_args.val_files", str(bases.sentiment["dev"]),
+        "--data.init_args.test_files", str(bases.sentiment["test"]),
+        "--data.init_args.cache_dir", str(tmp_path / "cache"), "--logs", str(tmp_path / "logs"),
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+    ]  # fmt: skip
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        main(args)
+    assert "LoraConfig adapters on a frozen base" in capsys.readouterr().out
+    (ckpt,) = (tmp_path / "logs").rglob("last.ckpt")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["gptlab"]["peft"]["base"] == "~/.cache/gptlab/models/SmolLM2-135M-Instruct"
+    assert checkpoint["hyper_parameters"]["peft"]["init_args"]["r"] == 16
+    assert all(".lora_" in k or k.startswith("head.") or k == "tokens_seen" for k in checkpoint["state_dict"])
+
+
+METHODS = {
+    "lora": ("LoraConfig", {"r": 4}),
+    "dora": ("LoraConfig", {"r": 4, "use_dora": True}),
+    "adalora": ("AdaLoraConfig", {"init_r": 4, "target_r": 2, "total_step": 10, "tinit": 1, "tfinal": 2}),
+    "ia3": ("IA3Config", {}),
+    "loha": ("LoHaConfig", {"r": 4}),
+    "lokr": ("LoKrConfig", {"r": 4}),
+    "boft": ("BOFTConfig", {"boft_block_size": 4}),
+    "fourierft": ("FourierFTConfig", {"n_frequency": 16}),
+}
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_peft_methods_train_on_both_backbones(method, kind):
+    """The support table of docs/fine-tuning.md: forward and backward reach every adapter tensor."""
+    import peft
+
+    name, args = METHODS[method]
+    backbone = tiny_gpt() if kind == "gpt" else HFBackbone(model_type="llama", config_overrides=LLAMA)
+    task = SequenceClassification(
+        backbone, label_names=["a", "b"], init_from="base", peft=getattr(peft, name)(**args)
+    )
+    batch = {"input_ids": torch.randint(0, 64, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    task(batch).sum().backward()
+    adapter = [(n, p) for n, p in task.backbone.named_parameters() if p.requires_grad]
+    assert adapter and all(p.grad is not None for _, p in adapter), [n for n, p in adapter if p.grad is None]
+    assert all(not p.requires_grad for n, p in task.backbone.named_parameters() if ".base_layer." in n)
+
+
+@pytest.mark.parametrize("name", ["VeraConfig", "PrefixTuningConfig", "PromptTuningConfig"])
+def test_peft_methods_gptlab_refuses(name):
+    import peft
+
+    from gptlab.errors import ConfigError
+
+    args = {"r": 4} if name == "VeraConfig" else {"num_virtual_tokens": 4, "task_type": "CAUSAL_LM"}
+    with pytest.raises(ConfigError, match="model.init_args.peft: " + name):
+        CausalLM(tiny_gpt(), init_from="base", peft=getattr(peft, name)(**args))

@@ -69,7 +69,7 @@ def test_tail_split_and_packing_keep_every_token_exactly_once(corpus, tmp_path):
         assert all(a[-1] == b[0] for a, b in zip(pieces[:-1], pieces[1:], strict=True))
         assert pieces[0] + sum((p[1:] for p in pieces[1:]), []) == dataset.tokens.tolist()
     assert dm.test_dataset is dm.val_dataset
-    assert dm.vocab_size == len(set("".join(DOCS.values()))) + 1
+    assert dm.vocab_size == len(set("".join(DOCS.values()))) + 2  # + <|endoftext|> + <unk>
 
 
 def test_overlapping_windows_cover_the_stream_to_its_end(corpus, tmp_path):

@@ -209,6 +209,70 @@ def base_fingerprint(backbone: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+# ------------------------------------------------------------------------------------ AdaLoRA
+# AdaLoRA (Zhang et al. 2023) reallocates the rank budget during training: peft's tuner scores
+# every singular triplet from the gradients after each optimizer step (`update_and_allocate`) and
+# adds an orthogonality penalty on P and Q to the loss (in AdaLoraModel.forward, which gptlab's
+# backbones never call: `orthogonality_penalty` computes the same term).
+def is_adalora(config: Any) -> bool:
+    return config is not None and str(getattr(config.peft_type, "value", config.peft_type)) == "ADALORA"
+
+
+def orthogonality_penalty(tuner: Any) -> torch.Tensor:
+    """AdaLoRA's regulariser: mean over P (lora_A) and Q (lora_B) of ||P P^T - I||_F, ||Q^T Q - I||_F."""
+    terms = []
+    for name, p in tuner.model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and tuner.trainable_adapter_name in name:
+            cov = p @ p.T if "lora_A" in name else p.T @ p  # (r, r)
+            terms.append(
+                torch.linalg.matrix_norm(cov - torch.eye(cov.size(0), dtype=cov.dtype, device=cov.device))
+            )
+    weight = tuner.peft_config[tuner.trainable_adapter_name].orth_reg_weight
+    return weight * torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def adalora_state(tuner: Any) -> dict[str, Any]:
+    """What AdaLoRA's rank allocator has learnt (its importance averages), for exact resume."""
+    allocator = tuner.rankallocator
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    return {
+        "ipt": dict(allocator.ipt),
+        "exp_avg_ipt": dict(allocator.exp_avg_ipt),
+        "exp_avg_unc": dict(allocator.exp_avg_unc),
+        "rank_pattern": dict(config.rank_pattern or {}),
+    }
+
+
+def load_adalora_state(tuner: Any, state: dict[str, Any]) -> None:
+    allocator = tuner.rankallocator
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(allocator, key, dict(state[key]))
+    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = dict(state["rank_pattern"]) or None
+
+
+def without_adapters(backbone: nn.Module, merge: bool = False) -> nn.Module:
+    """A copy of `backbone` with every peft layer replaced by the base layer it wraps.
+
+    `merge`: fold the adapters into the base weights first (peft's own `merge`), so that the copy
+    computes what the adapted backbone does; otherwise the copy is the plain base.
+    """
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    plain = copy.deepcopy(backbone)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            if merge:
+                module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent), child, module.get_base_layer())
+    target = adapter_target(plain)
+    if "peft_config" in target.__dict__:  # set by peft's tuner on the adapted model
+        del target.__dict__["peft_config"]
+    return plain
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts of `module`, each shared tensor counted once."""
     seen: dict[int, nn.Parameter] = {id(p): p for p in module.parameters()}

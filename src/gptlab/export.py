@@ -13,6 +13,11 @@ SequenceClassification with `AutoModelForSequenceClassification` and a TokenClas
 `transformers.pipeline("text-classification" | "token-classification", model=OUT)` runs on it.
 Each gives gptlab's logits (checked before anything is written, tolerance 1e-5). gptlab starts
 from it too: `init_from: OUT` (and `tokenizer: OUT`).
+A peft fine-tune (adapters on a frozen base, gptlab.adapters) of a language model exports its
+adapter in peft's own format (`adapter_config.json`, `adapter_model.safetensors`):
+`PeftModel.from_pretrained(base, OUT)` loads it on the transformers form of its base. With
+`--merged true` any peft fine-tune (classifiers too) is exported as a plain model, its adapters
+merged into the base weights. Both are checked against gptlab's logits like a plain export.
 It is written into a temporary directory and renamed into place, so a failed export leaves
 nothing behind and an existing OUT is never touched without `--overwrite true`.
 """
@@ -52,6 +57,7 @@ def export(
     out: str,
     tokenizer: str | None = None,
     overwrite: bool = False,
+    merged: bool = False,
 ) -> Path:
     """Export a gptlab checkpoint as a Hugging Face model directory (safetensors + config + tokenizer).
 
@@ -62,6 +68,8 @@ def export(
             own `<run>/tokenizer`, saved beside the checkpoints by `fit`.
         overwrite: replace an existing non-empty `out` that holds an earlier export (a flat model
             directory with config.json); never a run folder, a logs root or the checkpoint's folder.
+        merged: for a peft checkpoint, write the plain model with the adapters merged into the base
+            weights instead of the adapter alone (peft's format). Other checkpoints: no effect.
     """
     from gptlab.cli import run_dir_of  # not at import time: cli.py imports this module lazily too
 
@@ -98,11 +106,23 @@ def export(
         )
 
     head_task = _head_task(task)
-    if head_task is not None:
+    peft = getattr(task, "peft_config", None) is not None
+    adapter = peft and not merged
+    if adapter and head_task is not None:
+        raise ConfigError(
+            f"{ckpt_path} is a peft {type(task).__name__}: its adapter alone (peft's format) is exported "
+            f"for language-model tasks only; pass --merged true to export the classifier with its "
+            f"adapters merged (a transformers *For{head_task.title()}Classification directory)"
+        )
+    # Merged: the adapters folded into a copy of the base weights; checked against the adapted task.
+    exported = merged_copy(task) if peft else task
+    if adapter:
+        model = peft_export_model(task, tok)
+    elif head_task is not None:
         ensure_pad_token(tok)
-        model = to_hf_classifier(task, tok)
+        model = to_hf_classifier(exported, tok)
     else:
-        model = to_hf_model(backbone, tok)
+        model = to_hf_model(exported.backbone, tok)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     # mkdtemp makes the directory private (0700); the export is a normal directory (umask applies).
@@ -118,8 +138,15 @@ def export(
             "architecture": type(model).__name__,
             "tokenizer": str(source),
         }
+        if peft:
+            info["peft"] = {"base": task.base_source(), "merged": merged}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        diff = check_classifier_export(task, tmp, tok) if head_task else check_export(backbone, tmp)
+        if adapter:
+            diff = check_adapter_export(task, tok, tmp)
+        elif head_task:
+            diff = check_classifier_export(task, tmp, tok)
+        else:
+            diff = check_export(backbone, tmp)
         for path in tmp.iterdir():  # safetensors' writer leaves 0600; files of an export are shared
             path.chmod(0o666 & ~umask)
         if out_dir.exists():
@@ -127,7 +154,9 @@ def export(
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exported {ckpt_path} to {out_dir} (transformers logits match gptlab's: max |diff| {diff:.1e})")
+    what = "the adapter of " if adapter else "merged " if peft else ""
+    match = f"transformers logits match gptlab's: max |diff| {diff:.1e}"
+    print(f"exported {what}{ckpt_path} to {out_dir} ({match})")
     return out_dir
 
 
@@ -361,6 +390,80 @@ def check_classifier_export(task, directory: Path, tokenizer) -> float:
     if diff > LOGITS_ATOL:
         raise CheckpointError(
             f"the exported {type(hf).__name__}'s logits differ from gptlab's by {diff:.2e} "
+            f"(> {LOGITS_ATOL}); nothing written"
+        )
+    return diff
+
+
+# ------------------------------------------------------------------------------ peft adapters
+def merged_copy(task):
+    """A copy of a peft task whose backbone has the adapters merged into its base weights (peft's merge)."""
+    from gptlab.adapters import without_adapters
+
+    copied = copy.deepcopy(task)
+    copied.backbone = without_adapters(copied.backbone, merge=True)
+    return copied.eval()
+
+
+def peft_export_model(task, tokenizer):
+    """The transformers form of a peft fine-tune's backbone: a PeftModel on the plain base.
+
+    The base is the backbone without its adapters, converted like a plain export (our GPT ->
+    GPT2LMHeadModel); peft's `get_peft_model` adds the same adapters there (same module names:
+    ours are GPT-2's), and the trained adapter tensors are copied in. GPT-2 stores its linear layers
+    transposed (Conv1D), which peft handles with `fan_in_fan_out`; the adapter tensors themselves
+    have the same shapes either way.
+    """
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from gptlab.adapters import adapter_target, without_adapters
+
+    backbone = task.backbone.eval()
+    base = to_hf_model(without_adapters(backbone), tokenizer)
+    config = copy.deepcopy(task.peft_tuner.peft_config["default"])
+    config.task_type = "CAUSAL_LM"
+    config.inference_mode = True
+    config.base_model_name_or_path = None  # get_peft_model takes the base's (none: built here)
+    if isinstance(backbone, GPT) and hasattr(config, "fan_in_fan_out"):
+        config.fan_in_fan_out = True
+    model = get_peft_model(base, config)
+    model.peft_config["default"].base_model_name_or_path = _hub_or_directory(task.base_source())
+    theirs = model.base_model.model
+    for name, layer in adapter_target(backbone).named_modules():
+        if isinstance(layer, BaseTunerLayer):
+            state = {k: v for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
+            peer = theirs.get_submodule(name)
+            missing = set(state) - set(peer.state_dict())
+            if missing:
+                raise CheckpointError(f"cannot export {name}'s adapter: peft's lacks {sorted(missing)[:3]}")
+            peer.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def _hub_or_directory(source: str) -> str | None:
+    """The base's name for adapter_config.json: a Hugging Face directory or hub name, not a .ckpt."""
+    return None if source.endswith(".ckpt") or Path(source).is_file() else source
+
+
+def check_adapter_export(task, tokenizer, directory: Path) -> float:
+    """`PeftModel.from_pretrained(base, directory)` against gptlab's logits; max |diff|."""
+    from peft import PeftModel
+
+    from gptlab.adapters import without_adapters
+
+    backbone = task.backbone.eval()
+    base = to_hf_model(without_adapters(backbone), tokenizer)
+    hf = PeftModel.from_pretrained(base, directory).eval()
+    length = min(16, backbone.block_size or 16)
+    ids = torch.arange(length).remainder(backbone.vocab_size)[None]  # (1, T): a fixed probe
+    with torch.no_grad():
+        ours = backbone.logits(backbone(ids)).float()
+        theirs = hf(input_ids=ids).logits.float()
+    diff = (ours - theirs).abs().max().item()
+    if diff > LOGITS_ATOL:
+        raise CheckpointError(
+            f"the exported adapter's logits (PeftModel on the base) differ from gptlab's by {diff:.2e} "
             f"(> {LOGITS_ATOL}); nothing written"
         )
     return diff

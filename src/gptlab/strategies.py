@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load, _distributed_checkpoint_save
 from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -71,6 +71,7 @@ class FSDP(ModelParallelStrategy):
         data_parallel_size: Literal["auto"] | int = "auto",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        hybrid_sharding: bool = False,
     ) -> None:
         """
         Args:
@@ -87,7 +88,13 @@ class FSDP(ModelParallelStrategy):
             data_parallel_size: processes that shard the model; "auto" = all of them. Lower it
                 only to combine with tensor parallelism in a custom strategy.
             process_group_backend: "nccl" / "gloo"; default: nccl on GPUs, gloo on CPUs.
-            timeout: how long collectives wait for a slow rank before failing.
+            timeout: how long collectives wait for a slow rank before failing (a lost node is
+                noticed at once when its connections close, after this when they just go silent).
+            hybrid_sharding: HSDP: shard within each node and replicate across nodes (a
+                `num_nodes x devices` mesh). Gradients cross the slower inter-node links once per
+                step as an all-reduce of each node's shards, instead of every block's all-gathers
+                and reduce-scatters; each device holds `1 / devices` of the model instead of
+                `1 / (num_nodes x devices)`. Checkpoints are the same as with plain FSDP.
         """
         super().__init__(
             data_parallel_size=data_parallel_size,
@@ -98,6 +105,8 @@ class FSDP(ModelParallelStrategy):
         )
         self.activation_checkpointing = activation_checkpointing
         self.reshard_after_forward = reshard_after_forward
+        self.hybrid_sharding = hybrid_sharding
+        self.shard_mesh: Any = None  # the mesh fully_shard uses (set in setup_environment)
 
     def setup_environment(self) -> None:
         # Lightning's "auto" is one data-parallel group per node (meant for 2-D parallelism with
@@ -106,6 +115,18 @@ class FSDP(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+        self.shard_mesh = self.device_mesh["data_parallel"]
+        if self.hybrid_sharding:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            # Global rank = node * devices + local rank (every cluster environment numbers ranks
+            # so): a row of the mesh is one node. fully_shard over a 2-D mesh is HSDP: replicate
+            # over dim 0, shard over dim 1 (torch.distributed.fsdp.fully_shard docs).
+            self.shard_mesh = init_device_mesh(
+                self.root_device.type,
+                (self.num_nodes, self.num_processes),
+                mesh_dim_names=("replicate", "shard"),
+            )
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Sharded: write a new step folder, mark it complete, then point `filepath` at it.
@@ -141,6 +162,43 @@ class FSDP(ModelParallelStrategy):
             point_to(path, folder)
         self.barrier("gptlab_checkpoint_linked")
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loading, except for the sharded checkpoint of a peft fine-tune.
+
+        That folder holds the adapters and heads only (gptlab.adapters), while Lightning asks DCP
+        for every tensor of the model and DCP refuses missing ones; here DCP reads exactly the
+        saved part, and the frozen base keeps the weights it was set up with.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        module = self.lightning_module
+        if getattr(module, "peft_config", None) is None or not is_sharded_checkpoint(path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        full = get_model_state_dict(self.model)
+        keep = set(module.saved_keys(full))
+        state = {"state_dict": {k: v for k, v in full.items() if k in keep}}
+        _distributed_checkpoint_load(state, path)
+        missing, unexpected = self.model.load_state_dict(state["state_dict"], strict=False)
+        if unexpected or keep & set(missing):
+            raise CheckpointError(f"sharded checkpoint {path} does not match the model's adapters and heads")
+        for i, optimizer in enumerate(self.optimizers):
+            optimizer_state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
+            _distributed_checkpoint_load(optimizer_state, path)
+            set_optimizer_state_dict(
+                self.model,
+                optimizer,
+                optim_state_dict=optimizer_state[f"optimizer_{i}"],
+                options=StateDictOptions(cpu_offload=True),
+            )
+        safe = True if weights_only is None else weights_only
+        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=safe)
+
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero and Path(filepath).is_symlink():
             remove_sharded(Path(filepath))
@@ -169,7 +227,9 @@ def parallelize(task: nn.Module, strategy: Any) -> None:
     shard(
         task,
         block_class=task.backbone.block_class,
-        mesh=mesh["data_parallel"],
+        # gptlab's FSDP may shard over a 2-D (replicate, shard) mesh (HSDP); Lightning's strategy
+        # shards over its data-parallel dimension.
+        mesh=getattr(strategy, "shard_mesh", None) or mesh["data_parallel"],
         activation_checkpointing=getattr(strategy, "activation_checkpointing", False),
         reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
     )

@@ -17,6 +17,7 @@ recipe trains on (`tokenizer_corpus`, `corpus_fingerprint`), does its expensive 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,12 +30,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerFast
 
+from gptlab.data.cache import claim
 from gptlab.data.tokenizers import BPE, TokenizerRecipe, load_tokenizer, prepare_tokenizer
 from gptlab.errors import ConfigError, GPTLabError
 
 IGNORE_INDEX = -100  # PyTorch's cross_entropy default ignore_index, and Hugging Face's convention
-# A module-level default (recipes are never mutated): jsonargparse prints it as class_path + init_args.
-DEFAULT_TOKENIZER = BPE()
 
 
 class DataError(GPTLabError, ValueError):
@@ -181,7 +181,7 @@ class DataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        tokenizer: TokenizerRecipe | str | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -191,7 +191,8 @@ class DataModule(L.LightningDataModule):
         """
         Args:
             tokenizer: A recipe trained on this data's corpus and cached (`BPE`, `Char`), or a
-                tokenizer directory / hub name loaded with `AutoTokenizer.from_pretrained`.
+                tokenizer directory / hub name loaded with `AutoTokenizer.from_pretrained`. None:
+                `BPE()` (a default that `--print_config` can write and read back, as null).
             batch_size: Sequences per training batch (per device).
             eval_batch_size: Sequences per validation / test batch; defaults to `batch_size`.
             num_workers: DataLoader worker processes; 0 loads in the main process.
@@ -210,7 +211,7 @@ class DataModule(L.LightningDataModule):
         ]
         if problems:
             raise ConfigError("; ".join(problems) + ": fix the data config")
-        self.tokenizer_source = tokenizer
+        self.tokenizer_source = tokenizer if tokenizer is not None else BPE()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -244,14 +245,22 @@ class DataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:
-        # Lightning runs this on one process per node (rank 0) before setup on every rank.
-        if isinstance(self.tokenizer_source, TokenizerRecipe):
-            prepare_tokenizer(
-                self.tokenizer_source, self.cache_dir, self.tokenizer_corpus(), self.corpus_fingerprint()
-            )
-        else:
-            prepare_tokenizer(self.tokenizer_source, self.cache_dir, (), "")
-        self.prepare_datasets(self._load_tokenizer())
+        # Lightning runs this on one process per node (local rank 0) before setup on every rank.
+        # Nodes sharing cache_dir take turns (gptlab.data.cache.claim): the first builds the
+        # tokenizer and the tokenized data, the others find them cached.
+        try:
+            fingerprint = self.corpus_fingerprint()
+        except NotImplementedError:
+            if isinstance(self.tokenizer_source, TokenizerRecipe):
+                raise
+            fingerprint = ""  # a subclass that never trains a tokenizer need not define it
+        key = hashlib.sha256(f"{type(self).__qualname__}\n{fingerprint}".encode()).hexdigest()[:32]
+        with claim(self.cache_dir / "claims" / f"{key}.claim", what=f"the data of {type(self).__name__}"):
+            if isinstance(self.tokenizer_source, TokenizerRecipe):
+                prepare_tokenizer(self.tokenizer_source, self.cache_dir, self.tokenizer_corpus(), fingerprint)
+            else:
+                prepare_tokenizer(self.tokenizer_source, self.cache_dir, (), "")
+            self.prepare_datasets(self._load_tokenizer())
 
     def setup(self, stage: str) -> None:
         if self._tokenizer is None:

@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
-from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.text import VALIDATION_SPLITS, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
@@ -137,6 +137,21 @@ def unknown_label_hint(given: bool) -> str:
         f"Labels must be among the names taken from {source}: fix these rows, or list every label in "
         f"data.init_args.label_names (a fine-tuned checkpoint keeps the labels it was trained with)."
     )
+
+
+def warn_unused_labels(names: Sequence[str], used: set[int], source: Any) -> None:
+    """Warn when given `label_names` hold names the training data never uses (a misspelt name, or
+    labels of another dataset): the model has a class it cannot learn."""
+    unused = [name for i, name in enumerate(names) if i not in used]
+    if unused:
+        shown = ", ".join(repr(n) for n in unused[:5]) + (
+            f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+        )
+        rank_zero_warn(
+            f"data.init_args.label_names: {shown} never occur in the training data ({source}); the "
+            f"model cannot learn a class it never sees: check the spelling against the labels in the "
+            f"files, or remove them"
+        )
 
 
 def read_table(
@@ -359,7 +374,7 @@ class ClassificationDataModule(DataModule):
         label_separator: str = ",",
         text_separator: str = "\n",
         block_size: int = 128,
-        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        tokenizer: TokenizerRecipe | str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -597,6 +612,11 @@ class ClassificationDataModule(DataModule):
             targets.append(target)
             wheres.append(where)
         problems.raise_if_any(unknown_label_hint(self._given_label_names is not None))
+        if role == "train" and self._given_label_names is not None and self._label_map is not None:
+            used = {t for t in targets if isinstance(t, int)} | {
+                i for t in targets if isinstance(t, list) for i, hot in enumerate(t) if hot
+            }
+            warn_unused_labels(self.label_names, used, self.role_files[role] or "the dataset's train split")
         if not texts:
             source = self.role_files[role] or f"the dataset's {role} split"
             raise DataError(

@@ -51,7 +51,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.text import VALIDATION_SPLITS, _files_fingerprint, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
@@ -111,7 +111,7 @@ class SFTDataModule(DataModule):
 
     def __init__(
         self,
-        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        tokenizer: TokenizerRecipe | str | None = None,
         train_files: str | list[str] | None = None,
         val_files: str | list[str] | None = None,
         test_files: str | list[str] | None = None,
@@ -523,7 +523,7 @@ class SFTDataModule(DataModule):
         flat = [text for ex in examples for text, _ in ex.segments]
         wheres = [ex.location for ex in examples for _ in ex.segments]
         ids_flat = iter(self._tokenize(flat, wheres, tokenizer, role))
-        items, truncated = [], 0
+        items, truncated, completion_cut = [], 0, []
         for ex in examples:
             ids: list[int] = []
             labels: list[int] = []
@@ -540,6 +540,8 @@ class SFTDataModule(DataModule):
             if len(ids) > self.block_size:
                 # Left truncation keeps the completion and its EOS (what is trained and scored).
                 cut = len(ids) - self.block_size
+                if cut > prompt_length:  # the completion alone is longer: its start goes too
+                    completion_cut.append(ex.location)
                 ids, labels, prompt_length = ids[cut:], labels[cut:], max(prompt_length - cut, 0)
                 truncated += 1
             item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
@@ -547,10 +549,17 @@ class SFTDataModule(DataModule):
                 item.update(prompt_length=prompt_length, prompt=ex.prompt, reference=ex.reference)
             items.append(item)
         if truncated:
+            kept = truncated - len(completion_cut)
+            what = f"{kept} lost the start of their prompt (completion kept)" if kept else ""
+            if completion_cut:
+                what += (
+                    f"{', ' if kept else ''}{len(completion_cut)} lost their whole prompt and the start "
+                    f"of their completion, which alone is longer (e.g. {completion_cut[0]})"
+                )
             rank_zero_warn(
                 f"SFTDataModule: {truncated} of {len(examples)} {role} examples are longer than "
-                f"block_size={self.block_size} tokens and were truncated from the left (the start of the "
-                f"prompt is dropped, the completion kept); raise block_size to keep them whole"
+                f"block_size={self.block_size} tokens and were truncated from the left: {what}; raise "
+                f"block_size to keep them whole"
             )
         return items
 

@@ -16,6 +16,8 @@ the documents.
 The token streams are cached in `cache_dir/text/<key>/`, the key hashing the sources (paths, sizes,
 mtimes, or dataset fingerprints), the tokenizer and the split settings; a second run memory-maps
 them and reads no text. Block size and stride are not in the key: windows are cut at load time.
+Text is streamed in pieces and the tokens written as they come (corpus.py), so a corpus, or a
+single line, larger than memory tokenizes in bounded memory.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import shutil
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from glob import glob
 from pathlib import Path
 from typing import Any, Literal
@@ -40,16 +42,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DEFAULT_TOKENIZER, DataError, DataModule
+from gptlab.data.base import DataError, DataModule
+from gptlab.data.corpus import (
+    MAX_CHARS,
+    CorpusEncoder,
+    TokenWriter,
+    copy_ranges,
+    cut_text,
+    read_blocks,
+    shorten,
+)
 from gptlab.data.tokenizers import TokenizerRecipe, tokenizer_fingerprint
 from gptlab.errors import ConfigError
 
 # Bump when the cached layout or the way streams are built changes: old entries are then ignored.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 TEXT = "text"  # the one column every loaded source is reduced to
 # Names under which Hugging Face datasets usually publish their validation split.
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
@@ -94,12 +105,12 @@ def _kind(path: Path) -> Literal["text", "json", "parquet"]:
 
 def _check_utf8(path: Path) -> tuple[str | None, bool]:
     """(problem or None, whether the file holds any non-whitespace text)."""
-    # Incremental decoding in 16 MiB chunks: constant memory, and the byte offset of a bad byte.
+    # Incremental decoding in 1 MiB chunks: constant memory, and the byte offset of a bad byte.
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, content = 0, False
     with path.open("rb") as f:
         while True:
-            chunk = f.read(1 << 24)
+            chunk = f.read(1 << 20)
             pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
             try:
                 text = decoder.decode(chunk, final=not chunk)
@@ -189,6 +200,17 @@ def _check_parquet(path: Path, column: str) -> tuple[list[str], bool]:
     return [], bool(pc.max(lengths).as_py() or 0)
 
 
+def _nul_problem(path: Path) -> str | None:
+    """A NUL byte is valid UTF-8 but never in text: the file is binary (an archive, weights, ...)."""
+    offset = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if (at := chunk.find(b"\0")) >= 0:
+                return f"{path}: a NUL byte at byte {offset + at}: a binary file, not text; give text files"
+            offset += len(chunk)
+    return None
+
+
 def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
     """The files of `files` that hold text, after checking all of them; one DataError lists every problem.
 
@@ -202,6 +224,7 @@ def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
             found, content = _check_parquet(path, text_column)
         else:
             problem, content = _check_utf8(path)
+            problem = problem or _nul_problem(path)
             found = [problem] if problem else []
             if kind == "json" and not found:
                 found, content = _check_json(path, text_column)
@@ -227,17 +250,13 @@ def _files_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
 
 
 def load_files(files: list[Path], text_column: str, cache_dir: Path) -> datasets.Dataset:
-    """The documents of checked `files` as a Dataset with one `text` column, in file order."""
+    """The records of checked .jsonl / .json / .parquet `files` as a Dataset with one `text` column."""
     parts = []
-    # Consecutive files of one kind load together (datasets needs one builder per call).
+    # Consecutive files of one kind load together (datasets needs one builder per call). Text
+    # files are not loaded here: `read_blocks` streams them (datasets would read each whole).
     for kind, group in itertools.groupby(files, key=_kind):
         data_files = [str(p) for p in group]
-        if kind == "text":
-            # sample_by="document": each file is one document, its text exactly as written.
-            part = datasets.load_dataset(
-                "text", data_files=data_files, sample_by="document", split="train", cache_dir=str(cache_dir)
-            )
-        elif kind == "json":
+        if kind == "json":
             part = datasets.load_dataset(
                 "json", data_files=data_files, split="train", cache_dir=str(cache_dir)
             )
@@ -249,10 +268,9 @@ def load_files(files: list[Path], text_column: str, cache_dir: Path) -> datasets
                 split="train",
                 cache_dir=str(cache_dir),
             )
-        column = TEXT if kind == "text" else text_column
-        part = part.select_columns([column])
-        if column != TEXT:
-            part = part.rename_column(column, TEXT)
+        part = part.select_columns([text_column])
+        if text_column != TEXT:
+            part = part.rename_column(text_column, TEXT)
         # concatenate_datasets needs one type; JSON may give large_string (cast only then: a full pass).
         if part.features[TEXT] != datasets.Value("string"):
             part = part.cast_column(TEXT, datasets.Value("string"))
@@ -260,66 +278,23 @@ def load_files(files: list[Path], text_column: str, cache_dir: Path) -> datasets
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+def _records(documents: datasets.Dataset) -> Iterator[tuple[str, ...]]:
+    """Each row's text as a one-block document (no blocks for an empty or missing text)."""
+    for batch in documents.iter(batch_size=1024):
+        yield from ((text,) if text else () for text in batch[TEXT])
+
+
+def _runs(chosen: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Token ranges of the sorted documents `chosen`, consecutive documents merged into one range."""
+    # A run breaks where the next chosen document is not the next document.
+    breaks = np.flatnonzero(np.diff(chosen) != 1) + 1
+    for run in np.split(chosen, breaks):
+        if len(run):
+            yield int(starts[run[0]]), int(ends[run[-1]])
+
+
 def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-
-
-# ----------------------------------------------------------------------------- tokenizing
-def _tokenize_batch(
-    batch: dict[str, list], tokenizer: PreTrainedTokenizerFast, eos_id: int
-) -> dict[str, list]:
-    # Empty or missing documents would add a lone <eos>: leave them out.
-    texts = [t for t in batch[TEXT] if t]
-    try:
-        # split_special_tokens: a literal "<|endoftext|>" in the data is text, not a separator.
-        ids = tokenizer(
-            texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False
-        )["input_ids"]
-    except Exception as err:  # the Rust tokenizers raise a bare Exception
-        unknown = sorted(set("".join(texts)) - set(tokenizer.get_vocab()))
-        hint = (
-            f"; characters missing from its vocabulary: {''.join(unknown[:40])!r} (a Char tokenizer "
-            f"knows only the characters of the training files: add them there, or use BPE)"
-            if unknown and len(unknown) < len(set("".join(texts)))
-            else ""
-        )
-        raise DataError(f"the tokenizer cannot encode this text ({err}){hint}") from None
-    ids = [seq + [eos_id] for seq in ids]  # <eos> after every document, the last one included
-    return {"input_ids": ids, "length": [len(seq) for seq in ids]}
-
-
-def _num_proc(documents: datasets.Dataset) -> int | None:
-    # Worker processes only pay off on large inputs: each starts up and unpickles the tokenizer.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    procs = min(cores, len(documents), 1 + documents.data.nbytes // (32 << 20))
-    return procs if procs > 1 else None
-
-
-def _token_chunks(tokenized: datasets.Dataset) -> Iterator[np.ndarray]:
-    # Arrow batches flatten to numpy without building a Python list per token.
-    for table in tokenized.with_format("arrow").iter(batch_size=1024):
-        yield pc.list_flatten(table["input_ids"]).to_numpy(zero_copy_only=False)
-
-
-def _write_streams(chunks: Iterator[np.ndarray], targets: list[tuple[Path, int]], dtype: type) -> None:
-    """Spill a stream of token chunks into consecutive .npy files of the given lengths."""
-    chunks = iter(chunks)
-    pending = np.empty(0, dtype=np.int64)
-    for path, size in targets:
-        # open_memmap writes a standard .npy without holding the whole split in memory.
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(size,)) if size else None
-        filled = 0
-        while filled < size:
-            if not len(pending):
-                pending = next(chunks)
-            take = min(size - filled, len(pending))
-            out[filled : filled + take] = pending[:take]
-            pending, filled = pending[take:], filled + take
-        if out is None:
-            np.save(path, np.empty(0, dtype=dtype))
-        else:
-            out.flush()
-            del out
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -383,7 +358,7 @@ class TextDataModule(DataModule):
 
     def __init__(
         self,
-        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        tokenizer: TokenizerRecipe | str | None = None,
         train_files: str | list[str] | None = None,
         val_files: str | list[str] | None = None,
         test_files: str | list[str] | None = None,
@@ -551,8 +526,12 @@ class TextDataModule(DataModule):
             roles.update({role: "dataset" for role in self._dataset_splits() if role not in roles})
         return roles
 
-    def documents(self, role: str) -> datasets.Dataset:
-        """The documents of `role` ("train", "val" or "test"), with one `text` column."""
+    def documents(self, role: str) -> Iterator[Iterable[str]]:
+        """The documents of `role` ("train", "val" or "test") in order, each as blocks of its text.
+
+        A text file is one document, read block by block only while its blocks are consumed (so
+        consume each document before asking for the next); a record is a document of one block.
+        """
         if self._texts is None:
             # Check every role's files before any slow work (tokenizer training), in one error.
             texts, problems = {}, []
@@ -565,15 +544,19 @@ class TextDataModule(DataModule):
                 raise DataError("\n".join(problems))
             self._texts = texts
         if role in self._texts:
-            docs = load_files(self._texts[role], self.text_column, self.cache_dir / "datasets")
+            docs = self._file_documents(self._texts[role])
         else:
-            docs = self._dataset_splits()[role].select_columns([self.text_column])
-            if self.text_column != TEXT:
-                docs = docs.rename_column(self.text_column, TEXT)
-        if self.max_documents is not None and len(docs) > self.max_documents:
-            # The first N, not a sample: the same N documents on every run, and cheap on big datasets.
-            docs = docs.select(range(self.max_documents))
-        return docs
+            rows = self._dataset_splits()[role].select_columns([self.text_column])
+            docs = _records(rows.rename_column(self.text_column, TEXT) if self.text_column != TEXT else rows)
+        # The first N, not a sample: the same N documents on every run, and cheap on big corpora.
+        return itertools.islice(docs, self.max_documents)
+
+    def _file_documents(self, files: list[Path]) -> Iterator[Iterable[str]]:
+        for kind, group in itertools.groupby(files, key=_kind):
+            if kind == "text":
+                yield from map(read_blocks, group)
+            else:
+                yield from _records(load_files(list(group), self.text_column, self.cache_dir / "datasets"))
 
     def _describe(self, role: str) -> str:
         if role in self.files():
@@ -590,8 +573,9 @@ class TextDataModule(DataModule):
 
     def tokenizer_corpus(self) -> Iterator[str]:
         # The whole training source, before any validation split: the split is made in tokens.
-        for batch in self.documents("train").iter(batch_size=256):
-            yield from (text for text in batch[TEXT] if text)
+        # Long documents in pieces, cut as for encoding (corpus.py): the same words are counted.
+        for document in self.documents("train"):
+            yield from cut_text(document)
 
     def cache_path(self, tokenizer: PreTrainedTokenizerFast) -> Path:
         """Directory of the cached token streams for these settings and this tokenizer."""
@@ -620,8 +604,9 @@ class TextDataModule(DataModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         # Build in a private directory and rename it into place: no half-written cache entry.
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+        encoder = CorpusEncoder(tokenizer)
         try:
-            dtype, splits = self._build(tokenizer, tmp)
+            dtype, splits = self._build(encoder, tmp)
             # meta.json is written last: its presence marks a complete entry (checked by setup).
             meta = {
                 "format": CACHE_FORMAT,
@@ -629,10 +614,9 @@ class TextDataModule(DataModule):
                 "splits": splits,
                 "sources": {role: self._describe(role) for role in self._roles()},
                 "tokenizer": repr(self.tokenizer_source),
+                "cuts": {"made": encoder.cuts.made, "changed": encoder.cuts.changed},
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            # The intermediate Arrow files are not needed once the streams are written.
-            shutil.rmtree(tmp / "arrow", ignore_errors=True)
             try:
                 os.replace(tmp, path)
             except OSError:
@@ -645,33 +629,43 @@ class TextDataModule(DataModule):
             f"{role} {s['tokens']:,} tokens / {s['documents']:,} docs" for role, s in splits.items()
         )
         rank_zero_info(f"gptlab: tokenized {counts} in {time.perf_counter() - start:.1f}s; cached at {path}")
+        if encoder.cuts.changed:
+            rank_zero_warn(
+                f"gptlab: documents longer than {MAX_CHARS} characters are tokenized in pieces, and at "
+                f"{encoder.cuts.changed} of {encoder.cuts.made} cuts the tokenizer {self.tokenizer_source!r} "
+                f"gives other tokens than for the whole text (e.g. at {encoder.cuts.example}): it joins "
+                f"text across a line break or a space, or the text has no such break within a piece; "
+                f"only tokens next to those cuts differ"
+            )
 
-    def _build(self, tokenizer: PreTrainedTokenizerFast, tmp: Path) -> tuple[str, dict[str, dict[str, int]]]:
-        """Tokenize every source and write each split's stream to tmp/<split>.npy.
+    def _build(self, encoder: CorpusEncoder, tmp: Path) -> tuple[str, dict[str, dict[str, int]]]:
+        """Tokenize every source and write each split's stream to tmp/<split>.npy as it goes.
 
         Returns the dtype's name and, per split, its number of tokens and documents.
         """
         # uint16 halves the cache for vocabularies up to 65536 ids (nanoGPT does the same).
-        dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
-        tokenized = {role: self._tokenize(role, tokenizer, tmp) for role in self._roles()}
+        dtype = np.dtype(np.uint16 if len(encoder.tokenizer) <= 1 << 16 else np.uint32)
+        roles = self._roles()
         counts: dict[str, dict[str, int]] = {}
-
-        def write(split: str, tokens: datasets.Dataset, lengths: np.ndarray) -> None:
-            _write_streams(_token_chunks(tokens), [(tmp / f"{split}.npy", int(lengths.sum()))], dtype)
-            counts[split] = {"tokens": int(lengths.sum()), "documents": len(lengths)}
-
-        for role, tokens in tokenized.items():
-            # A fresh map() output has no indices mapping: its table rows are its documents.
-            lengths = tokens.data.column("length").to_numpy()
-            if role != "train" or "val" in tokenized or self.val_fraction == 0:
-                write(role, tokens, lengths)
+        for role in roles:
+            whole = role != "train" or "val" in roles or self.val_fraction == 0
+            # The training stream goes to train.npy, and the validation tail is moved out of it
+            # afterwards; a documents split picks documents out of a stream written beside.
+            stream = tmp / ("stream.npy" if not whole and self.val_split == "documents" else f"{role}.npy")
+            with TokenWriter(stream, dtype) as out:
+                try:
+                    lengths = encoder.encode(self.documents(role), out.write, dtype)
+                except DataError as err:
+                    raise DataError(f"{self._describe(role)}: {err}") from None
+            total = int(lengths.sum())
+            if whole:
+                counts[role] = {"tokens": total, "documents": len(lengths)}
             elif self.val_split == "tail":
                 # nanoGPT: train on data[:int(n * 0.9)], validate on the rest; n counted in tokens.
-                total = int(lengths.sum())
                 cut = int(total * (1 - self.val_fraction))
-                _write_streams(
-                    _token_chunks(tokens), [(tmp / "train.npy", cut), (tmp / "val.npy", total - cut)], dtype
-                )
+                with TokenWriter(tmp / "val.npy", dtype) as val:
+                    copy_ranges(np.load(stream, mmap_mode="r"), [(cut, total)], val)
+                shorten(stream, cut)
                 # Documents with a token on each side of the cut count in both splits.
                 ends = np.cumsum(lengths)
                 counts["train"] = {"tokens": cut, "documents": int((ends - lengths < cut).sum())}
@@ -685,30 +679,17 @@ class TextDataModule(DataModule):
                     )
                 n_val = min(n - 1, max(1, round(n * self.val_fraction)))
                 order = np.random.default_rng(self.seed).permutation(n)
+                ends = np.cumsum(lengths)
+                tokens = np.load(stream, mmap_mode="r")
                 # Sorted back into corpus order: neighbouring documents stay neighbours on disk.
                 for split, chosen in (("train", order[: n - n_val]), ("val", order[n - n_val :])):
                     chosen = np.sort(chosen)
-                    write(split, tokens.select(chosen), lengths[chosen])
-        return np.dtype(dtype).name, counts
-
-    def _tokenize(self, role: str, tokenizer: PreTrainedTokenizerFast, tmp: Path) -> datasets.Dataset:
-        documents = self.documents(role)
-        try:
-            return documents.map(
-                _tokenize_batch,
-                batched=True,
-                batch_size=256,
-                fn_kwargs={"tokenizer": tokenizer, "eos_id": tokenizer.eos_token_id},
-                remove_columns=documents.column_names,
-                num_proc=_num_proc(documents),
-                # Inside the build directory: removed with it, never mixed with datasets' cache.
-                cache_file_name=str(tmp / "arrow" / f"{role}.arrow"),
-                # A fingerprint of our own spares datasets hashing the tokenizer.
-                new_fingerprint=hashlib.sha256(f"{tmp}/{role}".encode()).hexdigest()[:16],
-                desc=f"tokenizing {role}",
-            )
-        except DataError as err:
-            raise DataError(f"{self._describe(role)}: {err}") from None
+                    with TokenWriter(tmp / f"{split}.npy", dtype) as out:
+                        copy_ranges(tokens, _runs(chosen, ends - lengths, ends), out)
+                    counts[split] = {"tokens": int(lengths[chosen].sum()), "documents": len(chosen)}
+                del tokens
+                stream.unlink()
+        return dtype.name, counts
 
     def setup_datasets(self, stage: str) -> None:
         path = self.cache_path(self.tokenizer)

@@ -26,7 +26,7 @@ from typing import Any
 import datasets
 import torch
 
-from gptlab.data.base import DEFAULT_TOKENIZER, IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.classification import (
     Examples,
     Files,
@@ -40,6 +40,7 @@ from gptlab.data.classification import (
     sort_labels,
     unknown_label_hint,
     warn_truncated,
+    warn_unused_labels,
 )
 from gptlab.data.text import expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
@@ -143,7 +144,7 @@ class TokenClassificationDataModule(DataModule):
         val_fraction: float = 0.1,
         label_all_subtokens: bool = False,
         block_size: int = 128,
-        tokenizer: TokenizerRecipe | str = DEFAULT_TOKENIZER,
+        tokenizer: TokenizerRecipe | str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -402,6 +403,9 @@ class TokenClassificationDataModule(DataModule):
         problems.raise_if_any(hint)
         if not sentences:
             raise DataError(f"{role} data: no sentences")
+        if role == "train" and self._given_label_names is not None:
+            used = {i for _, ids in sentences if ids is not None for i in ids}
+            warn_unused_labels(self.label_names, used, self.role_files[role] or "the dataset's train split")
         items, truncated, lost, longest = [], 0, 0, 0
         texts, starts = [], []
         for words, _ in sentences:

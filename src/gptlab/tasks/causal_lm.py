@@ -58,16 +58,51 @@ class CausalLM(TaskModule):
             self.log("test/ppl", torch.exp(self.test_loss.compute()))
         super().on_test_epoch_end()
 
+    # ----------------------------------------------------------------- bits per byte
+    # Perplexity is per token, so it depends on the tokenizer: a character vocabulary and a BPE
+    # of 50k tokens give incomparable numbers on the same text. Bits per byte divide the same
+    # total loss by the UTF-8 bytes of the scored text instead (the unit of The Pile and
+    # lm-evaluation-harness' `bits_per_byte`), which any two tokenizers share.
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self.test_bytes = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().test_step(batch, batch_idx)
+        tokenizer = self._tokenizer()
+        if tokenizer is not None:
+            # The scored tokens are the labelled targets (shifted, as in `loss`).
+            targets = batch["labels"][:, 1:].cpu()
+            texts = tokenizer.batch_decode(
+                [row[row != -100].tolist() for row in targets], skip_special_tokens=True
+            )
+            self.test_bytes += sum(len(text.encode("utf-8")) for text in texts)
+        return loss
+
+    def _tokenizer(self):
+        """The data module's tokenizer (read for decoding only), or None without one."""
+        try:
+            return getattr(self.trainer.datamodule, "tokenizer", None)
+        except (RuntimeError, AttributeError):  # not set up, or no data module
+            return None
+
     def report(self) -> Report:
         loss = self.test_loss.compute().item()
-        return Report(
-            title="Causal language model: test report",
-            metrics={
-                "loss": loss,
-                "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-                # MeanMetric's weight state counts this rank's predicted tokens; sum over ranks.
-                "tokens_evaluated": int(
-                    self.trainer.strategy.reduce(self.test_loss.weight, reduce_op="sum").item()
-                ),
-            },
-        )
+        # MeanMetric's weight state counts this rank's predicted tokens; sum over ranks.
+        tokens = int(self.trainer.strategy.reduce(self.test_loss.weight, reduce_op="sum").item())
+        metrics = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
+        meta = {}
+        tokenizer = self._tokenizer()
+        size = float(self.trainer.strategy.reduce(self.test_bytes, reduce_op="sum").item())
+        if tokenizer is not None and size > 0:
+            metrics["bits_per_byte"] = loss * tokens / math.log(2) / size
+            metrics["bytes_evaluated"] = int(size)
+        metrics["tokens_evaluated"] = tokens
+        if tokenizer is not None:
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            meta["perplexity"] = (
+                f"exp(loss), per token of the tokenizer {name} ({len(tokenizer)} tokens): comparable only "
+                f"between runs with this tokenizer; bits_per_byte (loss x tokens / ln 2 / UTF-8 bytes of "
+                f"the scored text) compares any two"
+            )
+        return Report(title="Causal language model: test report", metrics=metrics, meta=meta)

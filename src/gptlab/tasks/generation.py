@@ -38,17 +38,19 @@ GSM8K_ANSWER = r"#### (\-?[0-9\.\,]+)"
 
 
 class AnswerExactMatch(Metric):
-    """Share of generations whose final answer equals the reference's final answer.
+    """Share of generations that equal the reference: whole completions, or their final answers.
 
-    The answer is the first group (or the whole match) of `pattern`'s first match; without a
-    pattern, the whole stripped text. Answers are compared after stripping whitespace, removing
-    thousands separators and a trailing period ("1,000." == "1000"). A reference the pattern does
-    not match is compared whole; a generation it does not match counts as wrong.
+    Without a pattern (the default), the whole completion is compared with the whole reference,
+    whitespace normalised (stripped, runs of spaces and newlines as one space). With a pattern,
+    the answer is the first group (or the whole match) of its first match, compared after
+    stripping whitespace, removing thousands separators and a trailing period ("1,000." ==
+    "1000"), as for GSM8K's "#### N"; a reference the pattern does not match is compared whole,
+    and a generation it does not match counts as wrong.
     """
 
     full_state_update = False
 
-    def __init__(self, pattern: str | None = GSM8K_ANSWER) -> None:
+    def __init__(self, pattern: str | None = None) -> None:
         super().__init__()
         self.pattern = re.compile(pattern) if pattern is not None else None
         self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
@@ -58,7 +60,7 @@ class AnswerExactMatch(Metric):
     def extract(self, text: str) -> str | None:
         """The normalised final answer in `text`, or None when the pattern finds none."""
         if self.pattern is None:
-            answer = text
+            return " ".join(text.split())
         else:
             match = self.pattern.search(text)
             if match is None:
@@ -120,7 +122,7 @@ class Generation(CausalLM):
         repetition_penalty: float = 1.0,
         stop: list[str] | None = None,
         seed: int = 0,
-        answer_pattern: str = GSM8K_ANSWER,
+        answer_pattern: str = "",
         num_samples: int = 5,
         peft: PeftConfig | None = None,
     ) -> None:
@@ -141,9 +143,10 @@ class Generation(CausalLM):
             stop: strings that end a completion (it is cut before them), beside the EOS token.
             seed: seed of sampling, so that sampled evaluations repeat exactly.
             answer_pattern: regex of the final answer for exact match; its first group (or the
-                whole match) is compared. Default: GSM8K's "#### <number>". Empty: whole
-                completions are compared. (A str, not str | None: jsonargparse reads an optional
-                string starting with "#" as a YAML comment, i.e. None.)
+                whole match) is compared, e.g. GSM8K's "#### (\\-?[0-9\\.\\,]+)" (its config sets
+                it). Empty (default): whole completions are compared, whitespace normalised. The
+                report states which was used. (A str, not str | None: jsonargparse reads an
+                optional string starting with "#" as a YAML comment, i.e. None.)
             num_samples: test generations shown in the report.
             peft: a peft config (e.g. peft.LoraConfig): adapters on a frozen backbone (see TaskModule).
         """
@@ -180,6 +183,7 @@ class Generation(CausalLM):
         )
         self.seed = seed
         self.num_samples = num_samples
+        self.answer_pattern = answer_pattern
         # Generation-based metrics are computed in `test` only: generating is far slower than a
         # forward pass, so validation reports the loss alone.
         self.set_metrics(
@@ -229,6 +233,7 @@ class Generation(CausalLM):
         return completions, batch["reference"]
 
     def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
         self.samples = []
         self._generator = None  # every test run samples the same way
 
@@ -268,16 +273,25 @@ class Generation(CausalLM):
             metrics={
                 "loss": loss,
                 "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+                **{k: base.metrics[k] for k in ("bits_per_byte", "bytes_evaluated") if k in base.metrics},
                 "tokens_evaluated": base.metrics["tokens_evaluated"],
                 "examples_generated": total,
                 "exact_match": values["exact_match"],
-                "answer_found": found / max(total, 1),
+                # Without a pattern every completion "has" an answer: nothing to report.
+                **({"answer_found": found / max(total, 1)} if self.answer_pattern else {}),
                 "bleu": values["bleu"],
                 "rougeL_f": values["rougeL"],
             },
             samples=self.samples,
             # How the completions were produced, next to the checkpoint and config the CLI adds.
             meta={
-                "decoding": ", ".join(f"{k}={v!r}" for k, v in {**self.decoding, "seed": self.seed}.items())
+                **base.meta,
+                "decoding": ", ".join(f"{k}={v!r}" for k, v in {**self.decoding, "seed": self.seed}.items()),
+                "exact_match": (
+                    f"answer_pattern {self.answer_pattern!r} (its first group, else the whole match) in "
+                    f"completion and reference"
+                    if self.answer_pattern
+                    else "whole completion against whole reference, whitespace normalised (no answer_pattern)"
+                ),
             },
         )

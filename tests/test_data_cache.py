@@ -1,0 +1,72 @@
+"""Cache claims (gptlab.data.cache): one builder at a time per entry, a dead holder's claim taken over."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from gptlab.data.cache import claim
+
+
+def test_claims_exclude_each_other(tmp_path: Path):
+    path = tmp_path / "claims" / "x.claim"
+    inside: list[int] = []
+    overlaps: list[int] = []
+
+    def work(i: int) -> None:
+        with claim(path, what="x", heartbeat=0.05, poll=0.01):
+            if inside:
+                overlaps.append(i)
+            inside.append(i)
+            time.sleep(0.05)
+            inside.remove(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not overlaps and not inside
+    assert not path.exists()  # released by the last holder
+
+
+def test_a_live_holder_is_waited_for_and_a_dead_one_taken_over(tmp_path: Path):
+    path = tmp_path / "x.claim"
+    released = threading.Event()
+
+    def hold() -> None:
+        # Holds three times longer than stale_after, but its heartbeat keeps the claim alive.
+        with claim(path, what="x", heartbeat=0.05):
+            time.sleep(0.6)
+            released.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.1)
+    with claim(path, what="x", stale_after=0.2, poll=0.01):
+        assert released.is_set()
+    holder.join()
+
+    # A claim left by a killed process (no heartbeat): taken over after stale_after.
+    path.write_text("somewhere 12345\n")
+    start = time.monotonic()
+    with claim(path, what="x", stale_after=0.3, poll=0.01):
+        assert path.read_text() != "somewhere 12345\n"
+    assert 0.3 <= time.monotonic() - start < 5
+
+
+def test_a_read_only_cache_needs_no_claim(tmp_path: Path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o555)
+    try:
+        if os.access(cache, os.W_OK):  # root: make the claims folder a file instead
+            cache.chmod(0o755)
+            (cache / "claims").write_text("")
+        with claim(cache / "claims" / "x.claim", what="x"):
+            ran = True
+        assert ran
+    finally:
+        cache.chmod(0o755)
