@@ -43,6 +43,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from gptlab import adapters
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import GPT, HFBackbone
 from gptlab.models.convert import gpt2_config, gpt_to_gpt2_state_dict
@@ -272,9 +273,9 @@ def to_hf_classifier(task, tokenizer) -> PreTrainedModel:
             f"model.init_args.pooling: last to export it, or use gptlab's test / predict"
         )
     backbone = task.backbone
-    if getattr(task, "peft_config", None) is not None:
+    if adapters.is_adapted(backbone):
         # transformers' pipeline loads plain models: a peft classifier exports merged
-        backbone = merged_backbone(backbone)
+        backbone = adapters.without_adapters(backbone, merge=True)
     lm = to_hf_model(backbone, tokenizer)  # the backbone as a causal LM, special ids set
     linear = task.head[-1]  # Sequential(Dropout, Linear)
     config = copy.deepcopy(lm.config)
@@ -307,19 +308,6 @@ def to_hf_classifier(task, tokenizer) -> PreTrainedModel:
         elif bias.abs().max() > 0:
             _bias_into_final_norm(model, linear.weight, bias)
     return model.eval()
-
-
-def merged_backbone(backbone: nn.Module) -> nn.Module:
-    """A copy of a peft-adapted backbone with each adapter merged into the base layer it wraps."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    plain = copy.deepcopy(backbone)
-    for name, module in list(plain.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()  # W <- W + scale * B A (LoRA), or the method's own merge
-            parent, _, child = name.rpartition(".")
-            setattr(plain.get_submodule(parent), child, module.get_base_layer())
-    return plain
 
 
 def _score_layer(model: PreTrainedModel) -> nn.Linear:
