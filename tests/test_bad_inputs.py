@@ -418,6 +418,30 @@ def test_backbone_that_cannot_load(row, causal, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").rglob("*"))
 
 
+def test_decoding_options_that_exclude_each_other(causal, capsys):
+    config, run = causal
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    beams = ["--model.init_args.num_beams", "2", "--model.init_args.temperature", "0.7"]
+    code, err = run_cli(capsys, "predict", "--ckpt_path", ckpt, *beams)
+    one_line_error(code, err, "num_beams=2 is beam search", "set temperature 0")
+    many = ["--model.init_args.num_return_sequences", "3"]
+    code, err = run_cli(capsys, "predict", "--ckpt_path", ckpt, *many)
+    one_line_error(code, err, "num_return_sequences=3 needs num_beams >= 3", "temperature > 0")
+
+
+def test_causal_lm_predict_without_prompts(causal, tmp_path, capsys):
+    _, run = causal
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    code, err = run_cli(capsys, "predict", "--ckpt_path", ckpt)
+    one_line_error(code, err, "no prompts to predict", "data.init_args.predict_files")
+    records = tmp_path / "prompts.jsonl"
+    records.write_text('{"prompt": "hello"}\n')
+    code, err = run_cli(
+        capsys, "predict", "--ckpt_path", ckpt, "--data.init_args.predict_files", str(records)
+    )
+    one_line_error(code, err, f"{records} line 1: no text in 'text'", "text_column")
+
+
 def _truncated(run: Path, tmp: Path) -> Path:
     """A copy of `run` whose last.ckpt lost its second half (a save killed midway on a non-atomic writer)."""
     copy_ = tmp / "logs" / "cut" / "version_0"

@@ -68,7 +68,7 @@ def fit_config(bases: SimpleNamespace, tmp: Path, base: str, **model_args) -> Pa
     config = finetune_config(
         tmp, "classification", bases.sentiment, init_from=getattr(bases, base), **model_args
     )
-    config["trainer"].update(max_steps=4, val_check_interval=2)
+    config["trainer"].update(max_steps=2, val_check_interval=2)
     path = tmp / "peft.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -129,7 +129,7 @@ def test_peft_config_from_yaml_and_command_line_is_recorded_as_plain_data(bases,
     assert any(".lora_" in n for n, p in cli.model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("base", ["gpt", "llama"])
+@pytest.mark.parametrize("base", ["gpt", pytest.param("llama", marks=pytest.mark.slow)])
 def test_peft_fit_saves_adapters_and_head_only_and_evaluates_from_the_checkpoint(
     bases, tmp_path, base, capsys
 ):
@@ -158,6 +158,9 @@ def test_peft_fit_saves_adapters_and_head_only_and_evaluates_from_the_checkpoint
     code, err = run_cli(capsys, "test", "--ckpt_path", str(ckpt))
     assert code == 0, err
     assert (run / "reports" / "test_report.json").is_file()
+    code, err = run_cli(capsys, "predict", "--ckpt_path", str(ckpt))
+    assert code == 0, err
+    assert list((run / "predictions").iterdir())
     # And in Python: the same weights as the trained model's.
     task = SequenceClassification.load_from_checkpoint(ckpt)
     for key in keys:
@@ -186,6 +189,7 @@ def test_peft_target_modules_that_match_nothing(bases, tmp_path, capsys):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_adapter_checkpoint_on_another_base(bases, lora_run, tmp_path, capsys):
     other = save_llama(tmp_path / "other_llama", bases.tokenizer, seed=1)
     before = snapshot(lora_run.parent.parent)
@@ -204,6 +208,29 @@ def test_peft_without_the_peft_package(bases, tmp_path, capsys):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
+def test_peft_without_the_peft_package_in_a_real_process(bases, tmp_path):
+    """No peft at all (a package that fails to import shadows it): main.py says which pip command."""
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    (tmp_path / "shadow" / "peft").mkdir(parents=True)
+    (tmp_path / "shadow" / "peft" / "__init__.py").write_text("raise ImportError('No module named peft')\n")
+    path = fit_config(bases, tmp_path, "gpt", peft=LORA)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "fit", "--config", str(path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    one_line_error(done.returncode, done.stderr, "needs the peft library", "pip install 'gptlab[peft]'")
+    assert not (tmp_path / "logs").exists()
+
+
 def test_peft_with_freeze_backbone(bases, tmp_path, capsys):
     path = fit_config(bases, tmp_path, "gpt", peft=LORA, freeze_backbone=True)
     code, err = run_cli(capsys, "fit", "--config", str(path))
@@ -219,6 +246,7 @@ def test_peft_on_a_random_backbone(bases, tmp_path, capsys):
     one_line_error(code, err, "has random weights", "set model.init_args.init_from")
 
 
+@pytest.mark.slow
 def test_init_from_a_peft_checkpoint(bases, lora_run, tmp_path, capsys):
     config = finetune_config(tmp_path, "classification", bases.sentiment, init_from=str(lora_run))
     path = tmp_path / "chain.yaml"
@@ -265,6 +293,7 @@ def gpt_lora_run(bases) -> Path:
     return fit_run(bases, "gpt_classifier", config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["gpt", "llama"])
 def test_export_writes_the_adapter_in_peft_format_and_merged_on_request(
     bases, lm_runs, tmp_path, base, capsys
@@ -311,6 +340,7 @@ def test_export_writes_the_adapter_in_peft_format_and_merged_on_request(
     torch.testing.assert_close(plain_logits, ours, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_of_a_peft_classifier_merged(gpt_lora_run, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
@@ -327,6 +357,7 @@ def test_export_of_a_peft_classifier_merged(gpt_lora_run, tmp_path, capsys):
     assert hf.config.id2label == {0: "negative", 1: "positive"}
 
 
+@pytest.mark.slow
 def test_export_of_a_peft_classifier_without_merged(gpt_lora_run, tmp_path, capsys):
     code, err = run_cli(capsys, "export", "--ckpt_path", str(gpt_lora_run), "--out", str(tmp_path / "x"))
     one_line_error(code, err, "is a peft SequenceClassification", "pass --merged true")
@@ -334,6 +365,7 @@ def test_export_of_a_peft_classifier_without_merged(gpt_lora_run, tmp_path, caps
 
 
 # ----------------------------------------------------------------- other peft methods
+@pytest.mark.slow
 def test_adalora_allocates_its_rank_budget_and_checkpoints_the_allocator(bases, tiny_runs, tmp_path, capsys):
     config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
     model = config["model"]["init_args"]
@@ -359,6 +391,7 @@ def test_adalora_allocates_its_rank_budget_and_checkpoints_the_allocator(bases, 
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_lora_overlay_on_the_shipped_smollm2_config(fake_smollm2, bases, tmp_path, capsys):
     """configs/peft/lora.yaml stacked on configs/finetune/sst2_smollm2.yaml (a tiny stand-in model)."""
     from conftest import REPO

@@ -53,6 +53,14 @@ def test_claim_version_never_hands_out_a_version_twice(tmp_path):
     assert sorted(int(p.name.split("_")[1]) for p in root.iterdir()) == [3, *sorted(claimed)]
 
 
+def test_a_runs_config_yaml_records_no_version(tiny_runs):
+    # The run's directory is claimed by number, but config.yaml records no version: fitting from
+    # it again starts a new run rather than writing into this one.
+    for run in tiny_runs.runs.values():
+        logger = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]
+        assert logger["init_args"]["version"] is None, run
+
+
 @pytest.mark.slow
 def test_runs_started_at_the_same_moment_get_their_own_run_directories(tiny_runs, tmp_path):
     # Four real `main.py fit` processes on one experiment, started together; each records its own

@@ -272,7 +272,7 @@ def is_run_config(path: str | Path) -> bool:
 def user_asks_for_remote_code(argv: list[str]) -> bool:
     """Whether the user's own config files or command-line options turn on a run-code setting
     (`trust_remote_code`). Config files inside a run directory and checkpoints are records of what
-    a run did, not the user's consent to run a model's code now (docs/design.md, safe loading).
+    a run did, not the user's consent to run a model's code now (docs/design.md §6.3).
     """
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
@@ -327,10 +327,22 @@ def retarget_loggers(trainer_cfg: Namespace, save_dir: Path, name: str, version:
             logger.init_args.name = name
 
 
-def _recorded(text: str) -> dict:
-    """A saved run config without `ckpt_path` (which every resume sets): what the run is made of."""
+def _recorded(text: str) -> Any:
+    """A saved run config without what a resume sets by itself: `ckpt_path`, the loggers' settings
+    (pointed at the run directory; only their classes are compared) and the data's tokenizer (the
+    run's own `tokenizer/`, written once by the first command)."""
     config = yaml.safe_load(text) or {}
-    return {k: v for k, v in config.items() if k != "ckpt_path"} if isinstance(config, dict) else config
+    if not isinstance(config, dict):
+        return config
+    config = {k: v for k, v in config.items() if k != "ckpt_path"}
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict) and "logger" in trainer:
+        loggers = trainer["logger"] if isinstance(trainer["logger"], list) else [trainer["logger"]]
+        trainer["logger"] = [x.get("class_path") if isinstance(x, dict) else x for x in loggers]
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):
+        data["init_args"].pop("tokenizer", None)
+    return config
 
 
 class RunDirectory(SaveConfigCallback):
@@ -511,6 +523,7 @@ class GPTLabCLI(LightningCLI):
         # The run directory this command claimed (created) and the nearest folder above it that
         # existed before: what a failure before training removes again.
         self._claimed: Path | None = None
+        self._versioned_loggers: list[Namespace] = []  # logger init_args given a claimed version
         self._existed: Path | None = None
         self._batches = _BatchSeen()
         self._consolidated_dir: tempfile.TemporaryDirectory | None = None
@@ -583,6 +596,11 @@ class GPTLabCLI(LightningCLI):
             if cause is None:
                 raise
             raise cause from None
+        finally:
+            # The loggers have their claimed version now; the config.yaml written into the run
+            # records none, so that fitting from it again starts a new run instead of sharing this one.
+            for args in self._versioned_loggers:
+                args.version = None
 
     def _parse_ckpt_path(self) -> None:
         # Before anyone unpickles it (Lightning's _parse_ckpt_path below, the trainer later): a
@@ -694,6 +712,7 @@ class GPTLabCLI(LightningCLI):
             inherited = os.environ.get(CLAIMED_RUN_ENV)
             if inherited and Path(inherited).parent == root:
                 args.version = Path(inherited).name  # a rank launched by rank 0: its directory
+                self._versioned_loggers.append(args)
                 continue
             if rank_zero_only.rank != 0:
                 continue  # launched by another tool: rank 0's directory reaches it by broadcast
@@ -706,6 +725,7 @@ class GPTLabCLI(LightningCLI):
                     self._claimed, self._existed = root / f"version_{claimed[root]}", existed
                     os.environ[CLAIMED_RUN_ENV] = str(self._claimed)
             args.version = f"version_{claimed[root]}"
+            self._versioned_loggers.append(args)
 
     def _remove_claimed_run(self) -> None:
         """Remove the run directory this command claimed (and the empty folders it created above

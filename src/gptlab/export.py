@@ -44,6 +44,7 @@ from transformers import (
 )
 
 from gptlab import adapters
+from gptlab.data.tokenizers import save_tokenizer
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import GPT, HFBackbone
 from gptlab.models.convert import gpt2_config, gpt_to_gpt2_state_dict
@@ -132,7 +133,9 @@ def export(
     tmp.chmod(0o777 & ~umask)
     try:
         model.save_pretrained(tmp)  # safetensors; tied lm_head stored once
-        tok.save_pretrained(tmp)
+        # The context length travels with the tokenizer: a pipeline then truncates long inputs
+        # instead of indexing past the position table.
+        save_tokenizer(tok, tmp, model_max_length=backbone.block_size)
         info = {
             "checkpoint": str(ckpt_path),
             "task": type(task).__name__,

@@ -75,6 +75,12 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].size(2)
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Make row ``index[b]`` the new row b of every layer (beam search: a beam continues from
+        the state of the beam it extends)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k``, ``v`` (B, nh, T, hs) at ``pos`` for ``layer``; return all keys/values so far.
 
