@@ -820,6 +820,10 @@ def _message_rows(tmp: Path, run: Path) -> dict[str, tuple[list[str], list[str]]
             [f"--ckpt_path {missing} does not exist"],
         ),
         "unknown_subcommand": (["train", "--config", "{config}"], ["`main.py --help`"]),
+        "eval_best_without_config": (
+            ["test", "--ckpt_path", "best"],
+            ["--ckpt_path best: a separate `test` has no best checkpoint", "checkpoints/best.ckpt"],
+        ),
     }
 
 
@@ -831,6 +835,7 @@ MESSAGE_ROWS = [
     "garbage_zip_as_ckpt_path",
     "missing_checkpoint_of_a_run",
     "unknown_subcommand",
+    "eval_best_without_config",
 ]
 
 

@@ -48,9 +48,9 @@ def test_fit_writes_the_run_directory(fitted_run: Path):
     assert val_steps == [0, 2, 5], val_steps
     assert {"train/loss", "train/tokens", "val/ppl"} <= set(events.Tags()["scalars"])
     # The learning rate of every parameter group (decay, no decay), at every logging step.
-    lrs = {tag: [e.value for e in events.Scalars(tag)] for tag in ("lr/decay", "lr/no_decay")}
-    assert lrs["lr/decay"] == lrs["lr/no_decay"] and len(lrs["lr/decay"]) == 6
-    assert lrs["lr/decay"][0] == pytest.approx(3e-3 / 3)  # WarmupCosine: warmup step 1 of 2
+    lrs = {tag: [e.value for e in events.Scalars(tag)] for tag in ("train/lr/decay", "train/lr/no_decay")}
+    assert lrs["train/lr/decay"] == lrs["train/lr/no_decay"] and len(lrs["train/lr/decay"]) == 6
+    assert lrs["train/lr/decay"][0] == pytest.approx(3e-3 / 3)  # WarmupCosine: warmup step 1 of 2
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(fitted_run / "tokenizer")

@@ -144,6 +144,12 @@ def test_lora_under_fsdp_matches_one_process_resumes_and_evaluates_on_one_device
     report = json.loads((run_dir(config, "fsdp") / "reports" / "test_report.json").read_text())
     model = CausalLM.load_from_checkpoint(last)
     assert report["metrics"]["loss"] > 0 and any(".lora_" in n for n, _ in model.named_parameters())
+    # Export reads the folder too: the adapter (peft's format) and the merged model, each checked
+    # against gptlab's logits to 1e-5 before anything is written.
+    from gptlab.export import export
+
+    assert (export(str(last), str(config.parent / "adapter")) / "adapter_model.safetensors").is_file()
+    assert (export(str(last), str(config.parent / "merged"), merged=True) / "model.safetensors").is_file()
 
 
 def test_lora_kill_and_resume_is_exact(tmp_path):

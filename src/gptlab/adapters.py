@@ -116,7 +116,8 @@ def add_adapters(backbone: nn.Module, config: Any) -> Any:
     tuner_class = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
     if tuner_class.uses_shared_state:
         raise ConfigError(
-            f"model.init_args.peft: {kind} keeps state across layers, which gptlab does not support"
+            f"model.init_args.peft: {kind} keeps state shared across layers, which gptlab's backbones "
+            f"do not support; use LoraConfig, AdaLoraConfig or IA3Config"
         )
     target = adapter_target(backbone)
     config = with_default_targets(backbone, config)
@@ -124,12 +125,13 @@ def add_adapters(backbone: nn.Module, config: Any) -> Any:
         tuner = tuner_class(target, config, adapter_name="default")
     except (NoMatchingPeftModuleError, ValueError) as err:
         if isinstance(err, NoMatchingPeftModuleError) or "not found in the base model" in str(err):
+            targets = config.target_modules
+            targets = sorted(targets) if isinstance(targets, set) else targets  # peft keeps a set
             raise ConfigError(
-                f"model.init_args.peft.init_args.target_modules={config.target_modules!r} matches no "
+                f"model.init_args.peft.init_args.target_modules={targets!r} matches no "
                 f"module of the backbone ({type(target).__name__}); its layers are: {module_names(target)}"
             ) from None
         raise ConfigError(f"model.init_args.peft ({kind}): {' '.join(str(err).split())}") from None
-    # The tuner would register `target` under itself; keep it out of the module tree (one owner).
     return tuner
 
 

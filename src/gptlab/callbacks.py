@@ -447,12 +447,22 @@ class Checkpoint(ModelCheckpoint):
 
 class LearningRate(LearningRateMonitor):
     """Lightning's ``LearningRateMonitor``, on in every run (`lr_monitor.*`): the learning rate of
-    every parameter group, as ``lr/decay``, ``lr/no_decay`` (and ``..._lr_x<scale>`` groups with a
-    backbone_lr_scale); ``lr-<Optimizer>/<group>`` without a scheduler.
+    every parameter group, as ``train/lr/decay``, ``train/lr/no_decay`` (and ``..._lr_x<scale>``
+    groups with a backbone_lr_scale), with or without a scheduler.
 
     With no logger (``trainer.logger: false``) there is nowhere to write: it does nothing, where
     Lightning's would stop the run.
     """
+
+    def _find_names_from_optimizers(self, optimizers, seen_optimizers, seen_optimizer_types):
+        # Lightning names an optimizer without a scheduler "lr-<Class>"; gptlab's keys follow the
+        # "{stage}/{name}" scheme either way: "train/lr/<group>" (the task names its scheduler so).
+        names, rest = super()._find_names_from_optimizers(optimizers, seen_optimizers, seen_optimizer_types)
+        renamed = [
+            [name.replace(f"lr-{type(opt).__name__}", "train/lr", 1) for name in group]
+            for group, opt in zip(names, rest, strict=True)
+        ]
+        return renamed, rest
 
     def on_train_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
         if trainer.loggers:

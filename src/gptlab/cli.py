@@ -145,7 +145,13 @@ def with_run_config(argv: list[str]) -> list[str]:
     run = run_dir_of(ckpt)
     if ckpt is None:
         return argv
-    if ckpt and "://" not in ckpt and ckpt not in ("best", "last") and not Path(ckpt).exists():
+    if ckpt in ("best", "last"):
+        raise ConfigError(
+            f"--ckpt_path {ckpt}: a separate `{argv[0]}` has no {ckpt} checkpoint of its own (that name "
+            f"means the {ckpt} of a fit in the same process); give the file, e.g. --ckpt_path "
+            f"logs/<experiment>/version_N/checkpoints/{ckpt}.ckpt (its run's config.yaml is found beside it)"
+        )
+    if ckpt and "://" not in ckpt and not Path(ckpt).exists():
         raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
     config = run / "config.yaml" if run is not None else None
     if config is None or not config.is_file():

@@ -43,6 +43,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from gptlab import adapters
 from gptlab.data.tokenizers import save_tokenizer
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import GPT, HFBackbone
@@ -274,7 +275,11 @@ def to_hf_classifier(task, tokenizer) -> PreTrainedModel:
             f"token's state only, so this classifier has no exact transformers equivalent; fine-tune with "
             f"model.init_args.pooling: last to export it, or use gptlab's test / predict"
         )
-    lm = to_hf_model(task.backbone, tokenizer)  # the backbone as a causal LM, special ids set
+    backbone = task.backbone
+    if adapters.is_adapted(backbone):
+        # transformers' pipeline loads plain models: a peft classifier exports merged
+        backbone = adapters.without_adapters(backbone, merge=True)
+    lm = to_hf_model(backbone, tokenizer)  # the backbone as a causal LM, special ids set
     linear = task.head[-1]  # Sequential(Dropout, Linear)
     config = copy.deepcopy(lm.config)
     config.architectures = None  # from_config sets the head class's own name

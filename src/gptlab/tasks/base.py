@@ -418,10 +418,10 @@ class TaskModule(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosine) and scheduler.max_steps is None:
             scheduler.max_steps = int(self.trainer.estimated_stepping_batches)
-        # "name": the logged learning rates are `lr/<group>` (gptlab.callbacks.LearningRate).
+        # "name": the logged learning rates are `train/lr/<group>` (gptlab.callbacks.LearningRate).
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
         }
 
     def configure_gradient_clipping(
@@ -448,7 +448,9 @@ class TaskModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Which task wrote this checkpoint, so that loading it into another task fails clearly.
-        checkpoint["gptlab"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}"}
+        # FSDP2 swaps the class for a generated `FSDP<Task>` subclass: record the task's own class.
+        task = next(c for c in type(self).__mro__ if not c.__module__.startswith("torch."))
+        checkpoint["gptlab"] = {"task": f"{task.__module__}.{task.__qualname__}"}
         if self.peft_config is not None:
             # Adapters and head only, plus what identifies the frozen base they were trained on.
             state = checkpoint["state_dict"]
