@@ -51,12 +51,12 @@ class Recorder(L.Callback):
         names = {id(p): canonical_name(n) for n, p in pl_module.named_parameters()}
         groups = trainer.optimizers[0].param_groups
         matrices = [p for p in pl_module.parameters() if isinstance(p, DTensor) and p.dim() >= 2]
-        env = trainer.strategy.cluster_environment
+        env = getattr(trainer.strategy, "cluster_environment", None)  # none on a single device
         mesh = matrices[0].device_mesh if matrices else None
         self.facts = {
             "world_size": trainer.world_size,
-            "cluster_environment": type(env).__name__,
-            "ranks": [env.global_rank(), env.local_rank(), env.node_rank()],
+            "cluster_environment": type(env).__name__ if env is not None else None,
+            "ranks": [env.global_rank(), env.local_rank(), env.node_rank()] if env is not None else [0, 0, 0],
             # The mesh a sharded matrix lives on and how it is laid out over it (HSDP: 2-D).
             "mesh": None if mesh is None else list(mesh.shape),
             "placements": None if mesh is None else [str(p) for p in matrices[0].placements],

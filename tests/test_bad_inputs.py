@@ -180,7 +180,11 @@ def test_unwritable_log_directory(causal, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", causal[0], logs=str(blocker / "logs"))
     code, err = run_cli(capsys, "fit", "--config", str(config))
     one_line_error(
-        code, err, f"--logs {blocker / 'logs'}", f"{blocker} is a file", "choose another directory"
+        code,
+        err,
+        f"--logs {blocker / 'logs'}",
+        f"{blocker} is a file",
+        "set --logs to a directory you can write to",
     )
     # A read-only directory: only meaningful when the permission bits bind this user (not root).
     readonly = tmp_path / "readonly"
@@ -192,7 +196,7 @@ def test_unwritable_log_directory(causal, tmp_path, capsys):
             )
         config = write_config(tmp_path / "c.yaml", causal[0], logs=str(readonly / "logs"))
         code, err = run_cli(capsys, "fit", "--config", str(config))
-        one_line_error(code, err, f"{readonly} is not writable", "choose another directory")
+        one_line_error(code, err, f"{readonly} is not writable", "set --logs to a directory you can write to")
     finally:
         readonly.chmod(0o755)
 
@@ -423,6 +427,30 @@ def test_backbone_that_cannot_load(row, causal, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").rglob("*"))
 
 
+def test_decoding_options_that_exclude_each_other(causal, capsys):
+    config, run = causal
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    beams = ["--model.init_args.num_beams", "2", "--model.init_args.temperature", "0.7"]
+    code, err = run_cli(capsys, "predict", "--ckpt_path", ckpt, *beams)
+    one_line_error(code, err, "num_beams=2 is beam search", "set temperature 0")
+    many = ["--model.init_args.num_return_sequences", "3"]
+    code, err = run_cli(capsys, "predict", "--ckpt_path", ckpt, *many)
+    one_line_error(code, err, "num_return_sequences=3 needs num_beams >= 3", "temperature > 0")
+
+
+def test_causal_lm_predict_without_prompts(causal, tmp_path, capsys):
+    _, run = causal
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    code, err = run_cli(capsys, "predict", "--ckpt_path", ckpt)
+    one_line_error(code, err, "no prompts to predict", "data.init_args.predict_files")
+    records = tmp_path / "prompts.jsonl"
+    records.write_text('{"prompt": "hello"}\n')
+    code, err = run_cli(
+        capsys, "predict", "--ckpt_path", ckpt, "--data.init_args.predict_files", str(records)
+    )
+    one_line_error(code, err, f"{records} line 1: no text in 'text'", "text_column")
+
+
 def _truncated(run: Path, tmp: Path) -> Path:
     """A copy of `run` whose last.ckpt lost its second half (a save killed midway on a non-atomic writer)."""
     copy_ = tmp / "logs" / "cut" / "version_0"
@@ -566,3 +594,264 @@ def test_catalogue_table_names_existing_tests():
         assert function in names, f"{node[1]}: no test {function} in {file}"
         if param:
             assert f'"{param.rstrip("]")}"' in source, f"{node[1]}: no parametrize id {param}"
+
+
+# ----------------------------------------------------------------- wrong before training starts
+def _early_rows(tmp: Path) -> dict[str, tuple[list[str], dict, list[str], list[str]]]:
+    """id -> (subcommand + argv before --config, overrides of the causal LM config, argv, needles)."""
+    import torch
+    from transformers import GPT2Config
+
+    nul = tmp / "nul.txt"
+    nul.write_bytes(b"\0" * 4096)
+    state_dict = tmp / "weights.pt"
+    torch.save({"transformer.wte.weight": torch.zeros(2, 2)}, state_dict)
+    hf = {}
+    for kind in ("invalid_json", "no_model_type", "no_weights"):
+        hf[kind] = tmp / f"hf_{kind}"
+        hf[kind].mkdir()
+    (hf["invalid_json"] / "config.json").write_text("{not json")
+    (hf["no_model_type"] / "config.json").write_text('{"n_layer": 2}')
+    GPT2Config(vocab_size=320, n_positions=32, n_embd=32, n_layer=1, n_head=2).save_pretrained(
+        hf["no_weights"]
+    )
+    blocker = tmp / "a_file"
+    blocker.write_text("")
+    key = "model.init_args.backbone.init_args"
+    init_from = {"model.init_args.backbone": None, "data.init_args.tokenizer": str(tmp)}
+    return {
+        "negative_lr": (
+            ["fit"],
+            {"model.init_args.optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": -0.1}}},
+            [],
+            ["model.init_args.optimizer", "Invalid learning rate: -0.1"],
+        ),
+        "negative_warmup": (
+            ["fit"],
+            {
+                "model.init_args.scheduler": {
+                    "class_path": "gptlab.optim.WarmupCosine",
+                    "init_args": {"warmup_steps": -5},
+                }
+            },
+            [],
+            ["model.init_args.scheduler", "warmup_steps=-5"],
+        ),  # fmt: skip
+        "heads_do_not_divide_n_embd": (
+            ["fit"],
+            {f"{key}.n_embd": 30, f"{key}.n_head": 4},
+            [],
+            [f"{key}.n_embd=30 is not divisible by n_head=4"],
+        ),
+        "dropout_out_of_range": (["fit"], {f"{key}.dropout": 1.5}, [], [f"{key}.dropout=1.5", "[0, 1]"]),
+        "accumulate_grad_batches_zero": (
+            ["fit"],
+            {"trainer.accumulate_grad_batches": 0},
+            [],
+            ["trainer.accumulate_grad_batches=0 must be at least 1"],
+        ),
+        "val_check_interval_zero": (
+            ["fit"],
+            {"trainer.val_check_interval": 0},
+            [],
+            ["trainer.val_check_interval=0 must be positive"],
+        ),
+        "max_steps_zero": (["fit"], {"trainer.max_steps": 0}, [], ["trainer.max_steps=0 trains nothing"]),
+        "uncatchable_preemption_signal": (
+            ["fit"],
+            {},
+            ["--preemption.signals", "[SIGTERM, SIGKILL]"],
+            ["preemption.signals: ['SIGKILL'] cannot be caught"],
+        ),
+        "negative_preemption_interval": (
+            ["fit"],
+            {},
+            ["--preemption.every_n_steps", "-3"],
+            ["preemption.every_n_steps=-3 must be >= 0"],
+        ),
+        "nul_bytes_text": (
+            ["fit"],
+            {"data.init_args.train_files": str(nul)},
+            [],
+            [f"{nul}: a NUL byte at byte 0", "binary file"],
+        ),
+        "state_dict_as_ckpt_path": (
+            ["fit"],
+            {},
+            ["--ckpt_path", str(state_dict)],
+            [f"--ckpt_path {state_dict} is not a checkpoint written by Lightning", "torch.save(state_dict)"],
+        ),
+        "empty_ckpt_path": (["fit"], {}, ["--ckpt_path", ""], ["--ckpt_path is empty"]),
+        "validate_best_without_fit": (
+            ["validate"],
+            {},
+            ["--ckpt_path", "best"],
+            ["--ckpt_path best: a separate `validate` has no best checkpoint", "best.ckpt"],
+        ),
+        "hf_init_from_invalid_config": (
+            ["fit"],
+            {**init_from, "model.init_args.init_from": str(hf["invalid_json"])},
+            [],
+            [f"{hf['invalid_json'] / 'config.json'} line 1 column 2 is not valid JSON"],
+        ),
+        "hf_init_from_without_model_type": (
+            ["fit"],
+            {**init_from, "model.init_args.init_from": str(hf["no_model_type"])},
+            [],
+            ["config.json names no model_type", "save_pretrained"],
+        ),
+        "hf_init_from_without_weights": (
+            ["fit"],
+            {**init_from, "model.init_args.init_from": str(hf["no_weights"])},
+            [],
+            [f"init_from={hf['no_weights']}: no weights in the directory", "model.safetensors"],
+        ),
+        "unwritable_cache_dir": (
+            ["fit"],
+            {"data.init_args.cache_dir": str(blocker / "cache")},
+            [],
+            [f"data.init_args.cache_dir {blocker / 'cache'}", "set data.init_args.cache_dir"],
+        ),
+        "experiment_with_a_path": (
+            ["fit"],
+            {},
+            ["--experiment", "../elsewhere"],
+            ["--experiment '../elsewhere': give a plain name", "set --logs"],
+        ),
+        "monitor_never_logged": (
+            ["fit"],
+            {},
+            ["--checkpoint.monitor", "val/acc"],
+            ["checkpoint.monitor='val/acc' is never logged by this run", "val/loss"],
+        ),
+    }
+
+
+EARLY_ROWS = [
+    "negative_lr",
+    "negative_warmup",
+    "heads_do_not_divide_n_embd",
+    "dropout_out_of_range",
+    "accumulate_grad_batches_zero",
+    "val_check_interval_zero",
+    "max_steps_zero",
+    "uncatchable_preemption_signal",
+    "negative_preemption_interval",
+    "nul_bytes_text",
+    "state_dict_as_ckpt_path",
+    "empty_ckpt_path",
+    "validate_best_without_fit",
+    "hf_init_from_invalid_config",
+    "hf_init_from_without_model_type",
+    "hf_init_from_without_weights",
+    "unwritable_cache_dir",
+    "experiment_with_a_path",
+    "monitor_never_logged",
+]
+
+
+@pytest.mark.parametrize("row", EARLY_ROWS)
+def test_wrong_before_training(row, causal, tmp_path, capsys):
+    """One line, exit 2, before training, and no run folder left (the experiment's folders are as before)."""
+    base, run = causal
+    command, overrides, argv, needles = _early_rows(tmp_path)[row]
+    config = write_config(tmp_path / "c.yaml", base, **overrides)
+    folders = sorted(p.name for p in run.parent.parent.rglob("*") if p.is_dir())
+    one_line_error(*run_cli(capsys, *command, "--config", str(config), *argv), *needles)
+    assert sorted(p.name for p in run.parent.parent.rglob("*") if p.is_dir()) == folders
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.slow
+def test_full_disk_at_start(causal, tmp_path):
+    # A real process under a file-size limit that the first files of a run (config.yaml, the
+    # tokenizer, the event file) exceed: EFBIG, handled as a full disk (ENOSPC) is. One line, and
+    # no run folder left behind.
+    config = write_config(tmp_path / "c.yaml", causal[0], logs=str(tmp_path / "logs"))
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "fit", "--config", str(config)],
+        capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"},
+    )  # fmt: skip
+    one_line_error(
+        result.returncode, result.stderr, "disk full while writing", "nothing of this run was kept"
+    )
+    assert not (tmp_path / "logs").exists(), list((tmp_path / "logs").rglob("*"))
+
+
+# ----------------------------------------------------------------- messages that name the real cause
+def _message_rows(tmp: Path, run: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """id -> (argv after the subcommand's config, needles); `{config}` stands for the causal LM config."""
+    import zipfile
+
+    empty = tmp / "empty.yaml"
+    empty.write_text("# nothing here yet\n")
+    listed = tmp / "listed.yaml"
+    listed.write_text("- trainer:\n    max_steps: 3\n")
+    folder = tmp / "configs"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("trainer: {max_steps: 3}\n")
+    empty_dir = tmp / "empty_ckpt"
+    empty_dir.mkdir()
+    garbage = tmp / "garbage.ckpt"
+    with zipfile.ZipFile(garbage, "w") as archive:  # a zip like torch.save's, its pickle random bytes
+        archive.writestr("garbage/data.pkl", bytes(range(256)) * 4)
+        archive.writestr("garbage/version", "3\n")
+    missing = run / "checkpoints" / "nope.ckpt"
+    return {
+        "empty_yaml": (
+            ["fit", "--config", "{config}", "--config", str(empty)],
+            [f"{empty}: an empty config file"],
+        ),
+        "yaml_list": (
+            ["fit", "--config", "{config}", "--config", str(listed)],
+            [f"{listed}: a YAML list at the top level", "mapping of keys"],
+        ),
+        "directory_as_config": (
+            ["fit", "--config", str(folder)],
+            [f"--config {folder}: a directory, not a config file", f"--config {folder / 'a.yaml'}"],
+        ),
+        "empty_folder_as_ckpt_path": (
+            ["fit", "--config", "{config}", "--ckpt_path", str(empty_dir)],
+            [f"--ckpt_path {empty_dir} is an empty folder, not a checkpoint"],
+        ),
+        "garbage_zip_as_ckpt_path": (
+            ["fit", "--config", "{config}", "--ckpt_path", str(garbage)],
+            [f"checkpoint {garbage} could not be read by the weights-only loader", "corrupt"],
+        ),
+        "missing_checkpoint_of_a_run": (
+            ["test", "--ckpt_path", str(missing)],
+            [f"--ckpt_path {missing} does not exist"],
+        ),
+        "unknown_subcommand": (["train", "--config", "{config}"], ["`main.py --help`"]),
+        "eval_best_without_config": (
+            ["test", "--ckpt_path", "best"],
+            ["--ckpt_path best: a separate `test` has no best checkpoint", "checkpoints/best.ckpt"],
+        ),
+    }
+
+
+MESSAGE_ROWS = [
+    "empty_yaml",
+    "yaml_list",
+    "directory_as_config",
+    "empty_folder_as_ckpt_path",
+    "garbage_zip_as_ckpt_path",
+    "missing_checkpoint_of_a_run",
+    "unknown_subcommand",
+    "eval_best_without_config",
+]
+
+
+@pytest.mark.parametrize("row", MESSAGE_ROWS)
+def test_messages_name_the_real_cause(row, causal, tmp_path, capsys):
+    base, run = causal
+    argv, needles = _message_rows(tmp_path, run)[row]
+    line = one_line_error(*run_cli(capsys, *[str(base) if a == "{config}" else a for a in argv]), *needles)
+    assert "no such file" not in line and "unsafe" not in line and "cut off" not in line
+    assert "main.py train --help" not in line and "no run config" not in line

@@ -309,3 +309,15 @@ def test_multi_label_fit_test_report_and_predict(tmp_path, tokenizer_dir):
     trainer.predict(model, dm)
     lines = (tmp_path / "predictions" / "predictions.tsv").read_text().splitlines()
     assert len(lines) == 17 and lines[1].split("\t")[:2] == ["good great movie", "good"]
+
+
+def test_label_names_the_training_data_never_uses_warn(tmp_path, tokenizer_dir):
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\n" + "the movie was good\tpositive\nthe plot was bad\tnegative\n" * 4)
+    dm = data(
+        tmp_path, tokenizer_dir, train_files=str(train), text_column="sentence",
+        label_names=["negative", "positive", "neutral", "mixed"],
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"label_names: 'neutral', 'mixed' never occur in the training data"):
+        dm.setup("fit")
+    assert dm.label_names == ["negative", "positive", "neutral", "mixed"]  # still a warning, not an error

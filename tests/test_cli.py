@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoTokenizer
 
 from conftest import run_main, tiny_config
 from gptlab.tasks import CausalLM
@@ -47,9 +48,9 @@ def test_fit_writes_the_run_directory(fitted_run: Path):
     assert val_steps == [0, 2, 5], val_steps
     assert {"train/loss", "train/tokens", "val/ppl"} <= set(events.Tags()["scalars"])
     # The learning rate of every parameter group (decay, no decay), at every logging step.
-    lrs = {tag: [e.value for e in events.Scalars(tag)] for tag in ("lr/decay", "lr/no_decay")}
-    assert lrs["lr/decay"] == lrs["lr/no_decay"] and len(lrs["lr/decay"]) == 6
-    assert lrs["lr/decay"][0] == pytest.approx(3e-3 / 3)  # WarmupCosine: warmup step 1 of 2
+    lrs = {tag: [e.value for e in events.Scalars(tag)] for tag in ("train/lr/decay", "train/lr/no_decay")}
+    assert lrs["train/lr/decay"] == lrs["train/lr/no_decay"] and len(lrs["train/lr/decay"]) == 6
+    assert lrs["train/lr/decay"][0] == pytest.approx(3e-3 / 3)  # WarmupCosine: warmup step 1 of 2
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(fitted_run / "tokenizer")
@@ -193,6 +194,10 @@ def test_resumed_run_records_the_config_it_used(tiny_runs, tmp_path, capsys):
     run = tmp_path / "logs" / "causal_lm" / "version_0"
     first = (run / "config.yaml").read_text()
     last = str(run / "checkpoints" / "last.ckpt")
+    # A resume with the same settings keeps the record as it is.
+    code, err = run_cli(capsys, "fit", "--config", str(run / "config.yaml"), "--ckpt_path", last)
+    assert code == 0, err[-3000:]
+    assert (run / "config.yaml").read_text() == first and not (run / "config.1.yaml").exists()
     code, err = run_cli(
         capsys, "fit", "--config", str(run / "config.yaml"), "--ckpt_path", last, "--trainer.max_steps", "3"
     )
@@ -207,3 +212,34 @@ def test_resumed_run_records_the_config_it_used(tiny_runs, tmp_path, capsys):
     )
     assert code == 0, err[-3000:]
     assert (run / "config.yaml").read_text() == second and not (run / "config.2.yaml").exists()
+
+
+def test_causal_lm_predict_continues_a_prompts_file(tiny_runs, tmp_path, capsys):
+    from gptlab.generate import generate_text
+
+    run = _copy_run(tiny_runs.runs["causal_lm"], tmp_path)
+    prompts = ["def add(a, b):", "The quick brown", "x"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")  # a blank line is no prompt
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    predict = [
+        "predict",
+        "--ckpt_path",
+        ckpt,
+        "--data.init_args.predict_files",
+        str(tmp_path / "prompts.txt"),
+    ]
+    code, err = run_cli(capsys, *predict, "--model.init_args.max_new_tokens", "6")
+    assert code == 0, err[-3000:]
+    records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == prompts
+    # the same greedy continuations as gptlab.generate on the checkpoint's model
+    model = CausalLM.load_from_checkpoint(ckpt).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    expected = generate_text(model.backbone, tokenizer, prompts, max_new_tokens=6, temperature=0)
+    assert [r["completion"] for r in records] == expected
+    # beam search, two completions per prompt: the best first
+    beams = ["--model.init_args.num_beams", "3", "--model.init_args.num_return_sequences", "2"]
+    code, err = run_cli(capsys, *predict, "--model.init_args.max_new_tokens", "6", *beams)
+    assert code == 0, err[-3000:]
+    records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(r["completions"]) == 2 and r["completion"] == r["completions"][0] for r in records)

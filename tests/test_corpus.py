@@ -211,6 +211,17 @@ def test_datamodule_streams_equal_the_unchunked_path(tmp_path, monkeypatch, spli
     assert with_val.train_dataset.tokens.tolist() == whole(with_val.tokenizer, texts)
 
 
+def test_unseen_characters_are_counted_in_one_warning_per_split(tmp_path, small_chunks):
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text(prose(200, seed=15), encoding="utf-8")
+    val.write_text(prose(200, seed=16) + " caf\u00e9 \U0001f600\n", encoding="utf-8")
+    expected = "val_files .*: 1 of 1 documents hold text .* '<unk>' \\(e.g. '\u00e9', '\U0001f600'\\)"
+    with pytest.warns(UserWarning, match=expected):
+        dm = prepare(tmp_path, "c", tokenizer=Char(), train_files=str(train), val_files=str(val))
+    unk = dm.tokenizer.unk_token_id
+    assert dm.val_dataset.tokens.tolist().count(unk) == 2 and unk not in dm.train_dataset.tokens.tolist()
+
+
 def test_python_memory_stays_bounded_on_a_long_line(tmp_path, monkeypatch):
     # One 1 MB line, read, cut and encoded in small pieces: Python holds a few batches of it.
     path = tmp_path / "line.txt"
@@ -270,7 +281,14 @@ def test_an_interrupted_preparation_leaves_no_cache_entry(tmp_path, monkeypatch,
         with pytest.raises(KeyboardInterrupt):
             TextDataModule(**kwargs).prepare_data()
     assert not list((tmp_path / "c" / "text").iterdir())  # no entry, no leftover build directory
+    # A build killed outright (SIGKILL) leaves its directory; the next build of the entry removes it.
+    dm = TextDataModule(**kwargs)
+    killed = tmp_path / "c" / "text" / f".tmp-{dm.cache_path(dm._load_tokenizer()).name[:16]}-x1y2"
+    (killed / "part").mkdir(parents=True)
+    other = tmp_path / "c" / "text" / ".tmp-0123456789abcdef-x1y2"  # another entry's build: kept
+    other.mkdir()
     dm = prepare(tmp_path, "c", **{k: v for k, v in kwargs.items() if k != "cache_dir"})
+    assert not killed.exists() and other.exists()
     assert dm.train_dataset.tokens.tolist() + dm.val_dataset.tokens.tolist() == whole(
         dm.tokenizer, [path.read_text()]
     )

@@ -156,3 +156,36 @@ def test_export_of_a_mean_pooled_classifier_is_refused(tiny_runs, tmp_path, caps
     code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "out"))
     one_line_error(code, err, "pooling='mean'", "model.init_args.pooling: last")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no out, no temporary directory
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_lora_classifier_exports_merged(kind, tokenizer, tmp_path):
+    """Under peft the classifier exports with its adapters merged: a plain transformers classifier."""
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    backbone = (
+        GPT(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=32) if kind == "gpt" else llama()
+    )
+    lora = LoraConfig(r=4, lora_alpha=8)
+    # init_from: where the base weights would come from in `setup` (not called here)
+    task = SequenceClassification(backbone, ["neg", "pos"], head_bias=False, peft=lora, init_from="base")
+    with torch.no_grad():
+        for name, p in task.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # B starts at zero: make the adapters change the logits
+    model = to_hf_classifier(task.eval(), tokenizer)
+    assert not any("lora" in k for k in model.state_dict())
+    model.save_pretrained(tmp_path)
+    assert check_classifier_export(task, tmp_path, tokenizer) <= 1e-5
+    # ... and the adapters matter: without them the logits are others
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        adapted = task({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        for module in backbone.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(False)
+        assert not torch.allclose(task({"input_ids": ids, "attention_mask": ids > 0}), adapted, atol=1e-3)
+        torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=0)

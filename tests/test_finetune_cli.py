@@ -235,6 +235,7 @@ def test_shipped_smollm2_configs_train_and_export(name, work, fake_smollm2, tmp_
     ]
     fitted = cli("fit", *args, *small)
     assert isinstance(fitted.model.backbone, HFBackbone)
+    assert type(fitted.model.peft_config).__name__ == "LoraConfig"  # the shipped configs use LoRA
     assert fitted.model.backbone.model.config.model_type == "llama"
     if name.startswith("sst2"):
         assert fitted.model.head[1].bias is None  # what LlamaForSequenceClassification can hold
@@ -243,8 +244,9 @@ def test_shipped_smollm2_configs_train_and_export(name, work, fake_smollm2, tmp_
     assert Path(built.datamodule.role_files["train"]).resolve().parent.name in ("sst2", "conll2003")
     out = tmp_path / "hf"
     code, err = run_cli(
-        capsys, "export", "--ckpt_path", f"{fitted.trainer.log_dir}/checkpoints/last.ckpt", "--out", str(out)
-    )
+        capsys, "export", "--ckpt_path", f"{fitted.trainer.log_dir}/checkpoints/last.ckpt", "--out", str(out),
+        "--merged", "true",
+    )  # fmt: skip
     assert code == 0, err
     auto = AutoModelForSequenceClassification if name.startswith("sst2") else AutoModelForTokenClassification
     model = auto.from_pretrained(out)

@@ -182,3 +182,86 @@ def test_sample_generation_callback_call_still_works():
     generator = torch.Generator().manual_seed(0)
     row = generate(gpt, [1, 2, 3], 12, 0.8, 50, eos_token_id=None, generator=generator)
     assert len(row) == 12 and gpt.training  # the mode is restored
+
+
+# ----------------------------------------------------------------- search options against transformers
+def _hf_new_tokens(hf, prompts, eos, **options) -> list[list[int]]:
+    """transformers' `generate` on left-padded prompts: the new ids of each row, up to its EOS."""
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p) :], mask[i, length - len(p) :] = torch.tensor(p), 1
+    out = hf.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=eos, **options
+    )
+    rows = out[:, length:].tolist()
+    return [row[: row.index(eos)] if eos in row else row for row in rows]
+
+
+@pytest.mark.parametrize("backbone", ["gpt", "hf"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(num_beams=4),
+        dict(num_beams=4, num_return_sequences=2, length_penalty=0.5),
+        dict(num_beams=3, min_new_tokens=4, no_repeat_ngram_size=2),
+    ],
+    ids=["beams", "two_best_beams", "beams_with_bans"],
+)
+def test_beam_search_matches_transformers(backbone: str, options: dict):
+    gpt = tiny_gpt()
+    hf = hf_twin(gpt)
+    model = gpt if backbone == "gpt" else _hf_backbone(hf)
+    prompts = prompts_of_lengths(8, 3, 5)  # left padding exercised
+    # An EOS the model does produce, so that beams finish at different lengths.
+    produced = generate_batch(gpt, prompts, max_new_tokens=12, temperature=0, **options)
+    for eos in sorted({t for row in produced for t in row}):
+        rows = generate_batch(gpt, prompts, max_new_tokens=12, temperature=0, eos_token_id=eos, **options)
+        if any(len(row) < 12 for row in rows):
+            break
+    for eos_id in (None, eos):
+        expected = _hf_new_tokens(hf, prompts, eos_id, max_new_tokens=12, **options)
+        ours = generate_batch(
+            model, prompts, max_new_tokens=12, temperature=0, eos_token_id=eos_id, **options
+        )
+        assert ours == expected
+    assert any(len(row) < 12 for row in ours)  # some beams ended on EOS
+    uncached = generate_batch(gpt, prompts, max_new_tokens=12, temperature=0, use_cache=False, **options)
+    assert uncached == generate_batch(gpt, prompts, max_new_tokens=12, temperature=0, **options)
+
+
+def test_min_new_tokens_and_no_repeat_ngrams_match_transformers_greedy():
+    gpt = tiny_gpt()
+    hf = hf_twin(gpt)
+    prompts = prompts_of_lengths(7, 7)
+    plain = generate_batch(gpt, prompts, max_new_tokens=12, temperature=0)
+    eos = plain[0][2]  # the model's own third token: EOS would end row 0 at once
+    for options in (dict(min_new_tokens=6), dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=1)):
+        expected = _hf_new_tokens(hf, prompts, eos, max_new_tokens=12, **options)
+        ours = generate_batch(gpt, prompts, max_new_tokens=12, temperature=0, eos_token_id=eos, **options)
+        assert ours == expected, options
+    banned = generate_batch(gpt, prompts, max_new_tokens=12, temperature=0, no_repeat_ngram_size=2)
+    for prompt, row in zip(prompts, banned, strict=True):
+        pairs = list(zip(prompt + row, (prompt + row)[1:], strict=False))
+        assert len(pairs) == len(set(pairs))  # no bigram twice
+    assert plain != banned
+
+
+def test_num_return_sequences_samples_each_prompt_that_many_times():
+    gpt = tiny_gpt()
+    prompts = prompts_of_lengths(5, 9)
+    rows = generate_batch(gpt, prompts, max_new_tokens=10, seed=4, num_return_sequences=3, **SAMPLING)
+    assert len(rows) == 6 and rows[0] != rows[1]  # prompt 0's three samples differ
+    again = generate_batch(gpt, prompts, max_new_tokens=10, seed=4, num_return_sequences=3, **SAMPLING)
+    assert rows == again
+
+
+def test_bad_search_options_are_refused_in_one_message():
+    gpt = tiny_gpt()
+    with pytest.raises(ConfigError, match=r"num_beams=2 is beam search.*set temperature 0"):
+        generate_batch(gpt, [[1, 2]], temperature=0.7, num_beams=2)
+    with pytest.raises(ConfigError, match=r"num_return_sequences=3 needs that many beams"):
+        generate_batch(gpt, [[1, 2]], temperature=0, num_beams=2, num_return_sequences=3)
+    with pytest.raises(ConfigError, match=r"min_new_tokens=-1.*no_repeat_ngram_size=-2"):
+        generate_batch(gpt, [[1, 2]], min_new_tokens=-1, no_repeat_ngram_size=-2)

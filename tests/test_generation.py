@@ -190,6 +190,13 @@ def test_export_round_trip(sft_run: Path, tmp_path: Path):
         expected = task.backbone.logits(task.backbone(batch))
         torch.testing.assert_close(model(batch).logits, expected, atol=1e-5, rtol=0)
     assert model.config.eos_token_id == theirs.eos_token_id
+    # The context length travels with the tokenizer: truncation stops at the position table's end.
+    assert theirs.model_max_length == TINY_BACKBONE["block_size"]
+    long_ids = theirs(text * 20, truncation=True)["input_ids"]
+    assert (
+        len(long_ids) == TINY_BACKBONE["block_size"]
+        and model(torch.tensor([long_ids])).logits.isfinite().all()
+    )
     # transformers' greedy generate continues exactly like gptlab's decoding
     prompt = ours("Question: What is 3 plus 4?\nAnswer: ")["input_ids"]
     hf_new = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[
@@ -244,8 +251,13 @@ def test_export_refuses_bad_input_and_writes_nothing(sft_run: Path, tmp_path: Pa
     assert "not written by gptlab" in capsys.readouterr().err
 
 
-def test_export_of_a_hugging_face_backbone(tmp_path: Path):
-    """An HFBackbone (here a tiny Llama) exports as itself, with the tokenizer's special ids."""
+@pytest.mark.parametrize(
+    "family, logits_step",
+    [("llama", {}), ("granite", {"logits_scaling": 4.0}), ("gemma2", {"final_logit_softcapping": 0.5})],
+)
+def test_export_of_a_hugging_face_backbone(tmp_path: Path, family: str, logits_step: dict):
+    """An HFBackbone (a tiny Llama; Granite and Gemma 2, whose forward changes the logits after the
+    LM head) exports as itself, with the tokenizer's special ids and the same logits."""
     from gptlab.data import BPE
     from gptlab.export import check_export, to_hf_model
     from gptlab.models import HFBackbone
@@ -253,10 +265,16 @@ def test_export_of_a_hugging_face_backbone(tmp_path: Path):
     tokenizer = BPE(vocab_size=300).train(["some text to train on"] * 10)
     torch.manual_seed(0)
     backbone = HFBackbone(
-        model_type="llama",
+        model_type=family,
         config_overrides=dict(
-            vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-        ),
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            **({"head_dim": 16, "num_key_value_heads": 2} if family == "gemma2" else {}),
+            **logits_step,
+        ),  # fmt: skip
     ).eval()
     model = to_hf_model(backbone, tokenizer)
     model.save_pretrained(tmp_path)

@@ -134,3 +134,18 @@ def test_nonfinite_loss_skip_policy_skips_that_step(tiny_run, recwarn):
     # AdamW counts the updates each parameter received: one fewer than the optimizer steps.
     assert {int(s["step"]) for s in saved["optimizer_states"][0]["state"].values()} == {9}
     assert saved["callbacks"]["NonFiniteLoss"]["skipped"] == 1
+
+
+def test_stop_message_suggests_what_is_not_set_yet():
+    # With policy "skip" already set, the message (max_skips exceeded) must not suggest it again.
+    from types import SimpleNamespace
+
+    from gptlab.resilience import NonFiniteLoss, NonFiniteLossError
+
+    trainer = SimpleNamespace(world_size=1, global_step=6, current_epoch=0)
+    nan = torch.tensor(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="set --nonfinite_loss.policy skip"):
+        NonFiniteLoss(policy="stop").on_before_backward(trainer, None, nan)
+    with pytest.raises(NonFiniteLossError, match=r"raise --nonfinite_loss.max_skips \(now 0\)") as caught:
+        NonFiniteLoss(policy="skip", max_skips=0).on_before_backward(trainer, None, nan)
+    assert "policy skip" not in str(caught.value)

@@ -68,7 +68,7 @@ def fit_config(bases: SimpleNamespace, tmp: Path, base: str, **model_args) -> Pa
     config = finetune_config(
         tmp, "classification", bases.sentiment, init_from=getattr(bases, base), **model_args
     )
-    config["trainer"].update(max_steps=4, val_check_interval=2)
+    config["trainer"].update(max_steps=2, val_check_interval=2)
     path = tmp / "peft.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -129,7 +129,7 @@ def test_peft_config_from_yaml_and_command_line_is_recorded_as_plain_data(bases,
     assert any(".lora_" in n for n, p in cli.model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("base", ["gpt", "llama"])
+@pytest.mark.parametrize("base", ["gpt", pytest.param("llama", marks=pytest.mark.slow)])
 def test_peft_fit_saves_adapters_and_head_only_and_evaluates_from_the_checkpoint(
     bases, tmp_path, base, capsys
 ):
@@ -158,6 +158,9 @@ def test_peft_fit_saves_adapters_and_head_only_and_evaluates_from_the_checkpoint
     code, err = run_cli(capsys, "test", "--ckpt_path", str(ckpt))
     assert code == 0, err
     assert (run / "reports" / "test_report.json").is_file()
+    code, err = run_cli(capsys, "predict", "--ckpt_path", str(ckpt))
+    assert code == 0, err
+    assert list((run / "predictions").iterdir())
     # And in Python: the same weights as the trained model's.
     task = SequenceClassification.load_from_checkpoint(ckpt)
     for key in keys:
@@ -181,11 +184,12 @@ def test_peft_target_modules_that_match_nothing(bases, tmp_path, capsys):
     lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["query", "value"]}}
     path = fit_config(bases, tmp_path, "gpt", peft=lora)
     code, err = run_cli(capsys, "fit", "--config", str(path))
-    line = one_line_error(code, err, "target_modules", "matches no module")
+    line = one_line_error(code, err, "target_modules=['query', 'value'] matches no module")
     assert "c_attn (Linear)" in line and "lm_head (Linear)" in line  # the backbone's own names
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_adapter_checkpoint_on_another_base(bases, lora_run, tmp_path, capsys):
     other = save_llama(tmp_path / "other_llama", bases.tokenizer, seed=1)
     before = snapshot(lora_run.parent.parent)
@@ -204,6 +208,29 @@ def test_peft_without_the_peft_package(bases, tmp_path, capsys):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
+def test_peft_without_the_peft_package_in_a_real_process(bases, tmp_path):
+    """No peft at all (a package that fails to import shadows it): main.py says which pip command."""
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    (tmp_path / "shadow" / "peft").mkdir(parents=True)
+    (tmp_path / "shadow" / "peft" / "__init__.py").write_text("raise ImportError('No module named peft')\n")
+    path = fit_config(bases, tmp_path, "gpt", peft=LORA)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "fit", "--config", str(path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    one_line_error(done.returncode, done.stderr, "needs the peft library", "pip install 'gptlab[peft]'")
+    assert not (tmp_path / "logs").exists()
+
+
 def test_peft_with_freeze_backbone(bases, tmp_path, capsys):
     path = fit_config(bases, tmp_path, "gpt", peft=LORA, freeze_backbone=True)
     code, err = run_cli(capsys, "fit", "--config", str(path))
@@ -219,6 +246,7 @@ def test_peft_on_a_random_backbone(bases, tmp_path, capsys):
     one_line_error(code, err, "has random weights", "set model.init_args.init_from")
 
 
+@pytest.mark.slow
 def test_init_from_a_peft_checkpoint(bases, lora_run, tmp_path, capsys):
     config = finetune_config(tmp_path, "classification", bases.sentiment, init_from=str(lora_run))
     path = tmp_path / "chain.yaml"
@@ -265,6 +293,7 @@ def gpt_lora_run(bases) -> Path:
     return fit_run(bases, "gpt_classifier", config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["gpt", "llama"])
 def test_export_writes_the_adapter_in_peft_format_and_merged_on_request(
     bases, lm_runs, tmp_path, base, capsys
@@ -311,6 +340,7 @@ def test_export_writes_the_adapter_in_peft_format_and_merged_on_request(
     torch.testing.assert_close(plain_logits, ours, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_of_a_peft_classifier_merged(gpt_lora_run, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
@@ -327,7 +357,153 @@ def test_export_of_a_peft_classifier_merged(gpt_lora_run, tmp_path, capsys):
     assert hf.config.id2label == {0: "negative", 1: "positive"}
 
 
+@pytest.mark.slow
 def test_export_of_a_peft_classifier_without_merged(gpt_lora_run, tmp_path, capsys):
     code, err = run_cli(capsys, "export", "--ckpt_path", str(gpt_lora_run), "--out", str(tmp_path / "x"))
     one_line_error(code, err, "is a peft SequenceClassification", "pass --merged true")
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------- other peft methods
+@pytest.mark.slow
+def test_adalora_allocates_its_rank_budget_and_checkpoints_the_allocator(bases, tiny_runs, tmp_path, capsys):
+    config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+    model = config["model"]["init_args"]
+    model.pop("backbone")
+    adalora = {"init_r": 4, "target_r": 1, "total_step": 8, "tinit": 1, "tfinal": 2, "deltaT": 1}
+    model.update(init_from=bases.gpt, peft={"class_path": "peft.AdaLoraConfig", "init_args": adalora})
+    config["data"]["init_args"]["cache_dir"] = str(bases.tmp / "cache")
+    config["trainer"].update(max_steps=8, val_check_interval=4)
+    ckpt = fit_run(bases, "adalora", config)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"]
+    singular = [v for k, v in state.items() if ".lora_E." in k]  # (init_r, 1) each
+    assert singular and all(v.shape == (4, 1) for v in singular)
+    # The budget fell from 4 to 1 triplet per layer on average: most singular values are masked.
+    kept = sum(int((v != 0).sum()) for v in singular)
+    assert kept <= len(singular) * 2, kept
+    # The final allocation (step total_step - tfinal) is recorded and kept: masked triplets stay 0.
+    pattern = checkpoint["gptlab"]["peft"]["adalora"]["rank_pattern"]
+    assert pattern and sum(sum(kept) for kept in pattern.values()) == kept
+    task = CausalLM.load_from_checkpoint(ckpt)
+    assert task.peft_tuner.peft_config["default"].rank_pattern == pattern
+    code, err = run_cli(capsys, "test", "--ckpt_path", str(ckpt))
+    assert code == 0, err
+
+
+@pytest.mark.slow
+def test_lora_overlay_on_the_shipped_smollm2_config(fake_smollm2, bases, tmp_path, capsys):
+    """configs/peft/lora.yaml stacked on configs/finetune/sst2_smollm2.yaml (a tiny stand-in model)."""
+    from conftest import REPO
+    from gptlab.cli import main
+
+    args = [
+        "fit", "--config", str(REPO / "configs/finetune/sst2_smollm2.yaml"),
+        "--config", str(REPO / "configs/peft/lora.yaml"),
+        "--data.init_args.train_files", str(bases.sentiment["train"]),
+        "--data.init_args.val_files", str(bases.sentiment["dev"]),
+        "--data.init_args.test_files", str(bases.sentiment["test"]),
+        "--data.init_args.cache_dir", str(tmp_path / "cache"), "--logs", str(tmp_path / "logs"),
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+    ]  # fmt: skip
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        main(args)
+    assert "LoraConfig adapters on a frozen base" in capsys.readouterr().out
+    (ckpt,) = (tmp_path / "logs").rglob("last.ckpt")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["gptlab"]["peft"]["base"] == "~/.cache/gptlab/models/SmolLM2-135M-Instruct"
+    assert checkpoint["hyper_parameters"]["peft"]["init_args"]["r"] == 16
+    assert all(".lora_" in k or k.startswith("head.") or k == "tokens_seen" for k in checkpoint["state_dict"])
+
+
+METHODS = {
+    "lora": ("LoraConfig", {"r": 4}),
+    "dora": ("LoraConfig", {"r": 4, "use_dora": True}),
+    "adalora": ("AdaLoraConfig", {"init_r": 4, "target_r": 2, "total_step": 10, "tinit": 1, "tfinal": 2}),
+    "ia3": ("IA3Config", {}),
+    "loha": ("LoHaConfig", {"r": 4}),
+    "lokr": ("LoKrConfig", {"r": 4}),
+    "boft": ("BOFTConfig", {"boft_block_size": 4}),
+    "fourierft": ("FourierFTConfig", {"n_frequency": 16}),
+}
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_peft_methods_train_on_both_backbones(method, kind):
+    """The support table of docs/fine-tuning.md: forward and backward reach every adapter tensor."""
+    import peft
+
+    name, args = METHODS[method]
+    backbone = tiny_gpt() if kind == "gpt" else HFBackbone(model_type="llama", config_overrides=LLAMA)
+    task = SequenceClassification(
+        backbone, label_names=["a", "b"], init_from="base", peft=getattr(peft, name)(**args)
+    )
+    batch = {"input_ids": torch.randint(0, 64, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    task(batch).sum().backward()
+    adapter = [(n, p) for n, p in task.backbone.named_parameters() if p.requires_grad]
+    assert adapter and all(p.grad is not None for _, p in adapter), [n for n, p in adapter if p.grad is None]
+    assert all(not p.requires_grad for n, p in task.backbone.named_parameters() if ".base_layer." in n)
+
+
+@pytest.mark.parametrize("name", ["VeraConfig", "PrefixTuningConfig", "PromptTuningConfig"])
+def test_peft_methods_gptlab_refuses(name):
+    import peft
+
+    from gptlab.errors import ConfigError
+
+    args = {"r": 4} if name == "VeraConfig" else {"num_virtual_tokens": 4, "task_type": "CAUSAL_LM"}
+    with pytest.raises(ConfigError, match="model.init_args.peft: " + name):
+        CausalLM(tiny_gpt(), init_from="base", peft=getattr(peft, name)(**args))
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_lora_with_activation_checkpointing_gives_the_same_gradients(kind):
+    """Frozen inputs to every checkpointed block: the adapters still get their gradients (non-reentrant)."""
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        if kind == "gpt":
+            backbone = GPT(
+                vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, gradient_checkpointing=recompute
+            )
+        else:
+            backbone = HFBackbone(
+                model_type="llama", config_overrides=LLAMA, gradient_checkpointing=recompute
+            )
+        task = SequenceClassification(
+            backbone, label_names=["a", "b"], init_from="base", peft=LoraConfig(r=4)
+        )
+        for name, p in task.named_parameters():  # B != 0, so that A gets a gradient too
+            if ".lora_B." in name:
+                torch.nn.init.normal_(p, std=0.1)
+        task.train()
+        batch = {
+            "input_ids": torch.arange(16).reshape(2, 8),
+            "attention_mask": torch.ones(2, 8, dtype=torch.long),
+        }
+        task(batch).sum().backward()
+        grads.append({n: p.grad for n, p in task.named_parameters() if p.requires_grad})
+    assert all(g is not None for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_generation_decodes_through_the_adapters_with_and_without_a_cache(kind):
+    """SFT under peft: greedy decoding with the KV cache equals decoding without it, adapters included."""
+    from gptlab.generate import generate_batch
+    from gptlab.tasks import Generation
+
+    torch.manual_seed(0)
+    backbone = tiny_gpt() if kind == "gpt" else HFBackbone(model_type="llama", config_overrides=LLAMA)
+    task = Generation(backbone, init_from="base", peft=LoraConfig(r=4))
+    for name, p in task.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p, std=0.5)  # adapters that change what the base would say
+    plain = adapters.without_adapters(task.backbone)
+    prompts = [[1, 2, 3], [4, 5]]
+    kwargs = {"max_new_tokens": 6, "temperature": 0.0}
+    cached = generate_batch(task.backbone, prompts, **kwargs)
+    assert cached == generate_batch(task.backbone, prompts, use_cache=False, **kwargs)
+    assert cached != generate_batch(plain, prompts, **kwargs)

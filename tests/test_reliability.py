@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -50,6 +51,14 @@ def test_claim_version_never_hands_out_a_version_twice(tmp_path):
     assert len(claimed) == 120 and len(set(claimed)) == 120, sorted(claimed)
     assert min(claimed) == 4
     assert sorted(int(p.name.split("_")[1]) for p in root.iterdir()) == [3, *sorted(claimed)]
+
+
+def test_a_runs_config_yaml_records_no_version(tiny_runs):
+    # The run's directory is claimed by number, but config.yaml records no version: fitting from
+    # it again starts a new run rather than writing into this one.
+    for run in tiny_runs.runs.values():
+        logger = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]
+        assert logger["init_args"]["version"] is None, run
 
 
 @pytest.mark.slow
@@ -170,3 +179,94 @@ def test_export_overwrite_replaces_only_an_earlier_export(tiny_runs, tmp_path, c
     os.umask(umask)
     for path in out.iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
+
+
+def test_a_resume_keeps_the_runs_tokenizer_when_the_training_files_changed(tiny_runs, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from gptlab.cli import GPTLabCLI
+
+    run = tmp_path / "logs" / "causal_lm" / "version_0"
+    shutil.copytree(tiny_runs.runs["causal_lm"], run)
+    saved = AutoTokenizer.from_pretrained(run / "tokenizer").get_vocab()
+    # The corpus was edited since: a tokenizer recipe trained on it now gives other ids.
+    corpus = tmp_path / "edited.txt"
+    corpus.write_text("zebra quartz jumps vexingly over wizard boxes, 0123456789 !?\n" * 200)
+    config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+    config.update(logs=str(tmp_path / "logs"))
+    config["data"]["init_args"].update(train_files=str(corpus), cache_dir=str(tmp_path / "cache"))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = GPTLabCLI(
+            args=["fit", "--config", str(path), "--ckpt_path", "last", "--trainer.max_steps", "3"]
+        )
+    assert cli.trainer.global_step == 3
+    assert cli.datamodule.tokenizer.get_vocab() == saved
+    assert AutoTokenizer.from_pretrained(run / "tokenizer").get_vocab() == saved
+    # Asking for another tokenizer on the command line while resuming is refused, naming both.
+    other = tiny_runs.runs["classification"] / "tokenizer"
+    code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last",
+                        "--data.init_args.tokenizer", str(other))  # fmt: skip
+    assert code == 2 and "--data.init_args.tokenizer: resuming" in err and str(run / "tokenizer") in err, err
+
+
+def test_lightning_noise_is_not_shown(tiny_runs, tmp_path, caplog, recwarn):
+    # Its advertising tips at start, "`weights_only` was not set, defaulting to False" after every
+    # fit (it describes what goes into a saved file, and reads as unsafe loading), and "dataloader
+    # is not resumable" on a mid-epoch resume, which gptlab's loaders do exactly.
+    import logging
+
+    from gptlab.cli import GPTLabCLI
+
+    run = tmp_path / "logs" / "causal_lm" / "version_0"
+    shutil.copytree(tiny_runs.runs["causal_lm"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["logs"] = str(tmp_path / "logs")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO), mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = GPTLabCLI(
+            args=["fit", "--config", str(path), "--ckpt_path", "last", "--trainer.max_steps", "3",
+                  "--preemption.every_n_steps", "1"]
+        )  # fmt: skip
+    assert cli.trainer.global_step == 3 and 0 < 3 % cli.trainer.num_training_batches  # resumed mid-epoch
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("Seed set to" in m for m in messages)  # Lightning's other info lines still show
+    assert not [m for m in messages if "Tip:" in m or "`weights_only` was not set" in m]
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def test_ckpt_path_with_other_model_settings_is_refused_naming_both(tiny_runs, tmp_path, capsys):
+    run = tmp_path / "logs" / "classification" / "version_0"
+    shutil.copytree(tiny_runs.runs["classification"], run)
+    last = run / "checkpoints" / "last.ckpt"
+    config = str(tiny_runs.configs["classification"])
+    code, err = run_cli(capsys, "test", "--config", config, "--ckpt_path", str(last),
+                        "--model.init_args.freeze_backbone", "true")  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "model.init_args.freeze_backbone: True here, False in the checkpoint" in err, err
+    assert f"drop --config to use the run's own {run / 'config.yaml'}" in err, err
+    # The same config without the override agrees with the checkpoint: it runs, and the report
+    # names the config that was used (not the run's config.yaml).
+    code, err = run_cli(capsys, "test", "--config", config, "--ckpt_path", str(last))
+    assert code == 0, err
+    report = json.loads((run / "reports" / "test_report.json").read_text())
+    assert report["meta"]["config"] == config
+
+
+def test_init_from_with_ckpt_path_says_the_checkpoint_wins(tiny_runs, tmp_path, capsys, recwarn):
+    run = tmp_path / "logs" / "classification" / "version_0"
+    shutil.copytree(tiny_runs.runs["classification"], run)
+    config = yaml.safe_load(tiny_runs.configs["classification"].read_text())
+    config["logs"] = str(tmp_path / "logs")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    other = tiny_runs.runs["causal_lm"] / "checkpoints" / "last.ckpt"
+    code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last",
+                        "--trainer.max_steps", "3", "--model.init_args.init_from", str(other))  # fmt: skip
+    assert code == 0, err
+    messages = [str(w.message) for w in recwarn]
+    assert any(f"init_from={other} is not used: --ckpt_path" in m and "resumes" in m for m in messages), (
+        messages
+    )

@@ -217,6 +217,26 @@ def test_too_long_examples_are_truncated_from_the_left_with_a_warning(tmp_path, 
     assert long["labels"].tolist()[0] == IGNORE
 
 
+def test_truncation_warning_says_when_the_completion_itself_was_cut(tmp_path, tokenizer_dir):
+    # A completion longer than block_size loses the whole prompt and its own start: the warning
+    # must not say "completion kept" for it.
+    records = [
+        {"prompt": "word " * 60, "completion": "the end"},
+        {"prompt": "short ", "completion": "word " * 60},
+    ]
+    path = write_jsonl(tmp_path / "t.jsonl", records)
+    with pytest.warns(UserWarning) as caught:
+        dm = setup_dm(tokenizer=tokenizer_dir, train_files=path, block_size=16)
+    message = next(str(w.message) for w in caught if "truncated from the left" in str(w.message))
+    assert "1 lost the start of their prompt (completion kept)" in message, message
+    assert (
+        f"1 lost their whole prompt and the start of their completion, which alone is longer (e.g. {path}"
+        in message
+    )
+    cut = dm.train_dataset.items[1]
+    assert IGNORE not in cut["labels"].tolist()  # nothing of the prompt is left
+
+
 def test_validation_hold_out_is_seeded_and_test_falls_back_to_it(tmp_path, tokenizer_dir):
     kwargs = dict(
         tokenizer=tokenizer_dir,

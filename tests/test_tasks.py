@@ -161,3 +161,36 @@ def test_every_backbone_trains_in_train_mode(route, tmp_path):
     )
     trainer.fit(model, train_dataloaders=DataLoader([lm_batch(batch_size=2)] * 2, batch_size=None))
     assert probe.in_eval == [[], []]
+
+
+def test_learning_rate_of_every_group_is_logged_and_no_logger_is_fine(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gptlab.callbacks import LearningRate
+
+    batch = lm_batch(batch_size=2)
+    for logger, scheduler in (
+        (False, None),
+        (CSVLogger(tmp_path, name="lr", version=0), lambda opt: WarmupCosine(opt, warmup_steps=2)),
+        (CSVLogger(tmp_path, name="lr", version=1), None),  # constant lr: the same keys
+    ):
+        model = CausalLM(backbone=tiny_gpt(), scheduler=scheduler)
+        trainer = L.Trainer(
+            max_steps=3,
+            accelerator="cpu",
+            logger=logger,
+            log_every_n_steps=1,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[LearningRate(logging_interval="step")],
+        )
+        trainer.fit(model, train_dataloaders=DataLoader([batch] * 3, batch_size=None))  # no logger: no error
+    header, *rows = (tmp_path / "lr" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert {"train/lr/decay", "train/lr/no_decay"} <= set(header.split(","))
+    column = header.split(",").index("train/lr/decay")
+    lrs = [float(row.split(",")[column]) for row in rows if row.split(",")[column]]
+    assert lrs[:2] == pytest.approx([1e-3 / 3, 2e-3 / 3])  # AdamW's lr 1e-3, warmup (step + 1) / 3
+    header = (tmp_path / "lr" / "version_1" / "metrics.csv").read_text().splitlines()[0]
+    assert {"train/lr/decay", "train/lr/no_decay"} <= set(header.split(","))
+    assert trainer.callback_metrics.keys() >= {"train/lr/decay", "train/lr/no_decay"}

@@ -178,3 +178,11 @@ def test_predict_file_with_words_only(tmp_path, tokenizer_dir):
     assert [line.split()[0] for line in lines] == ["Mary", "went"] and all(
         len(line.split()) == 2 for line in lines
     )
+
+
+def test_tag_names_the_training_data_never_uses_warn(tmp_path, tokenizer_dir):
+    train = tmp_path / "eng.train"
+    train.write_text("John NNP B-NP B-PER\nSmith NNP I-NP I-PER\n\nwent VBD B-VP O\nto TO B-PP O\n")
+    dm = module(tmp_path, tokenizer_dir, train_files=str(train), label_names=[*TAGS, "B-ORG"])
+    with pytest.warns(UserWarning, match=r"label_names: 'B-LOC', 'B-ORG' never occur in the training data"):
+        dm.setup("fit")

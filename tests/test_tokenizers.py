@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import shared_data
+from conftest import REPO, shared_data
 from gptlab.data import BPE, EOS_TOKEN, Char, load_tokenizer, prepare_tokenizer, tokenizer_cache_path
+from gptlab.data.tokenizers import save_tokenizer
 from gptlab.errors import ConfigError
 
 CORPUS = [
@@ -138,3 +144,54 @@ def test_a_directory_source_gets_a_pad_token(tmp_path):
     assert loaded.pad_token == loaded.eos_token == EOS_TOKEN
     with pytest.raises(ConfigError, match="missing"):
         load_tokenizer(str(tmp_path / "missing"))
+
+
+# A python whose transformers is the oldest pyproject.toml allows (.ci/run makes one in a venv).
+OLDEST_PYTHON_ENV = "GPTLAB_OLDEST_TRANSFORMERS_PYTHON"
+OLDEST_LOAD = """
+import json, sys
+import transformers
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+ids = tok(sys.argv[2], add_special_tokens=False)["input_ids"]
+print(json.dumps({"version": transformers.__version__, "ids": ids, "text": tok.decode(ids),
+                  "model_max_length": tok.model_max_length, "eos": tok.eos_token, "pad": tok.pad_token}))
+"""
+
+
+def _saved(recipe: str, directory: Path) -> PreTrainedTokenizerFast:
+    tokenizer = (BPE(vocab_size=300, min_frequency=2) if recipe == "bpe" else Char()).train(CORPUS)
+    save_tokenizer(tokenizer, directory, model_max_length=64)
+    return tokenizer
+
+
+@pytest.mark.parametrize("recipe", ["bpe", "char"])
+def test_saved_tokenizers_record_the_context_and_a_portable_class(recipe, tmp_path):
+    tokenizer = _saved(recipe, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    # transformers 5 writes "TokenizersBackend", a class transformers 4.x does not have
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["model_max_length"] == 64
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.model_max_length == 64
+    text = "".join(CORPUS[:2])
+    assert len(reloaded(text * 20, truncation=True)["input_ids"]) == 64  # a pipeline truncates
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert reloaded(text, add_special_tokens=False)["input_ids"] == ids
+
+
+@pytest.mark.parametrize("recipe", ["bpe", "char"])
+def test_saved_tokenizers_load_on_the_oldest_transformers_allowed(recipe, tmp_path):
+    floor = re.search(r'"transformers>=([0-9.]+)', (REPO / "pyproject.toml").read_text())[1]
+    python = os.environ.get(OLDEST_PYTHON_ENV)
+    if not python:
+        pytest.skip(f"set {OLDEST_PYTHON_ENV} to a python with transformers=={floor} (.ci/run does)")
+    tokenizer = _saved(recipe, tmp_path)
+    text = "".join(CORPUS[:2])
+    result = subprocess.run(
+        [python, "-c", OLDEST_LOAD, str(tmp_path), text], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Version(loaded["version"]) == Version(floor)
+    assert loaded["ids"] == tokenizer(text, add_special_tokens=False)["input_ids"] and loaded["text"] == text
+    assert loaded["model_max_length"] == 64 and loaded["eos"] == loaded["pad"] == EOS_TOKEN

@@ -116,7 +116,8 @@ def add_adapters(backbone: nn.Module, config: Any) -> Any:
     tuner_class = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
     if tuner_class.uses_shared_state:
         raise ConfigError(
-            f"model.init_args.peft: {kind} keeps state across layers, which gptlab does not support"
+            f"model.init_args.peft: {kind} keeps state shared across layers, which gptlab's backbones "
+            f"do not support; use LoraConfig, AdaLoraConfig or IA3Config"
         )
     target = adapter_target(backbone)
     config = with_default_targets(backbone, config)
@@ -124,12 +125,13 @@ def add_adapters(backbone: nn.Module, config: Any) -> Any:
         tuner = tuner_class(target, config, adapter_name="default")
     except (NoMatchingPeftModuleError, ValueError) as err:
         if isinstance(err, NoMatchingPeftModuleError) or "not found in the base model" in str(err):
+            targets = config.target_modules
+            targets = sorted(targets) if isinstance(targets, set) else targets  # peft keeps a set
             raise ConfigError(
-                f"model.init_args.peft.init_args.target_modules={config.target_modules!r} matches no "
+                f"model.init_args.peft.init_args.target_modules={targets!r} matches no "
                 f"module of the backbone ({type(target).__name__}); its layers are: {module_names(target)}"
             ) from None
         raise ConfigError(f"model.init_args.peft ({kind}): {' '.join(str(err).split())}") from None
-    # The tuner would register `target` under itself; keep it out of the module tree (one owner).
     return tuner
 
 
@@ -207,6 +209,47 @@ def base_fingerprint(backbone: nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------ AdaLoRA
+# AdaLoRA (Zhang et al. 2023) reallocates the rank budget during training: peft's tuner scores
+# every singular triplet from the gradients after each optimizer step (`update_and_allocate`) and
+# adds an orthogonality penalty on P and Q to the loss (in AdaLoraModel.forward, which gptlab's
+# backbones never call: `orthogonality_penalty` computes the same term).
+def is_adalora(config: Any) -> bool:
+    return config is not None and str(getattr(config.peft_type, "value", config.peft_type)) == "ADALORA"
+
+
+def orthogonality_penalty(tuner: Any) -> torch.Tensor:
+    """AdaLoRA's regulariser: mean over P (lora_A) and Q (lora_B) of ||P P^T - I||_F, ||Q^T Q - I||_F."""
+    terms = []
+    for name, p in tuner.model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and tuner.trainable_adapter_name in name:
+            cov = p @ p.T if "lora_A" in name else p.T @ p  # (r, r)
+            terms.append(
+                torch.linalg.matrix_norm(cov - torch.eye(cov.size(0), dtype=cov.dtype, device=cov.device))
+            )
+    weight = tuner.peft_config[tuner.trainable_adapter_name].orth_reg_weight
+    return weight * torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def adalora_state(tuner: Any) -> dict[str, Any]:
+    """What AdaLoRA's rank allocator has learnt (its importance averages), for exact resume."""
+    allocator = tuner.rankallocator
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    return {
+        "ipt": dict(allocator.ipt),
+        "exp_avg_ipt": dict(allocator.exp_avg_ipt),
+        "exp_avg_unc": dict(allocator.exp_avg_unc),
+        "rank_pattern": dict(config.rank_pattern or {}),
+    }
+
+
+def load_adalora_state(tuner: Any, state: dict[str, Any]) -> None:
+    allocator = tuner.rankallocator
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(allocator, key, dict(state[key]))
+    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = dict(state["rank_pattern"]) or None
 
 
 def without_adapters(backbone: nn.Module, merge: bool = False) -> nn.Module:

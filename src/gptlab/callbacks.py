@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 
-from gptlab.errors import CheckpointError
+from gptlab.errors import CheckpointError, ConfigError
 from gptlab.generate import generate
 
 
@@ -388,6 +388,24 @@ class Checkpoint(ModelCheckpoint):
             key = self.__dict__["_state_key"] = super().state_key
         return key
 
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The validation at step 0 logs every validation metric of the run: a monitored one that
+        # is not among them would only fail at the first validation after training, with every
+        # step before it lost. (Training metrics appear later and are not checked here.)
+        monitor = self.monitor
+        if (
+            monitor is None
+            or not monitor.startswith(("val/", "test/"))
+            or monitor in trainer.callback_metrics
+        ):
+            return
+        logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+        raise ConfigError(
+            f"checkpoint.monitor={monitor!r} is never logged by this run (its validation logs "
+            f"{', '.join(logged) or 'nothing'}); set --checkpoint.monitor to one of those (with "
+            f"--checkpoint.mode max for accuracy-like metrics)"
+        )
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         # The data module's setup ran before this hook: whether there is validation is known.
@@ -429,12 +447,22 @@ class Checkpoint(ModelCheckpoint):
 
 class LearningRate(LearningRateMonitor):
     """Lightning's ``LearningRateMonitor``, on in every run (`lr_monitor.*`): the learning rate of
-    every parameter group, as ``lr/decay``, ``lr/no_decay`` (and ``..._lr_x<scale>`` groups with a
-    backbone_lr_scale); ``lr-<Optimizer>/<group>`` without a scheduler.
+    every parameter group, as ``train/lr/decay``, ``train/lr/no_decay`` (and ``..._lr_x<scale>``
+    groups with a backbone_lr_scale), with or without a scheduler.
 
     With no logger (``trainer.logger: false``) there is nowhere to write: it does nothing, where
     Lightning's would stop the run.
     """
+
+    def _find_names_from_optimizers(self, optimizers, seen_optimizers, seen_optimizer_types):
+        # Lightning names an optimizer without a scheduler "lr-<Class>"; gptlab's keys follow the
+        # "{stage}/{name}" scheme either way: "train/lr/<group>" (the task names its scheduler so).
+        names, rest = super()._find_names_from_optimizers(optimizers, seen_optimizers, seen_optimizer_types)
+        renamed = [
+            [name.replace(f"lr-{type(opt).__name__}", "train/lr", 1) for name in group]
+            for group, opt in zip(names, rest, strict=True)
+        ]
+        return renamed, rest
 
     def on_train_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
         if trainer.loggers:

@@ -275,6 +275,12 @@ def checkpoint_problem(path: str | Path) -> str | None:
     if path.is_dir():
         if (path / COMPLETE).is_file() or _is_legacy_sharded(path):
             return None
+        if not any(path.iterdir()):
+            return "an empty folder, not a checkpoint (a .ckpt file, or a sharded checkpoint folder)"
+        if not any(
+            p.name in (".metadata", _METADATA_FILENAME) or p.suffix == ".distcp" for p in path.iterdir()
+        ):
+            return "a folder without checkpoint files (a .ckpt file, or a sharded folder with .metadata)"
         return f"a sharded checkpoint folder without its {COMPLETE} marker (its save was cut off)"
     if not path.is_file():
         return "missing"

@@ -29,13 +29,16 @@ What it adds to LightningCLI:
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from gptlab.adapters import require_peft
@@ -80,6 +83,43 @@ EXPORT_HELP = (
     "Write a checkpoint as a Hugging Face model directory: main.py export --ckpt_path <run>/checkpoints/"
     "best.ckpt --out DIR (main.py export --help for its options)."
 )
+
+
+class _QuietLightning(logging.Filter):
+    """Drops Lightning's advertising tips at start ("💡 Tip: ... litlogger", "... litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning() -> None:
+    """Install `_QuietLightning` on the logger that emits the tips (once per process)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _QuietLightning) for f in logger.filters):
+        logger.addFilter(_QuietLightning())
+
+
+def require_lightning_checkpoint(ckpt: str, checkpoint: Any) -> None:
+    """`--ckpt_path` resumes or evaluates what Lightning wrote; a bare state dict has no trainer state."""
+    if isinstance(checkpoint, dict) and {"state_dict", "pytorch-lightning_version"} <= set(checkpoint):
+        return
+    keys = sorted(map(str, checkpoint))[:4] if isinstance(checkpoint, dict) else []
+    raise CheckpointError(
+        f"--ckpt_path {ckpt} is not a checkpoint written by Lightning (a {type(checkpoint).__name__} "
+        f"with keys {keys}, e.g. a plain torch.save(state_dict)): --ckpt_path takes a run's checkpoint, "
+        f"logs/<experiment>/version_N/checkpoints/*.ckpt; start from bare weights by loading them into "
+        f"the backbone in Python"
+    )
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    """{dotted key: value} of the plain values in nested dicts (lists compared whole)."""
+    if not isinstance(value, dict):
+        return {prefix: list(value) if isinstance(value, tuple) else value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_leaves(item, f"{prefix}.{key}"))
+    return out
 
 
 def run_dir_of(ckpt_path: str | Path | None) -> Path | None:
@@ -152,6 +192,14 @@ def with_run_config(argv: list[str]) -> list[str]:
     run = run_dir_of(ckpt)
     if ckpt is None:
         return argv
+    if ckpt in ("best", "last"):
+        raise ConfigError(
+            f"--ckpt_path {ckpt}: a separate `{argv[0]}` has no {ckpt} checkpoint of its own (that name "
+            f"means the {ckpt} of a fit in the same process); give the file, e.g. --ckpt_path "
+            f"logs/<experiment>/version_N/checkpoints/{ckpt}.ckpt (its run's config.yaml is found beside it)"
+        )
+    if ckpt and "://" not in ckpt and not Path(ckpt).exists():
+        raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
     config = run / "config.yaml" if run is not None else None
     if config is None or not config.is_file():
         raise ConfigError(
@@ -186,14 +234,41 @@ def _remote_code_message(source: str | Path) -> str:
     )
 
 
+def hf_directory_config(source: str | Path) -> dict[str, Any]:
+    """The config.json of a Hugging Face model directory given as `init_from`, checked: valid JSON
+    with a model_type, and weights beside it (what from_pretrained would need, said in one line)."""
+    source = Path(source)
+    config_file = source / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"init_from={source}: not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"init_from={source}: {config_file} line {err.lineno} column {err.colno} is not valid JSON "
+            f"({err.msg}); re-save the model with save_pretrained (or fix the file)"
+        ) from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise ConfigError(
+            f"init_from={source}: {config_file} names no model_type, so transformers cannot tell which "
+            f"architecture it is; re-save the model with save_pretrained"
+        )
+    weights = [
+        p for p in source.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
+    ]
+    if not weights:
+        raise ConfigError(
+            f"init_from={source}: no weights in the directory (expected model.safetensors or "
+            f"pytorch_model.bin beside config.json); copy them there, or give the model's complete directory"
+        )
+    return config
+
+
 def pretrained_backbone(source: str | Path) -> dict[str, Any]:
     """The backbone config (class_path + init_args) of a gptlab checkpoint or a Hugging Face directory."""
     source = Path(source)
     if source.is_dir():
-        config_file = source / "config.json"
-        if not config_file.is_file():
-            raise ConfigError(f"init_from={source}: not a Hugging Face model directory (no config.json)")
-        config = json.loads(config_file.read_text())
+        config = hf_directory_config(source)
         if "auto_map" in config:
             # The model's code lives in the directory (config.json's auto_map): running it is
             # trust_remote_code, which gptlab never turns on by itself.
@@ -220,9 +295,7 @@ def check_init_from(source: str | Path, trust_remote_code: bool = False) -> None
     """
     path = Path(source)
     if path.is_dir() and not is_sharded_checkpoint(path):
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"init_from={source}: not a Hugging Face model directory (no config.json)")
-        if not trust_remote_code and "auto_map" in json.loads((path / "config.json").read_text()):
+        if not trust_remote_code and "auto_map" in hf_directory_config(path):
             raise ConfigError(_remote_code_message(source))
         return
     if not path.exists():
@@ -252,7 +325,7 @@ def is_run_config(path: str | Path) -> bool:
 def user_asks_for_remote_code(argv: list[str]) -> bool:
     """Whether the user's own config files or command-line options turn on a run-code setting
     (`trust_remote_code`). Config files inside a run directory and checkpoints are records of what
-    a run did, not the user's consent to run a model's code now (docs/design.md, safe loading).
+    a run did, not the user's consent to run a model's code now (docs/design.md §6.3).
     """
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
@@ -307,10 +380,22 @@ def retarget_loggers(trainer_cfg: Namespace, save_dir: Path, name: str, version:
             logger.init_args.name = name
 
 
-def _recorded(text: str) -> dict:
-    """A saved run config without `ckpt_path` (which every resume sets): what the run is made of."""
+def _recorded(text: str) -> Any:
+    """A saved run config without what a resume sets by itself: `ckpt_path`, the loggers' settings
+    (pointed at the run directory; only their classes are compared) and the data's tokenizer (the
+    run's own `tokenizer/`, written once by the first command)."""
     config = yaml.safe_load(text) or {}
-    return {k: v for k, v in config.items() if k != "ckpt_path"} if isinstance(config, dict) else config
+    if not isinstance(config, dict):
+        return config
+    config = {k: v for k, v in config.items() if k != "ckpt_path"}
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict) and "logger" in trainer:
+        loggers = trainer["logger"] if isinstance(trainer["logger"], list) else [trainer["logger"]]
+        trainer["logger"] = [x.get("class_path") if isinstance(x, dict) else x for x in loggers]
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):
+        data["init_args"].pop("tokenizer", None)
+    return config
 
 
 class RunDirectory(SaveConfigCallback):
@@ -349,23 +434,22 @@ class RunDirectory(SaveConfigCallback):
             datamodule.save_tokenizer(tokenizer_dir)
 
 
-def check_writable_dir(directory: Path, what: str) -> None:
+def check_writable_dir(directory: Path, what: str, fix: str) -> None:
     """Fail unless `directory` exists and is writable, or can be created (its nearest existing
     ancestor is a writable directory); checked before training so a run cannot die at its first save.
+    `what` names the setting (e.g. "--logs"), `fix` says what to do (e.g. "set --logs to ...").
     """
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(
-            f"{what} {directory}: cannot create it, {existing} is a file, not a directory; "
-            f"choose another directory"
+            f"{what} {directory}: cannot create it, {existing} is a file, not a directory; {fix}"
         )
     # os.access is the question the kernel answers on write (root passes it, even on 0o555).
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"{what} {directory}: {existing} is not writable by this user; choose another directory "
-            f"or fix its permissions"
+            f"{what} {directory}: {existing} is not writable by this user; {fix} (or fix its permissions)"
         )
 
 
@@ -484,6 +568,7 @@ class GPTLabCLI(LightningCLI):
         elif isinstance(args, list):
             args = with_run_config(args)
         self._argv = args if isinstance(args, list) else sys.argv[1:]
+        quiet_lightning()
         # Duplicate keys, YAML syntax and missing files, with file and line, before jsonargparse.
         check_config_files([str(a) for a in self._argv])
         # The checkpoint as given, when evaluation reads a consolidated copy of a sharded one.
@@ -493,6 +578,7 @@ class GPTLabCLI(LightningCLI):
         # The run directory this command claimed (created) and the nearest folder above it that
         # existed before: what a failure before training removes again.
         self._claimed: Path | None = None
+        self._versioned_loggers: list[Namespace] = []  # logger init_args given a claimed version
         self._existed: Path | None = None
         self._batches = _BatchSeen()
         self._consolidated_dir: tempfile.TemporaryDirectory | None = None
@@ -596,16 +682,24 @@ class GPTLabCLI(LightningCLI):
             if cause is None:
                 raise
             raise cause from None
+        finally:
+            # The loggers have their claimed version now; the config.yaml written into the run
+            # records none, so that fitting from it again starts a new run instead of sharing this one.
+            for args in self._versioned_loggers:
+                args.version = None
 
     def _parse_ckpt_path(self) -> None:
         # Before anyone unpickles it (Lightning's _parse_ckpt_path below, the trainer later): a
         # checkpoint that does not load with weights_only=True stops here with one line.
         ckpt = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        checkpoint = None
         if ckpt and Path(ckpt).exists():
             require_complete(ckpt)  # a cut-off or empty file is named as such
             if not is_sharded_checkpoint(ckpt):
                 # One memory-mapped weights_only load: refuses a crafted pickle, names the task.
-                self._check_task_of_checkpoint(ckpt, load_checkpoint(ckpt, mmap=True))
+                checkpoint = load_checkpoint(ckpt, mmap=True)
+                require_lightning_checkpoint(ckpt, checkpoint)
+                self._check_task_of_checkpoint(ckpt, checkpoint)
             else:
                 verify_checkpoint(ckpt)  # before the FSDP strategy hands the folder to DCP
         # LightningCLI re-applies the checkpoint's hyperparameters over the parsed config, which
@@ -616,7 +710,38 @@ class GPTLabCLI(LightningCLI):
         configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
         if run is not None and any(Path(c) == run / "config.yaml" for c in configs):
             return
+        if checkpoint is not None:
+            # Any other config would be overwritten by the checkpoint's values without a word.
+            self._refuse_overrides_of_checkpoint(ckpt, checkpoint.get("hyper_parameters") or {})
         super()._parse_ckpt_path()
+
+    def _refuse_overrides_of_checkpoint(self, ckpt: str, hparams: dict[str, Any]) -> None:
+        """Model values of the config / command line that differ from the checkpoint's, named."""
+        model = self.config[self.config.subcommand].get("model")
+        init_args = model.get("init_args") if isinstance(model, Namespace) else None
+        if not isinstance(init_args, Namespace):
+            return
+        ours = _leaves(init_args.as_dict(), "model.init_args")
+        theirs = _leaves({k: v for k, v in hparams.items() if not k.startswith("_")}, "model.init_args")
+        differ = [
+            (k, ours[k], theirs[k])
+            for k in ours
+            if k in theirs and ours[k] is not None and ours[k] != theirs[k]
+        ]
+        if not differ:
+            return
+        shown = "; ".join(f"{k}: {a!r} here, {b!r} in the checkpoint" for k, a, b in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        run = run_dir_of(ckpt)
+        hint = (
+            f"drop --config to use the run's own {run / 'config.yaml'} (command-line options then win)"
+            if run is not None and (run / "config.yaml").is_file()
+            else "give the values the checkpoint was trained with"
+        )
+        raise ConfigError(
+            f"--ckpt_path {ckpt} was trained with other model settings than this config: {shown}{more}; "
+            f"the checkpoint's would silently replace them: {hint}, or make them agree"
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -673,6 +798,7 @@ class GPTLabCLI(LightningCLI):
             inherited = os.environ.get(CLAIMED_RUN_ENV)
             if inherited and Path(inherited).parent == root:
                 args.version = Path(inherited).name  # a rank launched by rank 0: its directory
+                self._versioned_loggers.append(args)
                 continue
             if rank_zero_only.rank != 0:
                 continue  # launched by another tool: rank 0's directory reaches it by broadcast
@@ -685,6 +811,7 @@ class GPTLabCLI(LightningCLI):
                     self._claimed, self._existed = root / f"version_{claimed[root]}", existed
                     os.environ[CLAIMED_RUN_ENV] = str(self._claimed)
             args.version = f"version_{claimed[root]}"
+            self._versioned_loggers.append(args)
 
     def _remove_claimed_run(self) -> None:
         """Remove the run directory this command claimed (and the empty folders it created above
@@ -709,7 +836,12 @@ class GPTLabCLI(LightningCLI):
         self.trainer.callbacks.append(batches)
         try:
             try:
-                super()._run_subcommand(subcommand)
+                with warnings.catch_warnings():
+                    if isinstance(self.datamodule, DataModule):
+                        # gptlab's loaders resume mid-epoch exactly (data/base.py SeededShuffleSampler);
+                        # Lightning warns on every such resume because they have no state_dict.
+                        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
+                    super()._run_subcommand(subcommand)
             except ValueError as err:
                 # Lightning checks val_check_interval against the epoch only once the data is
                 # loaded (loops/fit_loop.py setup_data) and raises a plain ValueError: a config error.
@@ -772,6 +904,11 @@ class GPTLabCLI(LightningCLI):
             cfg.ckpt_path = ckpt = str(found) if found is not None else None
             if found is not None:
                 verify_checkpoint(found)  # resolved just now: not checked while parsing
+        if ckpt == "":
+            raise ConfigError(
+                "--ckpt_path is empty: give a checkpoint file, `last` (fit: resume the newest run), or "
+                "leave the option out"
+            )
         # (a remote URL, s3://..., is left to Lightning's fsspec loading, with weights_only below)
         local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
         if local and not Path(ckpt).exists():
@@ -781,7 +918,13 @@ class GPTLabCLI(LightningCLI):
         if "weights_only" in cfg and cfg.weights_only is None:
             cfg.weights_only = True
         run = run_dir_of(ckpt)
-        check_writable_dir(run if run is not None else logs, "--logs" if run is None else "run directory")
+        if run is None:
+            check_writable_dir(logs, "--logs", "set --logs to a directory you can write to")
+        else:
+            check_writable_dir(
+                run, "run directory", "copy the run to a writable place and give --ckpt_path from there"
+            )
+        self._check_settings(cfg, ckpt)
         # Resuming or evaluating a checkpoint writes into that checkpoint's run directory.
         save_dir, name, version = (
             (run.parent.parent, run.parent.name, run.name) if run else (logs, cfg.experiment, None)
@@ -799,6 +942,8 @@ class GPTLabCLI(LightningCLI):
         self._fill_from_checkpoints(cfg, ckpt)
         self._refuse_recorded_remote_code(cfg, ckpt)
         self._claim_run_dirs(cfg)
+        if self.subcommand == "fit" and run is not None:
+            self._resume_with_run_tokenizer(cfg, run)
         # Evaluate with the tokenizer the run trained with, unless one is given explicitly.
         explicit = any("tokenizer" in a for a in self._argv)
         if self.subcommand in EVAL_SUBCOMMANDS and run and (run / "tokenizer").is_dir() and not explicit:
@@ -821,6 +966,14 @@ class GPTLabCLI(LightningCLI):
             return
         ckpt = ckpt if ckpt and Path(ckpt).is_file() else None
         init_from = model.get("init_from")
+        if init_from and self.subcommand == "fit" and ckpt:
+            recorded = checkpoint_hparams(ckpt).get("init_from")
+            if recorded != init_from:
+                # TaskModule.setup loads init_from only for a new run: the checkpoint wins.
+                rank_zero_warn(
+                    f"gptlab: model.init_args.init_from={init_from} is not used: --ckpt_path {ckpt} resumes "
+                    f"that run with its own weights (init_from only initialises a new run); drop one of them"
+                )
         if init_from and self.subcommand == "fit":
             backbone_args = model.get("backbone") and model.backbone.get("init_args")
             check_init_from(
@@ -857,6 +1010,79 @@ class GPTLabCLI(LightningCLI):
             names = checkpoint_hparams(ckpt).get("label_names")
             if names:
                 data.label_names = list(names)
+
+    def _check_settings(self, cfg: Namespace, ckpt: str | None) -> None:
+        """Settings that can only fail later (at the first step, the first save, the first
+        validation), checked before anything is built."""
+        experiment = str(cfg.experiment)
+        if (
+            not experiment
+            or experiment in (".", "..")
+            or any(c in experiment for c in "/\\")
+            or ".." in experiment
+        ):
+            raise ConfigError(
+                f"--experiment {experiment!r}: give a plain name (no '/', '\\' or '..'): runs land in "
+                f"{cfg.logs}/<experiment>/version_N; to write them elsewhere, set --logs"
+            )
+        trainer = cfg.trainer
+        accumulate = trainer.get("accumulate_grad_batches")
+        if accumulate is not None and accumulate < 1:
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches={accumulate} must be at least 1 (1: no accumulation)"
+            )
+        interval = trainer.get("val_check_interval")
+        if interval is not None and interval <= 0:
+            raise ConfigError(
+                f"trainer.val_check_interval={interval} must be positive: a number of training batches (int) "
+                f"or a fraction of an epoch in (0, 1]; to validate less, raise it, or set "
+                f"trainer.limit_val_batches to 0 for no validation"
+            )
+        if self.subcommand == "fit" and trainer.get("max_steps") == 0:
+            raise ConfigError(
+                "trainer.max_steps=0 trains nothing: give the number of optimizer steps, or -1 to "
+                "train for trainer.max_epochs"
+            )
+        data = cfg.data.get("init_args") if isinstance(cfg.get("data"), Namespace) else None
+        cache = data.get("cache_dir") if data is not None else None
+        if isinstance(cache, str) and cache:
+            check_writable_dir(
+                Path(cache).expanduser(),
+                "data.init_args.cache_dir",
+                "set data.init_args.cache_dir to a directory you can write to",
+            )
+        if self.subcommand in EVAL_SUBCOMMANDS and ckpt in ("best", "last"):
+            found = sorted(
+                (Path(cfg.logs) / experiment).glob(f"version_*/checkpoints/{ckpt}.ckpt"),
+                key=lambda p: int(p.parts[-3].split("_")[1]) if p.parts[-3].split("_")[1].isdigit() else -1,
+            )
+            example = found[-1] if found else f"{cfg.logs}/{experiment}/version_N/checkpoints/{ckpt}.ckpt"
+            raise ConfigError(
+                f"--ckpt_path {ckpt}: a separate `{self.subcommand}` has no {ckpt} checkpoint of its own "
+                f"(that name means the {ckpt} of a fit in the same process); give the file, e.g. "
+                f"--ckpt_path {example} (its run's config.yaml is found beside it)"
+            )
+
+    def _resume_with_run_tokenizer(self, cfg: Namespace, run: Path) -> None:
+        """A resumed run keeps the tokenizer it trained with (`<run>/tokenizer`): a recipe would be
+        retrained on today's training files, and a changed corpus moves token ids under the weights."""
+        data = cfg.data.get("init_args") if isinstance(cfg.get("data"), Namespace) else None
+        saved = run / "tokenizer"
+        if data is None or "tokenizer" not in data or not saved.is_dir():
+            return
+        given = [
+            a.split("=")[0] for a in self._argv if a.split("=")[0].startswith("--data.") and "tokenizer" in a
+        ]
+        if given and str(data.tokenizer) != str(saved):
+            raise ConfigError(
+                f"{given[0]}: resuming {run} continues with the tokenizer it trained with ({saved}); "
+                f"another tokenizer would change the meaning of the token ids under its weights: drop "
+                f"{given[0]}, or start a new run (without --ckpt_path) from its weights with "
+                f"--model.init_args.init_from"
+            )
+        if str(data.tokenizer) != str(saved):
+            rank_zero_info(f"gptlab: resuming with the run's tokenizer {saved}")
+        data.tokenizer = str(saved)
 
     def _refuse_recorded_remote_code(self, cfg: Namespace, ckpt: str | None) -> None:
         """A backbone that would run its model's own code (trust_remote_code) must be asked for by
@@ -915,9 +1141,11 @@ class GPTLabCLI(LightningCLI):
         if report is None or not self.trainer.is_global_zero:
             return
         ckpt = self._ckpt_source or self.trainer.ckpt_path
+        # The config files this command read (the run's own config.yaml when none was given).
+        configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
         report.meta.update(
             checkpoint=str(ckpt) if ckpt else "(weights as initialised)",
-            config=str(run / "config.yaml") if (run / "config.yaml").exists() else "(command line)",
+            config=" + ".join(configs) if configs else "(command line)",
             run_dir=str(run),
         )
         paths = write_report(report, run / "reports")
@@ -939,6 +1167,18 @@ def main(args: ArgsType = None) -> None:
             export_main(argv[1:])
             return
         GPTLabCLI(args=args)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # A full disk (or quota) while writing anything outside a checkpoint save, which reports
+        # its own (gptlab.callbacks.Checkpoint): the run folder this command made is removed.
+        where = f" {err.filename}" if err.filename else ""
+        print(
+            f"gptlab: error: disk full while writing{where} ({err.strerror}); nothing of this run was "
+            f"kept: free space (or set --logs / data.init_args.cache_dir to another disk) and run again",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     except (GPTLabError, MisconfigurationException) as err:
         # MisconfigurationException: Lightning's own "this Trainer setting is invalid" (e.g.
         # max_steps=-5), a user error like ours. One line: what is wrong and where is in the text.

@@ -69,6 +69,10 @@ def check_config_files(argv: list[str]) -> None:
     """
     for value in _config_args(argv):
         path = Path(value)
+        if path.is_dir():
+            inside = sorted(path.glob("*.yaml"))[:1]
+            hint = f" (e.g. --config {inside[0]})" if inside else ""
+            raise ConfigError(f"--config {value}: a directory, not a config file; give a YAML file{hint}")
         if path.is_file():
             source, text = str(path), None
         elif "\n" in value or value.lstrip().startswith("{"):
@@ -85,7 +89,7 @@ def check_config_files(argv: list[str]) -> None:
         loader_class = type("_Loader", (_KeyLinesLoader,), {"source": source})
         loader = loader_class(text)
         try:
-            loader.get_single_data()
+            data = loader.get_single_data()
         except yaml.MarkedYAMLError as err:
             mark = err.problem_mark or err.context_mark
             where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -94,6 +98,16 @@ def check_config_files(argv: list[str]) -> None:
             ) from None
         finally:
             loader.dispose()
+        if data is None:
+            raise ConfigError(
+                f"{source}: an empty config file (no keys); give it model:, data:, trainer: ... or drop "
+                f"this --config"
+            )
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{source}: a YAML {type(data).__name__} at the top level, but a config file is a mapping "
+                f"of keys (model:, data:, trainer: ...); remove the leading '- ' if the keys are in a list"
+            )
 
 
 # Lines of jsonargparse's Union explanation that carry no fact of their own.
@@ -164,5 +178,7 @@ def one_line_parser_error(message: str, argv: list[str], subcommand: str | None)
             else:
                 continue
             break
-    help_cmd = f"main.py {subcommand} --help" if subcommand else "main.py --help"
+    # An unknown subcommand (`main.py train`) has no help of its own: the list is in main.py --help.
+    known = subcommand in ("fit", "validate", "test", "predict", "export")
+    help_cmd = f"main.py {subcommand} --help" if known else "main.py --help"
     return f"{text}; see `{help_cmd}` for the accepted keys and types"

@@ -43,6 +43,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from gptlab import adapters
+from gptlab.data.tokenizers import save_tokenizer
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import GPT, HFBackbone
 from gptlab.models.convert import gpt2_config, gpt_to_gpt2_state_dict
@@ -131,7 +133,9 @@ def export(
     tmp.chmod(0o777 & ~umask)
     try:
         model.save_pretrained(tmp)  # safetensors; tied lm_head stored once
-        tok.save_pretrained(tmp)
+        # The context length travels with the tokenizer: a pipeline then truncates long inputs
+        # instead of indexing past the position table.
+        save_tokenizer(tok, tmp, model_max_length=backbone.block_size)
         info = {
             "checkpoint": str(ckpt_path),
             "task": type(task).__name__,
@@ -271,7 +275,11 @@ def to_hf_classifier(task, tokenizer) -> PreTrainedModel:
             f"token's state only, so this classifier has no exact transformers equivalent; fine-tune with "
             f"model.init_args.pooling: last to export it, or use gptlab's test / predict"
         )
-    lm = to_hf_model(task.backbone, tokenizer)  # the backbone as a causal LM, special ids set
+    backbone = task.backbone
+    if adapters.is_adapted(backbone):
+        # transformers' pipeline loads plain models: a peft classifier exports merged
+        backbone = adapters.without_adapters(backbone, merge=True)
+    lm = to_hf_model(backbone, tokenizer)  # the backbone as a causal LM, special ids set
     linear = task.head[-1]  # Sequential(Dropout, Linear)
     config = copy.deepcopy(lm.config)
     config.architectures = None  # from_config sets the head class's own name

@@ -5,11 +5,18 @@
       -> left-pad into (B, P) + attention mask                      pads never attended; positions
                                                                     count real tokens only
       -> prefill: one forward over (B, P)                           our GPT: into its KVCache
-      -> repeat: logits (B, V) -> repetition penalty -> temperature -> top-k -> top-p
+      -> repeat: logits (B, V) -> repetition penalty -> no repeated n-grams -> no EOS before
+                 min_new_tokens -> temperature -> top-k -> top-p
                  -> argmax (temperature 0) or sample
                  -> a row finishes on EOS or a stop string
                  -> forward the new token only (KV cache)
       -> the new ids of each row, without the EOS that ended it
+
+Beam search (`num_beams > 1`) follows transformers' `_beam_search` step for step (log-softmax,
+the same processors, top 2 x num_beams candidates, length-normalised finished hypotheses, the
+same early-stopping heuristic), reordering the KV cache to each beam's parent after every step.
+`num_return_sequences` returns that many rows per prompt (the best beams, or independent samples),
+prompt by prompt, as transformers does.
 
 Three ways to run the model, chosen by `_stepper`, all feeding the same sampling loop:
 
@@ -19,7 +26,9 @@ Three ways to run the model, chosen by `_stepper`, all feeding the same sampling
   reference the cached paths are tested against).
 
 The logits processors follow Hugging Face's `generate` (same order, same definitions), so
-greedy decoding gives the same tokens as `model.generate(do_sample=False)` on exported weights.
+greedy decoding and beam search give the same tokens as `model.generate(do_sample=False)` on
+exported weights. One difference: the repetition penalty and the n-gram ban look at a row's real
+tokens only, where transformers also counts the left padding of a batch.
 Sampling is deterministic for a seed (`generator` or `seed`); in a batch every row draws from
 one generator, so a sampled row depends on its batch-mates, while greedy rows never do.
 """
@@ -56,6 +65,10 @@ def generate(
     stop: Sequence[str] | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     use_cache: bool = True,
+    min_new_tokens: int = 0,
+    no_repeat_ngram_size: int = 0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> list[int]:
     """Continue one prompt; returns the new token ids (without the prompt and the final EOS).
 
@@ -74,6 +87,10 @@ def generate(
         tokenizer=tokenizer,
         generator=generator,
         use_cache=use_cache,
+        min_new_tokens=min_new_tokens,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
     )[0]
 
 
@@ -93,8 +110,14 @@ def generate_batch(
     seed: int | None = None,
     use_cache: bool = True,
     pad_token_id: int = 0,
+    num_return_sequences: int = 1,
+    min_new_tokens: int = 0,
+    no_repeat_ngram_size: int = 0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> list[list[int]]:
-    """Continue a batch of prompts of any lengths; returns the new ids of each row.
+    """Continue a batch of prompts of any lengths; returns the new ids of each row
+    (`num_return_sequences` rows per prompt, prompt by prompt).
 
     Args:
         backbone: the model (our `GPT`, an `HFBackbone`, or any `Backbone`); put in eval mode while
@@ -119,14 +142,32 @@ def generate_batch(
         use_cache: incremental decoding with a KV cache (our GPT, HFBackbone); False recomputes
             the whole sequence at every step (slower; the same tokens).
         pad_token_id: id written into padded positions (never attended, so any id works).
+        num_return_sequences: rows returned per prompt: the best beams (at most num_beams), or
+            independent samples (temperature > 0).
+        min_new_tokens: EOS is forbidden until a row has this many new tokens.
+        no_repeat_ngram_size: > 0 forbids any token that would repeat an n-gram of this size
+            already in the row (prompt included).
+        num_beams: > 1 decodes by beam search (deterministic: needs temperature 0); stop strings
+            then only cut the decoded text (`decode_completion`), they do not end beams early.
+        length_penalty: beam search ranks finished beams by sum of log-probabilities / length **
+            length_penalty (transformers' definition; > 0 favours longer ones).
     """
     _check_options(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, tokenizer)
+    _check_search(temperature, num_return_sequences, min_new_tokens, no_repeat_ngram_size, num_beams)
     block_size = getattr(backbone, "block_size", None)
     prompts, max_new_tokens = fit_to_context(prompts, max_new_tokens, block_size)
     device = next(backbone.parameters()).device
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     eos_ids = _as_id_list(eos_token_id)
+    rules = _Rules(min_new_tokens, no_repeat_ngram_size, eos_ids, backbone.vocab_size)
+    if num_beams > 1:
+        return _beam_search(
+            backbone, prompts, max_new_tokens, num_beams, num_return_sequences, length_penalty,
+            repetition_penalty, rules, eos_ids, pad_token_id, use_cache,
+        )  # fmt: skip
+    # Independent samples: each prompt n times in a row, as transformers expands its input.
+    prompts = [p for p in prompts for _ in range(num_return_sequences)]
 
     ids, mask = _left_pad(prompts, pad_token_id, device)  # (B, P) each
     B, P = ids.shape
@@ -143,6 +184,7 @@ def generate_batch(
         counts = torch.zeros(B, backbone.vocab_size, dtype=torch.long, device=device)  # (B, V)
         seen = counts.scatter_add_(1, ids, mask) > 0  # (B, V)
     eos = torch.tensor(eos_ids, device=device) if eos_ids else None
+    history = [list(p) for p in prompts] if rules.ngram else None  # real tokens of each row
 
     was_training = backbone.training
     backbone.eval()
@@ -154,14 +196,18 @@ def generate_batch(
         with layout:
             logits = stepper.prefill(ids, None if full_mask is None else full_mask[:, :P])  # (B, V)
             for step in range(max_new_tokens):
+                ban = rules.ban(history, step, B, device) if rules.active else None
                 next_ids = _next_token(
-                    logits.float(), seen, temperature, top_k, top_p, repetition_penalty, generator
+                    logits.float(), seen, temperature, top_k, top_p, repetition_penalty, generator, ban
                 )  # (B,)
                 if seen is not None:
                     seen[torch.arange(B, device=device), next_ids] = True
                 done_now = torch.isin(next_ids, eos) if eos is not None else None
                 # One host sync per step: the rows' ids are needed on the host to stop and to return.
                 tokens = next_ids.tolist()
+                if history is not None:
+                    for row, token in zip(history, tokens, strict=True):
+                        row.append(token)
                 done_list = done_now.tolist() if done_now is not None else [False] * B
                 for row in range(B):
                     if finished[row]:
@@ -269,11 +315,13 @@ def _next_token(
     top_p: float | None,
     repetition_penalty: float,
     generator: torch.Generator | None,
+    ban: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, V) float logits -> (B,) next ids; Hugging Face's processor order and definitions."""
-    if seen is not None:
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
+    """(B, V) float logits -> (B,) next ids; Hugging Face's processor order and definitions.
+
+    `ban` (B, V) bool: tokens forbidden at this step (repeated n-grams, EOS before min_new_tokens).
+    """
+    logits = _penalise(logits, seen, repetition_penalty, ban)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -289,6 +337,160 @@ def _next_token(
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _penalise(
+    scores: torch.Tensor, seen: torch.Tensor | None, repetition_penalty: float, ban: torch.Tensor | None
+) -> torch.Tensor:
+    """Repetition penalty on the tokens `seen`, then -inf on the `ban`ned ones: (B, V) -> (B, V)."""
+    if seen is not None:
+        penalised = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
+        scores = torch.where(seen, penalised, scores)
+    if ban is not None:
+        scores = scores.masked_fill(ban, float("-inf"))
+    return scores
+
+
+class _Rules:
+    """The token bans of `min_new_tokens` and `no_repeat_ngram_size` (transformers'
+    MinNewTokensLengthLogitsProcessor and NoRepeatNGramLogitsProcessor)."""
+
+    def __init__(self, min_new_tokens: int, ngram: int, eos_ids: list[int], vocab_size: int) -> None:
+        self.min_new_tokens = min_new_tokens if eos_ids else 0
+        self.ngram = ngram
+        self.eos_ids = eos_ids
+        self.vocab_size = vocab_size
+        self.active = bool(self.min_new_tokens or ngram)
+
+    def ban(
+        self, history: list[list[int]] | None, step: int, rows: int, device: torch.device
+    ) -> torch.Tensor:
+        """(rows, V) bool: what no row may produce as its `step`-th new token (0-based)."""
+        ban = torch.zeros(rows, self.vocab_size, dtype=torch.bool)
+        if step < self.min_new_tokens:
+            ban[:, self.eos_ids] = True
+        if self.ngram and history is not None:
+            n = self.ngram
+            for row, tokens in enumerate(history):
+                # The tokens that followed each earlier occurrence of the last n - 1 tokens.
+                prefix = tokens[len(tokens) - n + 1 :] if n > 1 else []
+                if len(tokens) < n - 1:
+                    continue
+                banned = [
+                    tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == prefix
+                ]
+                ban[row, banned] = True
+        return ban.to(device)
+
+
+# ----------------------------------------------------------------------------- beam search
+def _beam_search(
+    backbone: Backbone,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    num_beams: int,
+    num_return_sequences: int,
+    length_penalty: float,
+    repetition_penalty: float,
+    rules: _Rules,
+    eos_ids: list[int],
+    pad_token_id: int,
+    use_cache: bool,
+) -> list[list[int]]:
+    """transformers' `_beam_search` (early_stopping=False) on a gptlab backbone; see generate_batch.
+
+    Shapes: B prompts, K = num_beams, C = max(2, 1 + #eos) x K candidates per prompt, N new tokens.
+    """
+    device = next(backbone.parameters()).device
+    B, K, V, N = len(prompts), num_beams, backbone.vocab_size, max_new_tokens
+    C = max(2, 1 + len(eos_ids)) * K
+    beam_prompts = [p for p in prompts for _ in range(K)]  # row b * K + k: beam k of prompt b
+    ids, mask = _left_pad(beam_prompts, pad_token_id, device)  # (B K, P)
+    P = ids.size(1)
+    full_mask = None
+    if not bool(mask.all()):
+        full_mask = torch.cat([mask, mask.new_ones(B * K, N)], dim=1)  # (B K, P + N)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B * K, V, dtype=torch.long, device=device).scatter_add_(1, ids, mask) > 0
+    eos = torch.tensor(eos_ids, device=device) if eos_ids else None
+    history = [list(p) for p in beam_prompts] if rules.ngram else None
+    # Only the first K candidates may become finished hypotheses (the rest keep K beams running).
+    first_k = torch.arange(C, device=device) < K  # (C,)
+    offsets = torch.arange(B, device=device)[:, None] * K  # (B, 1): row of beam 0 of each prompt
+
+    running = torch.full((B, K, N), pad_token_id, dtype=torch.long, device=device)  # new tokens
+    running_scores = torch.zeros(B, K, device=device)
+    running_scores[:, 1:] = -1e9  # all beams start equal: only the first one may expand at step 0
+    done_seqs = running.clone()
+    done_scores = torch.full((B, K), -1e9, device=device)
+    done_lengths = torch.zeros(B, K, dtype=torch.long, device=device)
+    is_done = torch.zeros(B, K, dtype=torch.bool, device=device)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
+
+    stepper = _stepper(backbone, B * K, P + N, use_cache)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        logits = stepper.prefill(ids, None if full_mask is None else full_mask[:, :P])  # (B K, V)
+        for step in range(N):
+            ban = rules.ban(history, step, B * K, device) if rules.active else None
+            log_probs = _penalise(torch.log_softmax(logits.float(), dim=-1), seen, repetition_penalty, ban)
+            total = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
+            top_scores, top_index = torch.topk(total, C)  # (B, C)
+            parent, token = top_index // V, top_index % V  # (B, C) each
+            candidates = torch.take_along_dim(running, parent[:, :, None], dim=1)  # (B, C, N)
+            candidates[:, :, step] = token
+            hits = torch.zeros_like(token, dtype=torch.bool) if eos is None else torch.isin(token, eos)
+            if step == N - 1:
+                hits = torch.ones_like(hits)  # max length: every candidate ends here
+            # The K best candidates that go on (a finished one cannot).
+            go_on_scores = top_scores + hits.float() * -1.0e9
+            keep = torch.topk(go_on_scores, K).indices  # (B, K)
+            running = torch.take_along_dim(candidates, keep[:, :, None], dim=1)
+            running_scores = torch.take_along_dim(go_on_scores, keep, dim=1)
+            parents = torch.take_along_dim(parent, keep, dim=1)  # (B, K)
+            # Finished hypotheses: the best K of those kept so far and the ones ending now.
+            finished = hits & first_k[None, :]
+            scores = top_scores / ((step + 1) ** length_penalty)
+            scores += (~improvable).float() * -1.0e9
+            scores += (~finished) * -1.0e9
+            merged_scores = torch.cat([done_scores, scores], dim=1)  # (B, K + C)
+            best = torch.topk(merged_scores, K).indices  # (B, K)
+            done_scores = torch.take_along_dim(merged_scores, best, dim=1)
+            done_seqs = torch.take_along_dim(
+                torch.cat([done_seqs, candidates], dim=1), best[:, :, None], dim=1
+            )
+            lengths = torch.full_like(token, step + 1)
+            done_lengths = torch.take_along_dim(torch.cat([done_lengths, lengths], dim=1), best, dim=1)
+            is_done = torch.take_along_dim(torch.cat([is_done, finished], dim=1), best, dim=1)
+            # transformers' heuristic (early_stopping=False): stop once no running beam, at its
+            # current length, beats the worst of K finished hypotheses.
+            best_running = running_scores[:, :1] / ((step + 1) ** length_penalty)
+            worst_done = torch.where(is_done, done_scores.min(dim=1, keepdim=True).values, -1.0e9)
+            improvable = improvable & (best_running > worst_done).any(dim=-1, keepdim=True)
+            if not bool(improvable.any()) or bool(hits.all()):
+                break
+            rows = (parents + offsets).view(-1)  # (B K,): the row each new beam continues
+            new_tokens = running[:, :, step].reshape(-1)  # (B K,)
+            if seen is not None:
+                seen = seen[rows]
+                seen[torch.arange(B * K, device=device), new_tokens] = True
+            if history is not None:
+                history = [[*history[r], t] for r, t in zip(rows.tolist(), new_tokens.tolist(), strict=True)]
+            stepper.reorder(rows)
+            step_mask = None if full_mask is None else full_mask[:, : P + step + 1]
+            logits = stepper.step(new_tokens[:, None], step_mask)
+    finally:
+        backbone.train(was_training)
+    out = []
+    for b in range(B):
+        for k in range(num_return_sequences):
+            row = done_seqs[b, k, : int(done_lengths[b, k])].tolist()
+            if row and row[-1] in eos_ids:
+                row = row[:-1]  # the EOS that ended it is not returned, as in greedy decoding
+            out.append(row)
+    return out
 
 
 # ----------------------------------------------------------------------------- running the model
@@ -310,6 +512,9 @@ class _Recompute:
     def step(self, next_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         self.ids = torch.cat([self.ids, next_ids], dim=1)  # (B, S + 1)
         return self._last_logits(mask)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.ids = self.ids[rows]
 
 
 @contextlib.contextmanager
@@ -362,6 +567,9 @@ class _GPTCache:
     prefill = _forward
     step = _forward
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache.reorder(rows)
+
 
 class _HFCache:
     """A Hugging Face model with its own `past_key_values`, positions counting real tokens only."""
@@ -395,6 +603,9 @@ class _HFCache:
         positions = None if mask is None else mask.sum(-1, keepdim=True) - 1  # (B, 1)
         return self._forward(next_ids, mask, positions)
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.past.reorder_cache(rows)  # transformers' Cache API, as its beam search calls it
+
 
 def _stepper(backbone: Backbone, batch_size: int, max_len: int, use_cache: bool):
     if use_cache and isinstance(backbone, GPT):
@@ -421,6 +632,27 @@ def _as_id_list(token_ids: int | Sequence[int] | None) -> list[int]:
     if token_ids is None:
         return []
     return [int(token_ids)] if isinstance(token_ids, int) else [int(t) for t in token_ids]
+
+
+def _check_search(temperature, num_return_sequences, min_new_tokens, no_repeat_ngram_size, num_beams):
+    problems = []
+    if num_beams < 1:
+        problems.append(f"num_beams={num_beams} must be at least 1 (1 = no beam search)")
+    if num_beams > 1 and temperature != 0:
+        problems.append(f"num_beams={num_beams} is beam search, which is deterministic: set temperature 0")
+    if num_return_sequences < 1:
+        problems.append(f"num_return_sequences={num_return_sequences} must be at least 1")
+    elif num_return_sequences > 1 and temperature == 0 and num_return_sequences > num_beams:
+        problems.append(
+            f"num_return_sequences={num_return_sequences} needs that many beams (num_beams >= "
+            f"{num_return_sequences}) or sampling (temperature > 0): greedy decoding gives one sequence"
+        )
+    if min_new_tokens < 0:
+        problems.append(f"min_new_tokens={min_new_tokens} must be >= 0")
+    if no_repeat_ngram_size < 0:
+        problems.append(f"no_repeat_ngram_size={no_repeat_ngram_size} must be >= 0 (0 = off)")
+    if problems:
+        raise ConfigError("generate: " + "; ".join(problems))
 
 
 def _check_options(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, tokenizer):

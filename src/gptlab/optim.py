@@ -52,7 +52,7 @@ def param_groups(
     # Unscaled groups first, decay before no decay; one empty group when nothing trains (an
     # optimizer needs at least one).
     for scale, keep in sorted(groups, key=lambda k: (k[0] != 1.0, k[0], k[1])) or [(1.0, False)]:
-        # Labels the group's learning rate in the logs (`lr/no_decay`, gptlab.callbacks.LearningRate).
+        # Labels the group's learning rate in the logs (`train/lr/no_decay`, gptlab.callbacks.LearningRate).
         name = ("no_decay" if keep else "decay") + (f"_lr_x{scale:g}" if scale != 1.0 else "")
         group: dict = {"params": groups.get((scale, keep), []), "name": name}
         if keep:

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from gptlab.errors import GPTLabError
+from gptlab.errors import ConfigError, GPTLabError
 
 # sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": the run saved its
 # state and wants to be started again with the same command (and `--ckpt_path last`). Distinct
@@ -80,12 +80,24 @@ class Preemption(L.Callback):
             exit_code: the process exit status after a signal-triggered save (default 75,
                 EX_TEMPFAIL: "retry me"; 0 would look like a finished run).
         """
+        problems = []
         if every_n_steps is not None and every_n_steps < 0:
-            raise ValueError(f"Preemption: every_n_steps={every_n_steps} must be >= 0")
+            problems.append(f"preemption.every_n_steps={every_n_steps} must be >= 0 (0: no periodic save)")
         names = ["SIGTERM", "SIGUSR1"] if signals is None else list(signals)
         unknown = [n for n in names if not isinstance(getattr(signal, n, None), signal.Signals)]
         if unknown:
-            raise ValueError(f"Preemption: unknown signal names {unknown}; use e.g. SIGTERM, SIGUSR1")
+            problems.append(f"preemption.signals: unknown signal names {unknown}; use e.g. SIGTERM, SIGUSR1")
+        # The kernel never lets a process handle these two (signal(7)): nothing could be saved.
+        uncatchable = [n for n in names if n in ("SIGKILL", "SIGSTOP")]
+        if uncatchable:
+            problems.append(
+                f"preemption.signals: {uncatchable} cannot be caught by any process, so no checkpoint "
+                f"could be saved on them; use signals the scheduler sends first, e.g. SIGTERM, SIGUSR1"
+            )
+        if not 0 <= exit_code <= 255:
+            problems.append(f"preemption.exit_code={exit_code} must be an exit status in 0..255")
+        if problems:
+            raise ConfigError("; ".join(problems))
         self.every_n_steps = every_n_steps or 0
         self.signals = [getattr(signal, n) for n in names]
         self.exit_code = exit_code
@@ -207,7 +219,9 @@ class Preemption(L.Callback):
             # `--ckpt_path last` would never see (lightning/pytorch/callbacks/model_checkpoint.py,
             # `_save_last_checkpoint`).
             callback.last_model_path = str(path)
-        trainer.save_checkpoint(path)
+        # A full checkpoint (optimizer, loops, callbacks) to resume from; said explicitly, since
+        # Lightning logs "`weights_only` was not set" when it is left to its default.
+        trainer.save_checkpoint(path, weights_only=False)
         return path
 
     @staticmethod
@@ -265,7 +279,12 @@ class NonFiniteLoss(L.Callback):
             raise NonFiniteLossError(
                 f"the training loss is not finite at {where}{why}; stopped before it changed any weight, "
                 f"the run's checkpoints are from earlier steps. Lower the learning rate, enable "
-                f"trainer.gradient_clip_val, check the data, or set --nonfinite_loss.policy skip"
+                f"trainer.gradient_clip_val, check the data, or "
+                + (
+                    "set --nonfinite_loss.policy skip"
+                    if self.policy == "stop"
+                    else f"raise --nonfinite_loss.max_skips (now {self.max_skips})"
+                )
             )
         if not self._skip_this_step:
             self.skipped += 1

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load, _distributed_checkpoint_save
 from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -161,6 +161,43 @@ class FSDP(ModelParallelStrategy):
             mark_complete(folder, step, self.world_size)
             point_to(path, folder)
         self.barrier("gptlab_checkpoint_linked")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loading, except for the sharded checkpoint of a peft fine-tune.
+
+        That folder holds the adapters and heads only (gptlab.adapters), while Lightning asks DCP
+        for every tensor of the model and DCP refuses missing ones; here DCP reads exactly the
+        saved part, and the frozen base keeps the weights it was set up with.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        module = self.lightning_module
+        if getattr(module, "peft_config", None) is None or not is_sharded_checkpoint(path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        full = get_model_state_dict(self.model)
+        keep = set(module.saved_keys(full))
+        state = {"state_dict": {k: v for k, v in full.items() if k in keep}}
+        _distributed_checkpoint_load(state, path)
+        missing, unexpected = self.model.load_state_dict(state["state_dict"], strict=False)
+        if unexpected or keep & set(missing):
+            raise CheckpointError(f"sharded checkpoint {path} does not match the model's adapters and heads")
+        for i, optimizer in enumerate(self.optimizers):
+            optimizer_state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
+            _distributed_checkpoint_load(optimizer_state, path)
+            set_optimizer_state_dict(
+                self.model,
+                optimizer,
+                optim_state_dict=optimizer_state[f"optimizer_{i}"],
+                options=StateDictOptions(cpu_offload=True),
+            )
+        safe = True if weights_only is None else weights_only
+        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=safe)
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero and Path(filepath).is_symlink():

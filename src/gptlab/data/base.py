@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerFast
 
 from gptlab.data.cache import claim
-from gptlab.data.tokenizers import BPE, TokenizerRecipe, load_tokenizer, prepare_tokenizer
+from gptlab.data.tokenizers import BPE, TokenizerRecipe, load_tokenizer, prepare_tokenizer, save_tokenizer
 from gptlab.errors import ConfigError, GPTLabError
 
 IGNORE_INDEX = -100  # PyTorch's cross_entropy default ignore_index, and Hugging Face's convention
@@ -322,8 +322,9 @@ class DataModule(L.LightningDataModule):
         return 0
 
     def save_tokenizer(self, directory: str | Path) -> None:
-        """Save the tokenizer where `AutoTokenizer.from_pretrained(directory)` loads it back."""
-        self.tokenizer.save_pretrained(str(directory))
+        """Save the tokenizer where `AutoTokenizer.from_pretrained(directory)` loads it back (any
+        transformers version gptlab allows)."""
+        save_tokenizer(self.tokenizer, directory)
 
     # ----------------------------------------------------------------- batches
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -142,6 +142,21 @@ def unknown_label_hint(given: bool) -> str:
     )
 
 
+def warn_unused_labels(names: Sequence[str], used: set[int], source: Any) -> None:
+    """Warn when given `label_names` hold names the training data never uses (a misspelt name, or
+    labels of another dataset): the model has a class it cannot learn."""
+    unused = [name for i, name in enumerate(names) if i not in used]
+    if unused:
+        shown = ", ".join(repr(n) for n in unused[:5]) + (
+            f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+        )
+        rank_zero_warn(
+            f"data.init_args.label_names: {shown} never occur in the training data ({source}); the "
+            f"model cannot learn a class it never sees: check the spelling against the labels in the "
+            f"files, or remove them"
+        )
+
+
 def read_table(
     path: Path, columns: Sequence[str], names: Sequence[str] | None = None
 ) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -604,6 +619,11 @@ class ClassificationDataModule(DataModule):
             targets.append(target)
             wheres.append(where)
         problems.raise_if_any(unknown_label_hint(self._given_label_names is not None))
+        if role == "train" and self._given_label_names is not None and self._label_map is not None:
+            used = {t for t in targets if isinstance(t, int)} | {
+                i for t in targets if isinstance(t, list) for i, hot in enumerate(t) if hot
+            }
+            warn_unused_labels(self.label_names, used, self.role_files[role] or "the dataset's train split")
         if not texts:
             source = self.role_files[role] or f"the dataset's {role} split"
             raise DataError(

@@ -9,8 +9,9 @@
 
 What is in memory at once is a block, a batch and its encodings, whatever the size of the corpus
 or of one document. Pieces are not only a memory bound: `tokenizers` keeps alignment tables of
-tens of bytes per character while it encodes a string, and one string of many megabytes encodes
-several times slower per character than pieces of a few ten thousand characters.
+about a hundred bytes per character while it encodes a string, and one string of megabytes
+encodes several times slower per character than pieces of tens of thousands of characters
+(benchmarks/tokenize_corpus.py measures the whole path).
 
 What equality holds. A document longer than MAX_CHARS is cut, in this order of preference,
     1. after a newline that has a non-space character on each side,
@@ -171,6 +172,14 @@ class CutReport:
 
 
 @dataclass
+class UnknownReport:
+    """Documents with text the tokenizer encodes as its unknown token, and a few examples of it."""
+
+    documents: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Batch:
     """Pieces for one encode call, where their documents end, and the cuts to check."""
 
@@ -207,6 +216,7 @@ class CorpusEncoder:
             self.backend.no_truncation()
             self.backend.no_padding()
         self.cuts = CutReport()
+        self.unknown = UnknownReport()
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         try:
@@ -225,6 +235,15 @@ class CorpusEncoder:
                 else ""
             )
             raise DataError(f"the tokenizer cannot encode this text ({err}){hint}") from None
+
+    def _unknown_text(self, piece: str, unk: int) -> str:
+        """The characters of `piece` that became the unknown token, for a warning."""
+        try:
+            spans = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        except (NotImplementedError, ValueError):  # no offsets without a Rust backend
+            return "?"
+        pairs = zip(spans["input_ids"], spans["offset_mapping"], strict=True)
+        return ", ".join(sorted({repr(piece[a:b]) for token, (a, b) in pairs if token == unk}))
 
     def _encode_batch(self, batch: Batch) -> list[list[int]]:
         # The cuts' checks ride in the same call: (l + r, l, r) after the pieces.
@@ -259,22 +278,32 @@ class CorpusEncoder:
         """Write the tokens of `documents` (each given as blocks of text) through `write`, in batches.
 
         Returns the number of tokens of each document, its <eos> included (int64); documents
-        with no text are left out (they would add a lone <eos>).
+        with no text are left out (they would add a lone <eos>). `self.unknown` then counts the
+        documents with text encoded as the unknown token.
         """
         lengths = array("q")
         current = 0  # tokens of the document being written, across batches
 
+        self.unknown = UnknownReport()
+        unk = self.tokenizer.unk_token_id
+        has_unk = False  # the document being written holds text encoded as the unknown token
+
         def finish(batch: Batch, encoded: Future[list[list[int]]]) -> None:
-            nonlocal current
+            nonlocal current, has_unk
             ids = encoded.result()
             parts: list[Iterable[int]] = []
-            for piece_ids, end in zip(ids, batch.ends, strict=False):  # the probes' ids follow
+            for piece, piece_ids, end in zip(batch.pieces, ids, batch.ends, strict=False):  # probes follow
                 parts.append(piece_ids)
                 current += len(piece_ids)
+                if unk is not None and unk in piece_ids:
+                    has_unk = True
+                    if len(self.unknown.examples) < 3:
+                        self.unknown.examples.append(self._unknown_text(piece, unk))
                 if end:
                     parts.append((self.eos_id,))
                     lengths.append(current + 1)
-                    current = 0
+                    self.unknown.documents += has_unk
+                    current, has_unk = 0, False
             write(np.fromiter(itertools.chain.from_iterable(parts), dtype=dtype))
             for i, (left, right) in enumerate(batch.probes):
                 # encode(l + r) == encode(l) + encode(r): the cut changed nothing near it.

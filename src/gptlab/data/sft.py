@@ -528,7 +528,7 @@ class SFTDataModule(DataModule):
         flat = [text for ex in examples for text, _ in ex.segments]
         wheres = [ex.location for ex in examples for _ in ex.segments]
         ids_flat = iter(self._tokenize(flat, wheres, tokenizer, role))
-        items, truncated = [], 0
+        items, truncated, completion_cut = [], 0, []
         for ex in examples:
             ids: list[int] = []
             labels: list[int] = []
@@ -545,6 +545,8 @@ class SFTDataModule(DataModule):
             if len(ids) > self.block_size:
                 # Left truncation keeps the completion and its EOS (what is trained and scored).
                 cut = len(ids) - self.block_size
+                if cut > prompt_length:  # the completion alone is longer: its start goes too
+                    completion_cut.append(ex.location)
                 ids, labels, prompt_length = ids[cut:], labels[cut:], max(prompt_length - cut, 0)
                 truncated += 1
             item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
@@ -552,10 +554,17 @@ class SFTDataModule(DataModule):
                 item.update(prompt_length=prompt_length, prompt=ex.prompt, reference=ex.reference)
             items.append(item)
         if truncated:
+            kept = truncated - len(completion_cut)
+            what = f"{kept} lost the start of their prompt (completion kept)" if kept else ""
+            if completion_cut:
+                what += (
+                    f"{', ' if kept else ''}{len(completion_cut)} lost their whole prompt and the start "
+                    f"of their completion, which alone is longer (e.g. {completion_cut[0]})"
+                )
             rank_zero_warn(
                 f"SFTDataModule: {truncated} of {len(examples)} {role} examples are longer than "
-                f"block_size={self.block_size} tokens and were truncated from the left (the start of the "
-                f"prompt is dropped, the completion kept); raise block_size to keep them whole"
+                f"block_size={self.block_size} tokens and were truncated from the left: {what}; raise "
+                f"block_size to keep them whole"
             )
         return items
 

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
 from gptlab.data.base import DataError, DataModule, shorten_problem
@@ -202,6 +202,17 @@ def _check_parquet(path: Path, column: str) -> tuple[list[str], bool]:
     return [], bool(pc.max(lengths).as_py() or 0)
 
 
+def _nul_problem(path: Path) -> str | None:
+    """A NUL byte is valid UTF-8 but never in text: the file is binary (an archive, weights, ...)."""
+    offset = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if (at := chunk.find(b"\0")) >= 0:
+                return f"{path}: a NUL byte at byte {offset + at}: a binary file, not text; give text files"
+            offset += len(chunk)
+    return None
+
+
 def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
     """The files of `files` that hold text, after checking all of them; one DataError lists every problem.
 
@@ -215,6 +226,7 @@ def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
             found, content = _check_parquet(path, text_column)
         else:
             problem, content = _check_utf8(path)
+            problem = problem or _nul_problem(path)
             found = [problem] if problem else []
             if kind == "json" and not found:
                 found, content = _check_json(path, text_column)
@@ -355,6 +367,7 @@ class TextDataModule(DataModule):
         train_files: str | list[str] | None = None,
         val_files: str | list[str] | None = None,
         test_files: str | list[str] | None = None,
+        predict_files: str | list[str] | None = None,
         dataset: str | None = None,
         dataset_config: str | None = None,
         text_column: str = "text",
@@ -378,6 +391,8 @@ class TextDataModule(DataModule):
                 record, in `text_column`. `{stdlib}/*.py` is the Python standard library's source.
             val_files: Validation text, as `train_files`; then `val_fraction` is not used.
             test_files: Test text, as `train_files`; by default the test set is the validation set.
+            predict_files: Prompts that `predict` continues (CausalLM): a .txt file holds one prompt
+                per line; .jsonl / .json / .parquet one prompt per record, in `text_column`.
             dataset: Instead of `train_files`: a Hugging Face hub dataset name, or a directory
                 written by `save_to_disk`. Its "train" split trains; its "validation" and "test"
                 splits, if any, validate and test.
@@ -426,6 +441,8 @@ class TextDataModule(DataModule):
         if problems:
             raise ConfigError("TextDataModule: " + "; ".join(problems))
         self.patterns = {"train": train_files, "val": val_files, "test": test_files}
+        self.predict_files = predict_files
+        self.predict_dataset: Dataset | None = None
         self.dataset = dataset
         self.dataset_config = dataset_config
         self.text_column = text_column
@@ -588,7 +605,14 @@ class TextDataModule(DataModule):
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return self.cache_dir / "text" / digest
 
+    def _predicting(self) -> bool:
+        # `predict` reads its prompts only: no training text needs to be there or be tokenized.
+        trainer = self.trainer
+        return trainer is not None and trainer.state.fn == "predict"
+
     def prepare_datasets(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        if self._predicting():
+            return
         path = self.cache_path(tokenizer)
         if (path / "meta.json").is_file():
             rank_zero_info(f"gptlab: tokenized text cached at {path}; reading no text")
@@ -599,8 +623,12 @@ class TextDataModule(DataModule):
             )
         start = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
+        # A build of this entry killed midway left its directory: prepare_data holds the entry's
+        # claim (gptlab.data.cache), so no live build owns one, and a large corpus's is large.
+        for stale in path.parent.glob(f".tmp-{path.name[:16]}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         # Build in a private directory and rename it into place: no half-written cache entry.
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name[:16]}-", dir=path.parent))
         encoder = CorpusEncoder(tokenizer)
         try:
             dtype, splits = self._build(encoder, tmp)
@@ -654,6 +682,14 @@ class TextDataModule(DataModule):
                     lengths = encoder.encode(self.documents(role), out.write, dtype)
                 except DataError as err:
                     raise DataError(f"{self._describe(role)}: {err}") from None
+            if encoder.unknown.documents:
+                # As the other data modules do (gptlab.data.base.encode_texts): one warning per split.
+                rank_zero_warn(
+                    f"gptlab: {self._describe(role)}: {encoder.unknown.documents} of {len(lengths)} "
+                    f"documents hold text the tokenizer has no token for, encoded as "
+                    f"{encoder.tokenizer.unk_token!r} (e.g. {'; '.join(encoder.unknown.examples)}); a "
+                    f"tokenizer trained on text that contains it (or a byte-level BPE) would keep it"
+                )
             total = int(lengths.sum())
             if whole:
                 counts[role] = {"tokens": total, "documents": len(lengths)}
@@ -689,6 +725,9 @@ class TextDataModule(DataModule):
         return dtype.name, counts
 
     def setup_datasets(self, stage: str) -> None:
+        if stage == "predict":
+            self.predict_dataset = self._prompts()
+            return
         path = self.cache_path(self.tokenizer)
         if not (path / "meta.json").is_file():
             raise DataError(
@@ -729,3 +768,50 @@ class TextDataModule(DataModule):
         rank_zero_info(
             f"gptlab: {sizes} of {self.block_size} + 1 tokens (train stride {self.stride}) from {path}"
         )
+
+    # ----------------------------------------------------------------- predict: prompts
+    def _prompts(self) -> Dataset:
+        """The prompts of `predict_files`, tokenized without special tokens, with their text."""
+        from gptlab.data.sft import SFTSequences, _read_records  # sft.py builds on this module
+
+        if not self.predict_files:
+            raise DataError(
+                "no prompts to predict: set data.init_args.predict_files (a .txt file with one prompt per "
+                f"line, or .jsonl / .json / .parquet records with the prompt in {self.text_column!r})"
+            )
+        items, problems = [], []
+        for path in expand_files(self.predict_files, "predict_files"):
+            for where, record in _read_records(path):
+                text = record.get(self.text_column) if isinstance(record, dict) else record
+                if not isinstance(text, str):
+                    problems.append(
+                        f"{where}: no text in {self.text_column!r} (see data.init_args.text_column)"
+                    )
+                    continue
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    problems.append(f"{where}: the prompt is empty; every prompt needs some text")
+                    continue
+                # The batch contract plus what generation reads (as SFTDataModule's prompts).
+                items.append({"input_ids": torch.tensor(ids), "prompt_length": len(ids), "prompt": text})
+        if problems:
+            more = f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+            raise DataError("predict_files: " + "; ".join(problems[:5]) + more)
+        if not items:
+            raise DataError(f"predict_files {self.predict_files!r}: no prompts in the files")
+        return SFTSequences([{**item, "reference": ""} for item in items])
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        """The batch contract; prompts also carry `prompt_length` and `prompt` (and `reference`)."""
+        if "prompt_length" not in features[0]:
+            return super().collate(features)
+        batch = super().collate([{"input_ids": f["input_ids"]} for f in features])
+        batch["prompt_length"] = torch.tensor([f["prompt_length"] for f in features], dtype=torch.long)
+        batch["prompt"] = [f["prompt"] for f in features]
+        batch["reference"] = [f["reference"] for f in features]
+        return batch
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_dataset is None:
+            self.predict_dataset = self._prompts()
+        return self._loader(self.predict_dataset, self.eval_batch_size, None)

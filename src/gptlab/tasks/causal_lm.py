@@ -1,24 +1,183 @@
-"""CausalLM: self-supervised next-token prediction, the pretraining half of the GPT recipe."""
+"""CausalLM: self-supervised next-token prediction, the pretraining half of the GPT recipe.
+
+fit / validate / test   next-token cross entropy (perplexity, bits per byte in the report)
+predict                 prompts (data.init_args.predict_files) -> generate_batch with the
+                        decoding settings below -> <run>/predictions.jsonl {prompt, completion}
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 
-from gptlab.reports import Report
-from gptlab.tasks.base import TaskModule
+from gptlab.errors import ConfigError
+from gptlab.generate import decode_completion, generate_batch
+from gptlab.models import Backbone
+from gptlab.optim import WarmupCosine
+from gptlab.reports import Report, write_text
+from gptlab.tasks.base import PeftConfig, TaskModule
+
+
+def decoding_problems(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+    num_return_sequences: int,
+    min_new_tokens: int,
+    no_repeat_ngram_size: int,
+    num_beams: int,
+) -> list[str]:
+    """What is wrong with a set of decoding settings (empty: nothing), checked at construction."""
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0:
+        problems.append(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        problems.append(f"top_k={top_k} must be at least 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        problems.append(f"top_p={top_p} must be in (0, 1]")
+    if repetition_penalty <= 0:
+        problems.append(f"repetition_penalty={repetition_penalty} must be > 0 (1 = none)")
+    if num_beams < 1:
+        problems.append(f"num_beams={num_beams} must be at least 1 (1 = no beam search)")
+    elif num_beams > 1 and temperature != 0:
+        problems.append(f"num_beams={num_beams} is beam search, which is deterministic: set temperature 0")
+    if num_return_sequences < 1:
+        problems.append(f"num_return_sequences={num_return_sequences} must be at least 1")
+    elif num_return_sequences > 1 and temperature == 0 and num_return_sequences > num_beams:
+        problems.append(
+            f"num_return_sequences={num_return_sequences} needs num_beams >= {num_return_sequences} or "
+            f"sampling (temperature > 0): greedy decoding gives one sequence per prompt"
+        )
+    if min_new_tokens < 0:
+        problems.append(f"min_new_tokens={min_new_tokens} must be >= 0")
+    if no_repeat_ngram_size < 0:
+        problems.append(f"no_repeat_ngram_size={no_repeat_ngram_size} must be >= 0 (0 = off)")
+    return problems
 
 
 class CausalLM(TaskModule):
-    """Next-token cross entropy on every labelled position.
+    """Next-token cross entropy on every labelled position; `predict` continues prompts.
 
     Labels arrive aligned with `input_ids` (batch contract); the shift happens here, as in
     Hugging Face: position t predicts token t+1, and the last token is fed only as a target.
     Positions labelled -100 (padding, or prompt tokens in SFT) are ignored. Logs train/loss,
-    val/loss, val/ppl and train/tokens.
+    val/loss, val/ppl and train/tokens. `predict` reads prompts (TextDataModule's or
+    SFTDataModule's `predict_files`) and writes `<run>/predictions.jsonl`; the decoding settings
+    are those of `gptlab.generate.generate_batch`.
     """
+
+    def __init__(
+        self,
+        backbone: Backbone | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = WarmupCosine,
+        init_from: str | None = None,
+        freeze_backbone: bool = False,
+        backbone_lr_scale: float = 1.0,
+        peft: PeftConfig | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int = 0,
+        num_return_sequences: int = 1,
+        min_new_tokens: int = 0,
+        no_repeat_ngram_size: int = 0,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+    ) -> None:
+        """
+        Args:
+            backbone: the Transformer (`gptlab.models.GPT` or `gptlab.models.HFBackbone`). Required,
+                except under the CLI with `init_from` (or `--ckpt_path`): the CLI then takes the
+                backbone config recorded by that checkpoint's run.
+            optimizer: called with the parameter groups (decay / no decay), e.g. `torch.optim.AdamW`.
+            scheduler: called with the optimizer, stepped every optimizer step; None: constant lr.
+            init_from: initialise the backbone weights from a gptlab checkpoint (`.ckpt`) or a
+                Hugging Face model directory before training. Only used by `fit`.
+            freeze_backbone: train only the task head; the backbone keeps its (pretrained) weights.
+            backbone_lr_scale: the backbone's learning rate as a fraction of the optimizer's lr.
+            peft: a peft config (e.g. peft.LoraConfig): adapters on a frozen backbone (see TaskModule).
+            max_new_tokens: tokens generated per prompt at most (predict; test for Generation).
+            temperature: 0 decodes greedily (reproducible); > 0 samples.
+            top_k: sample among the k most likely tokens only (None: all).
+            top_p: nucleus sampling threshold in (0, 1] (None: no nucleus filtering).
+            repetition_penalty: > 1 discourages repeating tokens already in the sequence.
+            stop: strings that end a completion (it is cut before them), beside the EOS token.
+            seed: seed of sampling, so that sampled generations repeat exactly.
+            num_return_sequences: completions per prompt: the best beams, or independent samples
+                (predictions.jsonl then also lists them all under "completions").
+            min_new_tokens: no EOS before this many new tokens.
+            no_repeat_ngram_size: > 0 forbids repeating any n-gram of this size (prompt included).
+            num_beams: > 1 decodes by beam search (transformers' algorithm; temperature 0).
+            length_penalty: beam search ranks finished beams by log-probability / length **
+                length_penalty (> 0 favours longer completions).
+        """
+        super().__init__(
+            backbone=backbone,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            init_from=init_from,
+            freeze_backbone=freeze_backbone,
+            backbone_lr_scale=backbone_lr_scale,
+            peft=peft,
+        )
+        self.set_decoding(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+            num_return_sequences, min_new_tokens, no_repeat_ngram_size, num_beams, length_penalty,
+        )  # fmt: skip
+
+    def set_decoding(
+        self,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        repetition_penalty: float,
+        stop: list[str] | None,
+        seed: int,
+        num_return_sequences: int,
+        min_new_tokens: int,
+        no_repeat_ngram_size: int,
+        num_beams: int,
+        length_penalty: float,
+    ) -> None:
+        """Check and keep the decoding settings (arguments as in `__init__`)."""
+        problems = decoding_problems(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+            num_return_sequences, min_new_tokens, no_repeat_ngram_size, num_beams,
+        )  # fmt: skip
+        if problems:
+            raise ConfigError(f"{type(self).__name__}: " + "; ".join(problems))
+        self.decoding = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            stop=list(stop) if stop else None,
+            num_return_sequences=num_return_sequences,
+            min_new_tokens=min_new_tokens,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+        )
+        self.seed = seed
+        self.predictions: list[dict[str, Any]] = []
+        self._generator: torch.Generator | None = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # The last token is only ever a target: it is not fed (its logits would be thrown away).
@@ -106,3 +265,56 @@ class CausalLM(TaskModule):
                 f"the scored text) compares any two"
             )
         return Report(title="Causal language model: test report", metrics=metrics, meta=meta)
+
+    # ----------------------------------------------------------------- generating
+    def generate_completions(self, batch: dict[str, Any]) -> list[str]:
+        """Completions of the prompts of a batch that carries them (`prompt_length`, `prompt`):
+        `num_return_sequences` per prompt, prompt by prompt."""
+        if "prompt_length" not in batch:
+            raise ConfigError(
+                f"{type(self).__name__} generates from prompt batches: give data.init_args.predict_files "
+                f"(gptlab.data.TextDataModule or gptlab.data.SFTDataModule)"
+            )
+        if self.tokenizer is None:
+            raise ConfigError(f"{type(self).__name__} needs the datamodule's tokenizer to decode generations")
+        ids, lengths = batch["input_ids"], batch["prompt_length"].tolist()
+        # A prompt truncated away entirely (its completion alone filled block_size) starts from EOS.
+        prompts = [ids[i, :n].tolist() or [self.tokenizer.eos_token_id] for i, n in enumerate(lengths)]
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        rows = generate_batch(
+            self.backbone,
+            prompts,
+            eos_token_id=self.tokenizer.eos_token_id,
+            tokenizer=self.tokenizer,
+            generator=self._generator,
+            pad_token_id=self.tokenizer.pad_token_id or 0,
+            **self.decoding,
+        )
+        return [decode_completion(self.tokenizer, row, self.decoding["stop"]) for row in rows]
+
+    def on_predict_epoch_start(self) -> None:
+        self.predictions = []
+        self._generator = None  # every predict run samples the same way
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        completions = self.generate_completions(batch)
+        n = self.decoding["num_return_sequences"]
+        records = []
+        for i, prompt in enumerate(batch["prompt"]):
+            mine = completions[i * n : (i + 1) * n]  # (n,): the best beam or first sample first
+            records.append(
+                {"prompt": prompt, "completion": mine[0], **({"completions": mine} if n > 1 else {})}
+            )
+        self.predictions.extend(records)
+        return records
+
+    def on_predict_epoch_end(self) -> None:
+        run = Path(self.trainer.log_dir or ".")
+        rank = self.trainer.global_rank
+        # One file per process under several devices (each holds its share of the prompts).
+        name = "predictions.jsonl" if self.trainer.world_size == 1 else f"predictions.rank{rank}.jsonl"
+        path = run / name
+        # Whole or not at all, with the mode a plain write gives (umask), like the reports.
+        write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.predictions))
+        rank_zero_info(f"gptlab: {len(self.predictions)} completions written to {path}")

@@ -13,23 +13,19 @@ Test and predict batches come from `gptlab.data.SFTDataModule`, which adds `prom
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.text import BLEUScore, ROUGEScore
 
 from gptlab.errors import ConfigError
-from gptlab.generate import decode_completion, generate_batch
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine
-from gptlab.reports import Report, write_text
+from gptlab.reports import Report
 from gptlab.tasks.base import PeftConfig
 from gptlab.tasks.causal_lm import CausalLM
 
@@ -125,6 +121,11 @@ class Generation(CausalLM):
         answer_pattern: str = "",
         num_samples: int = 5,
         peft: PeftConfig | None = None,
+        num_return_sequences: int = 1,
+        min_new_tokens: int = 0,
+        no_repeat_ngram_size: int = 0,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
     ) -> None:
         """
         Args:
@@ -149,21 +150,34 @@ class Generation(CausalLM):
                 optional string starting with "#" as a YAML comment, i.e. None.)
             num_samples: test generations shown in the report.
             peft: a peft config (e.g. peft.LoraConfig): adapters on a frozen backbone (see TaskModule).
+            num_return_sequences: completions per prompt (best beams, or samples); the test metrics
+                score the first, predictions.jsonl lists them all.
+            min_new_tokens: no EOS before this many new tokens.
+            no_repeat_ngram_size: > 0 forbids repeating any n-gram of this size (prompt included).
+            num_beams: > 1 decodes by beam search (transformers' algorithm; temperature 0).
+            length_penalty: beam search ranks finished beams by log-probability / length **
+                length_penalty.
         """
         super().__init__(
-            backbone=backbone, optimizer=optimizer, scheduler=scheduler, init_from=init_from, peft=peft
+            backbone=backbone,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            init_from=init_from,
+            peft=peft,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            stop=stop,
+            seed=seed,
+            num_return_sequences=num_return_sequences,
+            min_new_tokens=min_new_tokens,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
         )
         problems = []
-        if max_new_tokens < 1:
-            problems.append(f"max_new_tokens={max_new_tokens} must be at least 1")
-        if temperature < 0:
-            problems.append(f"temperature={temperature} must be >= 0 (0 = greedy)")
-        if top_k is not None and top_k < 1:
-            problems.append(f"top_k={top_k} must be at least 1")
-        if top_p is not None and not 0 < top_p <= 1:
-            problems.append(f"top_p={top_p} must be in (0, 1]")
-        if repetition_penalty <= 0:
-            problems.append(f"repetition_penalty={repetition_penalty} must be > 0 (1 = none)")
         if num_samples < 0:
             problems.append(f"num_samples={num_samples} must be >= 0")
         if answer_pattern:
@@ -173,15 +187,6 @@ class Generation(CausalLM):
                 problems.append(f"answer_pattern={answer_pattern!r} is not a valid regex ({err})")
         if problems:
             raise ConfigError("Generation: " + "; ".join(problems))
-        self.decoding = dict(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            stop=list(stop) if stop else None,
-        )
-        self.seed = seed
         self.num_samples = num_samples
         self.answer_pattern = answer_pattern
         # Generation-based metrics are computed in `test` only: generating is far slower than a
@@ -193,38 +198,11 @@ class Generation(CausalLM):
             stages=("test",),
         )
         self.samples: list[dict[str, str]] = []
-        self.predictions: list[dict[str, str]] = []
-        self._generator: torch.Generator | None = None
-
-    # ----------------------------------------------------------------- generating
-    def generate_completions(self, batch: dict[str, Any]) -> list[str]:
-        """Generate a completion for each prompt of an SFT evaluation / prediction batch."""
-        if "prompt_length" not in batch:
-            raise ConfigError(
-                "Generation needs batches from gptlab.data.SFTDataModule (they carry prompt_length, "
-                "prompt and reference); set data.class_path: gptlab.data.SFTDataModule"
-            )
-        if self.tokenizer is None:
-            raise ConfigError("Generation needs the datamodule's tokenizer to decode generations")
-        ids, lengths = batch["input_ids"], batch["prompt_length"].tolist()
-        # A prompt truncated away entirely (its completion alone filled block_size) starts from EOS.
-        prompts = [ids[i, :n].tolist() or [self.tokenizer.eos_token_id] for i, n in enumerate(lengths)]
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        rows = generate_batch(
-            self.backbone,
-            prompts,
-            eos_token_id=self.tokenizer.eos_token_id,
-            tokenizer=self.tokenizer,
-            generator=self._generator,
-            pad_token_id=self.tokenizer.pad_token_id or 0,
-            **self.decoding,
-        )
-        return [decode_completion(self.tokenizer, row, self.decoding["stop"]) for row in rows]
 
     def metric_inputs(self, outputs: torch.Tensor, batch: dict[str, Any]) -> tuple[list[str], list[str]]:
         # Called by shared_step for the stages that have metrics, i.e. test only.
-        completions = self.generate_completions(batch)
+        # The first of each prompt's num_return_sequences completions (the best beam) is scored.
+        completions = self.generate_completions(batch)[:: self.decoding["num_return_sequences"]]
         for prompt, completion, reference in zip(
             batch["prompt"], completions, batch["reference"], strict=True
         ):
@@ -236,26 +214,6 @@ class Generation(CausalLM):
         super().on_test_epoch_start()
         self.samples = []
         self._generator = None  # every test run samples the same way
-
-    def on_predict_epoch_start(self) -> None:
-        self.predictions = []
-        self._generator = None
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
-        completions = self.generate_completions(batch)
-        records = [{"prompt": p, "completion": c} for p, c in zip(batch["prompt"], completions, strict=True)]
-        self.predictions.extend(records)
-        return records
-
-    def on_predict_epoch_end(self) -> None:
-        run = Path(self.trainer.log_dir or ".")
-        rank = self.trainer.global_rank
-        # One file per process under several devices (each holds its share of the prompts).
-        name = "predictions.jsonl" if self.trainer.world_size == 1 else f"predictions.rank{rank}.jsonl"
-        path = run / name
-        # Whole or not at all, with the mode a plain write gives (umask), like the reports.
-        write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.predictions))
-        rank_zero_info(f"gptlab: {len(self.predictions)} completions written to {path}")
 
     # ----------------------------------------------------------------- the report
     def report(self) -> Report:

@@ -1,0 +1,161 @@
+"""SST-2 and CoNLL-2003 with a real pretrained LM: SmolLM2-135M + LoRA, full fine-tune, random init.
+
+    rows     lora     configs/finetune/{sst2,conll2003}_smollm2.yaml as shipped (LoRA r 16, all linears)
+             full     the same with --model.init_args.peft null and lr 5e-5 (every weight trains)
+             random   the same architecture (SmolLM2's config.json) from random weights, full training
+    each     python main.py fit ... --trainer.max_steps N    then    python main.py test --ckpt_path last.ckpt
+
+Every phase is a plain `python main.py ...` subprocess (printed before it runs). Measured per run:
+the test score (SST-2 test.tsv accuracy, CoNLL-2003 eng.testb entity F1, conlleval), trainable
+parameters (the line `fit` prints), the fit process's peak RSS (`wait4`), seconds per step (from
+the Throughput callback's train/samples_per_sec in TensorBoard: training only, validation and
+checkpointing excluded), steps and examples seen. Results accumulate in <work>/results.json; a
+Markdown table is printed at the end. Needs the converted model: python scripts/get_smollm2.py.
+
+    python benchmarks/smollm2_results.py --rows lora --tasks sst2 --steps 200     # the reference's budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = {
+    # task: (config, headline metric of its test report, label)
+    "sst2": ("configs/finetune/sst2_smollm2.yaml", "accuracy", "SST-2 test accuracy"),
+    "conll2003": ("configs/finetune/conll2003_smollm2.yaml", "entity_f1", "CoNLL-2003 eng.testb entity F1"),
+}
+SMOLLM2 = Path("~/.cache/gptlab/models/SmolLM2-135M-Instruct").expanduser()
+# Fields of SmolLM2's config.json that define the architecture (the random-init row builds it).
+ARCHITECTURE = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id",
+)  # fmt: skip
+
+
+def row_args(row: str) -> list[str]:
+    """Command-line overrides of the shipped config for one row."""
+    if row == "lora":
+        return []
+    full = ["--model.init_args.peft", "null"]
+    if row == "full":
+        return [*full, "--model.init_args.optimizer.init_args.lr", "5e-5"]
+    if row == "random":
+        config = json.loads((SMOLLM2 / "config.json").read_text())
+        overrides = {k: config[k] for k in ARCHITECTURE if k in config}
+        backbone = {
+            "class_path": "gptlab.models.HFBackbone",
+            "init_args": {"model_type": "llama", "config_overrides": overrides},
+        }
+        return [*full, "--model.init_args.backbone", json.dumps(backbone)]
+    raise SystemExit(f"unknown row {row!r}")
+
+
+def run(command: list[str], log: Path) -> tuple[float, int]:
+    """Run `command` (printed first), output to `log`; (wall seconds, peak RSS in bytes)."""
+    print("$ " + " ".join(command), flush=True)
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=os.environ)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (kB on Linux)
+    seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"failed after {seconds:.0f}s (exit {code}); see {log}:\n{log.read_text()[-3000:]}")
+    print(f"  done in {seconds / 60:.1f} min", flush=True)
+    return seconds, usage.ru_maxrss * 1024
+
+
+def seconds_per_step(run_dir: Path, batch_size: int) -> float | None:
+    """Mean training seconds per step from the TensorBoard scalars train/samples_per_sec."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if "train/samples_per_sec" not in events.Tags()["scalars"]:
+        return None
+    points = events.Scalars("train/samples_per_sec")
+    # windows are log_every_n_steps long: a mean of per-window seconds per step
+    return sum(batch_size / p.value for p in points) / len(points)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rows", nargs="+", default=["lora", "full", "random"], choices=["lora", "full", "random"]
+    )
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every fit (batch 16)")
+    parser.add_argument("--work", default="logs/smollm2_results", help="runs, logs and results.json")
+    args = parser.parse_args()
+    if not (SMOLLM2 / "config.json").is_file():
+        raise SystemExit(f"{SMOLLM2} is missing: python scripts/get_smollm2.py")
+    work = (REPO / args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results_file = work / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    for task in args.tasks:
+        config, metric, _ = TASKS[task]
+        for row in args.rows:
+            name = f"{task}_{row}"
+            logs = work / name
+            if (logs / "done").is_file():
+                continue
+            overrides = [
+                "--trainer.max_steps",
+                str(args.steps),
+                "--trainer.val_check_interval",
+                str(args.steps),
+                "--trainer.num_sanity_val_steps",
+                "0",  # one validation, at the end
+            ]
+            common = ["--config", config, "--logs", str(logs), "--trainer.enable_progress_bar", "false"]
+            fit_log = work / f"{name}.fit.log"
+            seconds, rss = run(
+                [sys.executable, "main.py", "fit", *common, *row_args(row), *overrides], fit_log
+            )
+            run_dir = sorted(logs.glob("*/version_*"))[-1]
+            ckpt = run_dir / "checkpoints" / "last.ckpt"
+            run([sys.executable, "main.py", "test", "--ckpt_path", str(ckpt)], work / f"{name}.test.log")
+            report = json.loads((run_dir / "reports" / "test_report.json").read_text())
+            counts = re.search(r"gptlab: ([\d,]+) trainable parameters of ([\d,]+)", fit_log.read_text())
+            batch = 16
+            results[name] = {
+                "task": task,
+                "row": row,
+                "score": report["metrics"][metric],
+                "metric": metric,
+                "trainable_params": int(counts.group(1).replace(",", "")) if counts else None,
+                "total_params": int(counts.group(2).replace(",", "")) if counts else None,
+                "peak_rss_gb": rss / 1e9,
+                "s_per_step": seconds_per_step(run_dir, batch),
+                "steps": args.steps,
+                "examples_seen": args.steps * batch,
+                "fit_wall_s": seconds,
+                "command": " ".join(["python main.py fit", *common, *row_args(row), *overrides]),
+                "run": str(run_dir),
+            }
+            results_file.write_text(json.dumps(results, indent=2) + "\n")
+            (logs / "done").write_text("")
+    print("\n| task | row | score | trainable params | peak RSS | s/step | steps | examples seen |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results.values():
+        sps = f"{r['s_per_step']:.2f}" if r["s_per_step"] else "-"
+        print(
+            f"| {TASKS[r['task']][2]} | {r['row']} | {r['score']:.4f} | {r['trainable_params']:,} | "
+            f"{r['peak_rss_gb']:.2f} GB | {sps} | {r['steps']} | {r['examples_seen']:,} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
