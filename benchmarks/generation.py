@@ -48,7 +48,7 @@ def build(args: argparse.Namespace, workdir: Path) -> tuple[GPT, torch.nn.Module
     """(gptlab GPT, transformers model) holding the same weights, via an exported directory."""
     if args.ckpt:
         from gptlab.export import export
-        from gptlab.tasks.base import load_checkpoint
+        from gptlab.loading import load_checkpoint
 
         export(args.ckpt, str(workdir / "hf"))
         config = load_checkpoint(args.ckpt)["hyper_parameters"]["backbone"]["init_args"]

@@ -525,7 +525,7 @@ def test_full_disk_while_writing_a_checkpoint(causal, tmp_path):
 
 
 def test_remove_traces_keeps_what_existed_and_any_run_that_trained(tmp_path):
-    from gptlab.cli import remove_traces
+    from gptlab.runs import remove_traces
 
     run = tmp_path / "version_0"
     (run / "checkpoints").mkdir(parents=True)

@@ -278,7 +278,7 @@ def test_explicit_truncated_ckpt_path_is_one_line_and_left_as_is(fitted, tmp_pat
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sharded_checkpoints_are_step_folders_that_count_once_complete(tmp_path: Path):
-    from gptlab.tasks.base import load_checkpoint
+    from gptlab.loading import load_checkpoint
     from test_distributed import launch
 
     corpus = tmp_path / "corpus"

@@ -19,8 +19,8 @@ import torch
 
 from conftest import REPO, TINY_CORPUS, finish_dist_run, start_dist_run, tiny_config
 from gptlab.cli import main
+from gptlab.loading import load_checkpoint
 from gptlab.tasks import CausalLM
-from gptlab.tasks.base import load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

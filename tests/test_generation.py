@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import REPO, shared_data
 from gptlab.cli import GPTLabCLI, main
 from gptlab.generate import generate_batch
+from gptlab.loading import load_backbone_weights
 from gptlab.models import GPT
 from gptlab.tasks import Generation
-from gptlab.tasks.base import load_backbone_weights
 from gptlab.tasks.generation import GSM8K_ANSWER, AnswerExactMatch
 
 SFT_CONFIG = REPO / "configs" / "finetune" / "gsm8k_sft.yaml"

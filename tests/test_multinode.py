@@ -28,9 +28,8 @@ import torch
 
 from conftest import REPO, TINY_CORPUS, tiny_config
 from gptlab.cli import main
-from gptlab.strategies import consolidate_checkpoint
+from gptlab.loading import consolidate_checkpoint, load_checkpoint
 from gptlab.tasks import CausalLM
-from gptlab.tasks.base import load_checkpoint
 
 STEPS = 6
 TIMEOUT = 480  # seconds for one job of 2 processes (healthy: ~1-2 min on a loaded 2-core machine)

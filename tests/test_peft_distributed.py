@@ -19,8 +19,8 @@ import yaml
 
 from conftest import REPO, TINY_CORPUS, finish_dist_run, start_dist_run, tiny_config
 from gptlab.cli import main
+from gptlab.loading import load_checkpoint
 from gptlab.tasks import CausalLM
-from gptlab.tasks.base import load_checkpoint
 from test_distributed import TIMEOUT, assert_every_rank_succeeded, assert_same_losses, run_dir
 from test_peft import LORA, save_llama
 

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from conftest import REPO
-from gptlab.cli import claim_version
+from gptlab.runs import claim_version
 from tiny_runs import run_cli
 
 

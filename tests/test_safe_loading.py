@@ -21,8 +21,8 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from conftest import REPO
-from gptlab.cli import checkpoint_hparams, pretrained_backbone
 from gptlab.errors import CheckpointError, ConfigError
+from gptlab.runs import checkpoint_hparams, pretrained_backbone
 from gptlab.tasks import CausalLM, TaskModule
 from tiny_runs import TASKS, run_cli
 
@@ -72,7 +72,7 @@ def test_consolidated_sharded_checkpoint_loads_weights_only(tmp_path):
     import torch.distributed.checkpoint as dcp
     from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-    from gptlab.strategies import save_consolidated
+    from gptlab.loading import save_consolidated
 
     folder = tmp_path / "last.ckpt"
     dcp.save({"model": {"backbone.wte.weight": torch.randn(4, 2)}}, checkpoint_id=folder)
@@ -105,8 +105,7 @@ def test_crafted_sharded_checkpoint_is_refused_before_dcp_reads_it(tmp_path):
 
     from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
-    from gptlab.strategies import consolidate_checkpoint, save_consolidated
-    from gptlab.tasks.base import verify_checkpoint
+    from gptlab.loading import consolidate_checkpoint, save_consolidated, verify_checkpoint
 
     genuine = _sharded(tmp_path / "genuine")
     verify_checkpoint(genuine)

@@ -19,10 +19,12 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from conftest import REPO, TINY_CORPUS, shared_data, tiny_config
 from gptlab import callbacks as gcallbacks
 from gptlab.callbacks import Compile, ProgressBar, SampleGeneration, Throughput, measure_matmul_flops
-from gptlab.cli import GPTLabCLI, latest_checkpoint, main
+from gptlab.cli import GPTLabCLI, main
 from gptlab.data import SeededShuffleSampler
 from gptlab.errors import CheckpointError
-from gptlab.strategies import FSDP, consolidate_checkpoint
+from gptlab.loading import consolidate_checkpoint
+from gptlab.runs import latest_checkpoint
+from gptlab.strategies import FSDP
 
 OVERLAYS = sorted(p.stem for p in (REPO / "configs" / "trainer").glob("*.yaml"))
 GPU_ONLY = {"gpu", "16-mixed"}

@@ -46,8 +46,10 @@ from transformers import (
 from gptlab import adapters
 from gptlab.data.tokenizers import save_tokenizer
 from gptlab.errors import CheckpointError, ConfigError
+from gptlab.loading import load_checkpoint
 from gptlab.models import GPT, HFBackbone
 from gptlab.models.convert import gpt2_config, gpt_to_gpt2_state_dict
+from gptlab.runs import run_dir_of
 
 # Written beside the model: where it came from (ignored by transformers).
 EXPORT_INFO = "gptlab_export.json"
@@ -73,8 +75,6 @@ def export(
         merged: for a peft checkpoint, write the plain model with the adapters merged into the base
             weights instead of the adapter alone (peft's format). Other checkpoints: no effect.
     """
-    from gptlab.cli import run_dir_of  # not at import time: cli.py imports this module lazily too
-
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         if not overwrite:
@@ -461,7 +461,6 @@ def check_adapter_export(task, tokenizer, directory: Path) -> float:
 
 
 def _load_task(ckpt_path: Path):
-    from gptlab.tasks.base import load_checkpoint
 
     checkpoint = load_checkpoint(ckpt_path)  # safe load; clear errors for missing / broken files
     task_path = checkpoint.get("gptlab", {}).get("task")

@@ -1,4 +1,4 @@
-"""Sharded data parallelism (FSDP2) for any gptlab task, and reading its sharded checkpoints anywhere.
+"""Sharded data parallelism (FSDP2) for any gptlab task.
 
     TaskModule ──configure_model()──> parallelize(task, strategy)
                                          │  for every backbone.block_class instance:
@@ -18,18 +18,12 @@ so the same code path that trains on GPUs is tested in CI (`FSDPStrategy` refuse
 
 Checkpoints: `save_distributed_checkpoint=True` writes a folder of shards (every rank writes its
 own, fast and memory-flat); False gathers a full single-file checkpoint on rank 0. Both load on
-any number of devices: `consolidate_checkpoint` turns a folder into the single-file layout that
-`main.py test/predict` on one device, `load_from_checkpoint` and `init_from` read.
+any number of devices: `gptlab.loading.consolidate_checkpoint` turns a folder into the single-file
+layout that `main.py test/predict` on one device, `load_from_checkpoint` and `init_from` read.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import importlib
-import io
-import pickle
-import re
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -38,21 +32,15 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load, _distributed_checkpoint_save
-from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from gptlab.checkpointing import atomic_write, mark_complete, new_step_folder, point_to, remove_sharded
 from gptlab.errors import CheckpointError, ConfigError
+from gptlab.loading import is_sharded_checkpoint
 
-__all__ = [
-    "FSDP",
-    "consolidate_checkpoint",
-    "is_sharded_checkpoint",
-    "parallelize",
-    "save_consolidated",
-    "shard",
-]
+__all__ = ["FSDP", "parallelize", "shard"]
 
 
 class FSDP(ModelParallelStrategy):
@@ -275,109 +263,3 @@ def shard(
     # (embeddings, tied head) are needed again at the very start of backward.
     fully_shard(root, mesh=mesh)
     return len(slots)
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """True for a folder checkpoint written by FSDP with `save_distributed_checkpoint=True`."""
-    path = Path(path)
-    return path.is_dir() and (path / _METADATA_FILENAME).is_file()
-
-
-# What torch.distributed.checkpoint pickles into a folder's `.metadata`: its own dataclasses and
-# enums, torch sizes, dtypes and layouts, and paths.
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
-_DCP_METADATA = ".metadata"
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP `.metadata` file, refusing every global outside `_DCP_*` (pickle docs,
-    "Restricting Globals"): torch reads that file with a plain `pickle.load`."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in _DCP_MODULES:
-            obj = getattr(importlib.import_module(module), name, None)
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
-                return obj
-        elif (module, name) in _DCP_GLOBALS or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not something a sharded checkpoint holds")
-
-
-def verify_sharded_checkpoint(path: str | Path) -> None:
-    """Refuse a sharded checkpoint folder unless it loads without running code (CheckpointError).
-
-    torch.distributed.checkpoint unpickles the folder's `.metadata` with a plain `pickle.load`
-    and its non-tensor entries (optimizer hyperparameters, ...) with `torch.load(weights_only=False)`,
-    so a crafted folder would run code while loading. Here the metadata is read with an allowlist
-    of the classes DCP writes, and every non-tensor entry and Lightning's `meta.pt` with
-    `weights_only=True`, before DCP or Lightning reads anything. Tensors DCP loads weights-only itself.
-    """
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    path = Path(path)
-    what = path / _DCP_METADATA
-    try:
-        # Without it DCP reads nothing (and fails on its own, named by consolidate_checkpoint).
-        if what.is_file():
-            with open(what, "rb") as file:
-                metadata = _MetadataUnpickler(file).load()
-            items = metadata.state_dict_metadata
-            for index, info in metadata.storage_data.items():
-                if not isinstance(items.get(index.fqn), BytesStorageMetadata):
-                    continue
-                what = path / info.relative_path
-                if getattr(info, "transform_descriptors", None):
-                    why = f"entry {index.fqn} is stored with transforms gptlab never writes"
-                    raise pickle.UnpicklingError(why)
-                with open(what, "rb") as file:
-                    file.seek(info.offset)
-                    torch.load(io.BytesIO(file.read(info.length)), map_location="cpu", weights_only=True)
-        what = path / _METADATA_FILENAME
-        torch.load(what, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure here means: do not let DCP unpickle it
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        raise CheckpointError(
-            f"sharded checkpoint {path}: {what.name} does not load safely ({reason}); refusing to read "
-            f"the folder. Use a checkpoint written by gptlab, from a source you trust"
-        ) from None
-
-
-def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a sharded checkpoint folder into one single-device Lightning checkpoint dict (in CPU memory).
-
-    The result has the layout of a normal `.ckpt` (`state_dict`, `hyper_parameters`, `global_step`,
-    ...) and loads without any process group. Optimizer states are left out: FSDP saves them keyed
-    by parameter name, which a plain optimizer cannot load; resume a sharded run with the FSDP strategy.
-    """
-    path = Path(path)
-    if not is_sharded_checkpoint(path):
-        raise CheckpointError(
-            f"checkpoint {path} is not a sharded checkpoint folder (no {_METADATA_FILENAME} inside); "
-            f"pass a .ckpt file or a folder written by the FSDP strategy"
-        )
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    verify_sharded_checkpoint(path)
-    try:
-        checkpoint = _load_distributed_checkpoint(path)
-    # A missing shard, a truncated file, a foreign folder; DCP's own error is a BaseException.
-    except (Exception, CheckpointException) as err:
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        raise CheckpointError(
-            f"sharded checkpoint {path} cannot be read ({reason}); "
-            f"it may be incomplete (a rank failed while saving): use another checkpoint of the run"
-        ) from None
-    for key in [k for k in checkpoint if re.fullmatch(r"optimizer_\d+", k)]:
-        del checkpoint[key]
-    checkpoint.pop("optimizer_states", None)
-    return checkpoint
-
-
-def save_consolidated(path: str | Path, output: str | Path) -> Path:
-    """Write the single-file form of a sharded checkpoint folder to `output`."""
-    output = Path(output)
-    torch.save(consolidate_checkpoint(path), output)
-    return output

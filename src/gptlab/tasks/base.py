@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import pickle
 import sys
 import tempfile
 import warnings
@@ -30,16 +29,18 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from gptlab import adapters
 from gptlab.errors import CheckpointError, ConfigError
+from gptlab.loading import (
+    is_sharded_checkpoint,
+    load_backbone_weights,
+    load_checkpoint,
+    records_remote_code,
+    save_consolidated,
+    verify_checkpoint,
+)
 from gptlab.models import Backbone, HFBackbone
 from gptlab.optim import WarmupCosine, apply_lr_scales, canonical_name, no_decay_names, param_groups
 from gptlab.reports import Report
-from gptlab.strategies import (
-    consolidate_checkpoint,
-    is_sharded_checkpoint,
-    parallelize,
-    save_consolidated,
-    verify_sharded_checkpoint,
-)
+from gptlab.strategies import parallelize
 
 
 class PeftConfig:
@@ -592,120 +593,3 @@ def seed_step_rng(device: torch.device, seed: int) -> None:
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.default_generators[device.index or 0].manual_seed(seed)
-
-
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
-    """Load a gptlab checkpoint safely (`weights_only=True`: no code runs while unpickling).
-
-    A sharded FSDP checkpoint (a folder) is consolidated into the same single-file layout.
-    `mmap=True` maps the tensors instead of reading them: a cheap way to check a large file.
-    Raises CheckpointError (one line: the file, why, what to do) for a missing, truncated or
-    unsafe file.
-    """
-    path = Path(path)
-    if is_sharded_checkpoint(path):
-        return consolidate_checkpoint(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist: check the path (runs live in logs/<experiment>/)"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        if "GLOBAL" not in str(err):
-            # Not a refused class or function but an opcode the weights-only unpickler does not
-            # read: random bytes do that, and so could a payload; either way nothing was loaded.
-            lines = [line.strip() for line in str(err).splitlines() if "Unsupported" in line]
-            reason = (lines or ["bad pickle"])[0]
-            raise CheckpointError(
-                f"checkpoint {path} could not be read by the weights-only loader ({reason}): "
-                f"it is corrupt, or holds something other than tensors and plain values; it was not loaded: "
-                f"use another checkpoint of the run"
-            ) from None
-        # torch's weights-only unpickler refused a global (a class or function to call): the file
-        # holds Python objects, and building them could run any code (CVE-2025-32434 is why
-        # torch >= 2.10 is required). Name the object, never fall back to weights_only=False.
-        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        raise CheckpointError(
-            f"checkpoint {path} is not a weights-only checkpoint ({(lines or ['unsafe pickle'])[0][:160]}) "
-            f"and was not loaded, since unpickling it could run code: only load checkpoints you trust, "
-            f"and re-save this one with weights_only-safe contents (tensors, plain dicts / lists, "
-            f"numbers, strings)"
-        ) from None
-    except Exception as err:  # truncated file, not a torch file, ...
-        reason = str(err).splitlines()[0].split(". ")[0][:200]  # torch's first sentence says it
-        raise CheckpointError(
-            f"checkpoint {path} cannot be loaded safely ({type(err).__name__}: {reason}); "
-            f"it may be truncated or not a gptlab checkpoint: use another checkpoint of the run"
-        ) from None
-
-
-# Backbone settings that make a model run code shipped with its weights (transformers' auto_map).
-RUN_CODE_KEYS = ("trust_remote_code",)
-
-
-def records_remote_code(value: object) -> bool:
-    """True when a recorded config (nested dicts / lists / Namespaces) turns on a run-code setting."""
-    if hasattr(value, "as_dict"):  # a jsonargparse Namespace
-        value = value.as_dict()
-    if isinstance(value, dict):
-        return any(
-            (key in RUN_CODE_KEYS and str(item).lower() in ("true", "yes", "1")) or records_remote_code(item)
-            for key, item in value.items()
-        )
-    if isinstance(value, list | tuple):
-        return any(records_remote_code(item) for item in value)
-    return False
-
-
-def verify_checkpoint(path: str | Path) -> None:
-    """Fail with a CheckpointError unless `path` loads with `weights_only=True` (cheap: memory-mapped).
-
-    The CLI calls it on every checkpoint a command names, before Lightning or anything else reads
-    the file, so that a crafted pickle is refused by gptlab and never unpickled by anyone.
-    """
-    if is_sharded_checkpoint(path):
-        verify_sharded_checkpoint(path)
-    else:
-        load_checkpoint(path, mmap=True)
-
-
-def load_backbone_weights(backbone: Backbone, source: str | Path) -> None:
-    """Copy pretrained weights into `backbone` from a gptlab `.ckpt` or a Hugging Face model directory."""
-    source = Path(source)
-    if source.is_dir():
-        from gptlab.models.convert import load_hf_weights
-
-        load_hf_weights(backbone, source)
-        return
-    checkpoint = load_checkpoint(source)
-    if checkpoint.get("gptlab", {}).get("peft"):
-        raise CheckpointError(
-            f"init_from={source} is a peft checkpoint (adapters and head only, no base weights): export "
-            f"it merged (`main.py export --ckpt_path {source} --out DIR --merged true`) and init_from DIR"
-        )
-    state = checkpoint.get("state_dict", {})
-    weights = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-    if not weights:
-        raise CheckpointError(f"init_from={source}: the checkpoint holds no backbone weights")
-    # Plain names also when peft adapters wrap some layers (gptlab.adapters).
-    own = adapters.base_state_dict(backbone)
-    shapes = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in weights.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if shapes:
-        # load_state_dict would raise a RuntimeError listing every tensor (a wall of text).
-        raise CheckpointError(
-            f"init_from={source}: its backbone does not match the configured one ({len(shapes)} tensors "
-            f"differ in shape, e.g. {'; '.join(shapes[:2])} (checkpoint vs model)); use the same backbone "
-            f"config as the pretraining run, or leave model.init_args.backbone out to take the checkpoint's"
-        )
-    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"init_from={source}: backbone does not match the checkpoint (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}); use the same backbone config as the pretraining run"
-        )
-    adapters.load_base_state_dict(backbone, weights)
