@@ -30,22 +30,19 @@ from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
 from gptlab.data.classification import (
     Examples,
     Files,
-    LabelMap,
     Problems,
     announce_validation,
-    class_label_names,
     held_out,
     load_dataset_splits,
     read_table,
-    sort_labels,
-    unknown_label_hint,
     warn_truncated,
     warn_unused_labels,
 )
+from gptlab.data.labels import LabelMap, class_label_names, sort_tags, unknown_label_hint
 from gptlab.data.text import expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
-from gptlab.metrics.ner import OUTSIDE, PREFIXES, is_entity_tagset, split_tag
+from gptlab.metrics.ner import OUTSIDE, PREFIXES, is_entity_tagset
 
 DOCSTART = "-DOCSTART-"
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -53,15 +50,6 @@ RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 # One sentence as read: where it starts, its words, their tags (None without tags), and the
 # "where" of each word (file and line) for messages about a single tag.
 Sentence = tuple[str, list[str], list[Any] | None, list[str]]
-
-
-def sort_tags(tags: set[str]) -> list[str]:
-    """O first, then entity tags grouped by type in B, I, E, S order; other tag sets sorted."""
-    if not is_entity_tagset(list(tags)):
-        return sort_labels(tags)
-    order = {p: i for i, p in enumerate(PREFIXES)}
-    rest = sorted(tags - {OUTSIDE}, key=lambda t: (split_tag(t)[1], order[split_tag(t)[0]]))
-    return ([OUTSIDE] if OUTSIDE in tags else []) + rest
 
 
 def read_conll(
