@@ -64,6 +64,7 @@ CACHE_FORMAT = 2
 TEXT = "text"  # the one column every loaded source is reduced to
 # Names under which Hugging Face datasets usually publish their validation split.
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
+DEFAULT_BLOCK_SIZE = 256  # data.init_args.block_size when neither it nor the model's is given
 MAX_PROBLEMS = 20  # listed in one error; the rest are counted
 
 
@@ -368,7 +369,7 @@ class TextDataModule(DataModule):
         text_column: str = "text",
         val_fraction: float = 0.1,
         val_split: Literal["tail", "documents"] = "tail",
-        block_size: int = 256,
+        block_size: int | None = None,
         stride: int | None = None,
         max_documents: int | None = None,
         batch_size: int = 8,
@@ -399,7 +400,8 @@ class TextDataModule(DataModule):
                 stream (nanoGPT's shakespeare_char split), "documents" = a seeded random fraction
                 of the documents.
             block_size: Tokens the model sees per sequence; at most the model's block_size. Each
-                window carries one token more, the last position's target.
+                window carries one token more, the last position's target. Default: the model's
+                (`main.py` takes model.init_args.backbone's block_size), else 256.
             stride: Step between training windows; defaults to `block_size` (each token a target
                 once). Smaller values give overlapping windows (1 = every offset, like nanoGPT's
                 random batches). Validation and test windows always step by `block_size`.
@@ -418,6 +420,8 @@ class TextDataModule(DataModule):
             seed=seed,
             cache_dir=cache_dir,
         )
+        # None: the CLI did not fill it in from the model (Python use, or a backbone without one).
+        block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         problems = []
         if (train_files is None) == (dataset is None):
             problems.append(
