@@ -138,6 +138,15 @@ CONFIG_ROWS = {
     ),
     "unknown_cli_option": ({}, ["--trainer.max_stepz", "3"], ["trainer.max_stepz", "--help"]),
     "duplicate_key": (_duplicate_key, [], ["line ", "given twice", "first on line", "delete one"]),
+    "cli_value_read_as_yaml": (
+        {},
+        ["--data.init_args.batch_size", "a: 1"],
+        [
+            "(command line: --data.init_args.batch_size)",
+            "read as YAML, so 'a: 1' is a mapping",
+            """--data.init_args.batch_size '"a: 1"'""",
+        ],
+    ),
 }
 
 

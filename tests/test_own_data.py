@@ -9,6 +9,7 @@ import warnings
 import pytest
 import yaml
 
+from conftest import REPO
 from finetune_data import finetune_config, ner_sentences, write_conll, write_sentiment
 from gptlab.data import BPE, Char, ClassificationDataModule, DataError, TokenClassificationDataModule
 from tiny_runs import run_cli
@@ -247,3 +248,33 @@ def test_a_broken_jinja_template_is_a_config_error(tmp_path, tokenizer_dir):
 
     with pytest.raises(ConfigError, match="not a valid Jinja template"):
         sft(tmp_path, tokenizer_dir, INSTRUCTIONS, prompt_template="{% if instruction %}{{ instruction }}")
+
+
+def test_the_readme_data_examples_run_as_written(tmp_path, monkeypatch):
+    # README "Labelled data and instructions": each `data:` block, on small files of its shape.
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("### Labelled data and instructions")[1].split("```yaml")[1].split("```")[0]
+    chunks = ["data:" + c for c in block.split("data:")[1:]]
+    configs = [yaml.safe_load(chunk)["data"] for chunk in chunks]
+    assert [c["class_path"].rsplit(".", 1)[1] for c in configs] == [
+        "ClassificationDataModule",
+        "TokenClassificationDataModule",
+        "SFTDataModule",
+    ]
+    monkeypatch.chdir(tmp_path)
+    for folder in ("news", "wnut17"):
+        (tmp_path / folder).mkdir()
+    rows = [f"{w} news today\t{i % 4 + 1}" for i, w in enumerate(["stocks", "match", "rocket", "vote"] * 5)]
+    (tmp_path / "news/train.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "news/test.tsv").write_text("\n".join(rows[:4]) + "\n")
+    write_conll(tmp_path / "wnut17/train.conll", ner_sentences(20), docstart=False)
+    write_conll(tmp_path / "wnut17/dev.conll", ner_sentences(5, seed=1), docstart=False)
+    (tmp_path / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in INSTRUCTIONS * 5))
+    import importlib
+
+    for config in configs:
+        module, name = config["class_path"].rsplit(".", 1)
+        args = dict(config["init_args"], tokenizer=BPE(vocab_size=300), cache_dir=str(tmp_path / "cache"))
+        dm = ready(getattr(importlib.import_module(module), name)(**args))
+        assert len(dm.train_dataset) > 0 and dm.val_dataset is not None
+    assert dm.val_dataset.items[0]["prompt"].endswith("Output: ")

@@ -125,3 +125,28 @@ def test_a_run_from_the_printed_config_trains_the_same_weights(tiny_runs, tmp_pa
     assert a["global_step"] == b["global_step"] == 2
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(value, b["state_dict"][key], msg=key)
+
+
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_command_line_text_with_colon_space_is_taken_as_typed(form, tiny_runs, capsys):
+    # YAML would read "Question: {prompt}" as a mapping; a str-typed key takes it as the text typed.
+    text = "Question: {prompt}\nAnswer: "
+    option = "--data.init_args.prompt_template"
+    args = [option, text] if form == "separate" else [f"--data.prompt_template={text}"]
+    out = printed(capsys, "--config", str(tiny_runs.configs["generation"]), *args)
+    assert yaml.safe_load(out)["data"]["init_args"]["prompt_template"] == text
+    cli = built(["--config", str(tiny_runs.configs["generation"]), option, text])
+    assert cli.datamodule.prompt_template == text
+
+
+def test_help_lists_every_command_and_where_model_and_data_keys_are(capsys):
+    with mock.patch.object(sys, "argv", sys.argv[:1]), pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "{fit,validate,test,predict,export}" in out and "export Write a checkpoint" in out
+    assert "--model.help SequenceClassification" in out and "--data.help ClassificationDataModule" in out
+    # ... and those help keys list the class's keys, with their docstrings.
+    with mock.patch.object(sys, "argv", sys.argv[:1]), pytest.raises(SystemExit):
+        main(["fit", "--data.help", "ClassificationDataModule"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--data.column_names" in out and "--data.val_fraction" in out and "no header line" in out

@@ -395,6 +395,7 @@ class Checkpoint(ModelCheckpoint):
         monitor = self.monitor
         if (
             monitor is None
+            or getattr(self, "_without_validation", False)  # announced in `setup`; best.ckpt at the end
             or not monitor.startswith(("val/", "test/"))
             or monitor in trainer.callback_metrics
         ):

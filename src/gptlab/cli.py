@@ -33,6 +33,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -81,8 +82,22 @@ from gptlab.runs import (
     task_class_of,
 )
 from gptlab.tasks import TaskModule
+from gptlab.tasks.base import use_peft_types
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+
+
+HELP_DESCRIPTION = (
+    "gptlab: pretrain and fine-tune GPT-style models from YAML. Keys of a command: "
+    "`main.py fit --help` (trainer, checkpoint, ...); the model's and the data's keys depend on their "
+    "class: `main.py fit --model.help SequenceClassification`, `main.py fit --data.help "
+    "ClassificationDataModule` (any class name or class_path). `--print_config` prints a "
+    "command's whole config."
+)
+EXPORT_HELP = (
+    "Write a checkpoint as a Hugging Face model directory: main.py export --ckpt_path <run>/checkpoints/"
+    "best.ckpt --out DIR (main.py export --help for its options)."
+)
 
 
 class _QuietLightning(logging.Filter):
@@ -115,6 +130,33 @@ def _option(argv: list[str], name: str) -> str | None:
             return argv[i + 1]
         if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
+    return None
+
+
+def quote_text_value(argv: list[str], message: str) -> tuple[list[str], str, str] | None:
+    """(argv, quoted, text): argv with the value that a parser `message` refuses as "not a str"
+    quoted as a YAML string, that quoted string and the text as typed.
+
+    Only a value that YAML read as a mapping or list although the key wants text (it contains
+    ": " or starts with "{" / "["), and only where it was written on the command line; None when
+    there is no such value (the error stands).
+    """
+    keys = re.findall(r'Parser key "([^"]+)":\s*\n\s*Expected a <class \'str\'>', message)
+    if not keys:
+        return None
+    name = keys[-1].split(".")[-1]
+    for i, arg in enumerate(argv):
+        option, equals, value = arg.partition("=")
+        if not option.startswith("--") or option.rsplit(".", 1)[-1].lstrip("-") != name:
+            continue
+        if not equals:
+            if i + 1 >= len(argv):
+                continue
+            value = argv[i + 1]
+        if not (": " in value or value.lstrip()[:1] in ("{", "[")) or value.startswith('"'):
+            continue
+        quoted = json.dumps(value)  # a JSON string is a YAML double-quoted string of the same text
+        return [*argv[:i], f"{option}={quoted}", *argv[i + (1 if equals else 2) :]], quoted, value
     return None
 
 
@@ -302,7 +344,9 @@ class _Parser(LightningArgumentParser):
         if "peft" in message:
             # A peft config class that cannot be imported: say which package is missing.
             require_peft()
-        raise ConfigError(one_line_parser_error(message, argv, subcommand)) from None
+        error = ConfigError(one_line_parser_error(message, argv, subcommand))
+        error.parser_message = message  # what `quote_text_value` reads to retry a parse
+        raise error from None
 
 
 class GPTLabCLI(LightningCLI):
@@ -356,15 +400,40 @@ class GPTLabCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        argv = args if isinstance(args, list) else None if args is not None else sys.argv[1:]
-        flags = _print_config_flags(argv or [])
-        if flags is None:
+        if not (args is None or isinstance(args, list)):  # a dict or Namespace: Lightning's way
             super().parse_arguments(parser, args)
+            return
+        argv = list(args) if args is not None else sys.argv[1:]
+        if not {a for a in argv if a not in EVAL_SUBCOMMANDS + ("fit",)} <= {"-h", "--help"}:
+            use_peft_types()  # model arguments will be read: their `peft` type is peft's class
+        # A command-line value is read as YAML, so "Question: {q}" becomes a mapping and fails a
+        # str-typed key. Such a value is meant as text: quote it, parse again (once per value),
+        # and put the text back (jsonargparse keeps a str key's raw value, quotes included).
+        texts: dict[str, str] = {}
+        for _ in range(len(argv)):
+            try:
+                self._parse(parser, argv, texts)
+                return
+            except ConfigError as err:
+                quoted = quote_text_value(argv, getattr(err, "parser_message", ""))
+                if quoted is None:
+                    raise
+                argv, texts[quoted[1]] = quoted[0], quoted[2]
+                self._argv = parser._gptlab_argv = argv
+
+    def _parse(self, parser: LightningArgumentParser, argv: list[str], texts: dict[str, str]) -> None:
+        flags = _print_config_flags(argv)
+        if flags:  # skip_default / skip_unset: jsonargparse's own printing (nothing filled in)
+            self.config = parser.parse_args(argv)
+        self.config = parser.parse_args([a for a in argv if _print_config_flags([a]) is None])
+        for key, value in list(self.config.items()):
+            if isinstance(value, str) and value in texts:
+                self.config[key] = texts[value]
+        if flags is None:
             return
         # `--print_config` prints what the command would run, so that `fit --config <printed>`
         # runs the same experiment: jsonargparse prints while parsing, before the backbone and
         # tokenizer that `init_from` implies are filled in (they would print as null).
-        self.config = parser.parse_args([a for a in argv if _print_config_flags([a]) is None])
         subcommand = self.config.get("subcommand")
         cfg = self.config[subcommand] if subcommand else self.config
         self.subcommand = subcommand
@@ -376,15 +445,21 @@ class GPTLabCLI(LightningCLI):
                 file=sys.stderr,
             )
         printer = self._subcommand_parsers[subcommand] if subcommand else parser
-        sys.stdout.write(
-            printer.dump(cfg, skip_none="skip_null" in flags, skip_default="skip_default" in flags)
-        )
+        sys.stdout.write(printer.dump(cfg, skip_none=False))
         raise SystemExit(0)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs["description"] = HELP_DESCRIPTION
         parser = super().init_parser(**kwargs)
         parser._gptlab_argv = self._argv  # the args its one-line errors look up keys in
         return parser
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `export` is dispatched by `main()` before LightningCLI (it is not a Trainer method);
+        # listed here so that `main.py --help` shows every command.
+        export = LightningArgumentParser(description=EXPORT_HELP)
+        parser._subcommands_action.add_subcommand("export", export, help=EXPORT_HELP)
 
     def instantiate_classes(self) -> None:
         try:

@@ -18,6 +18,7 @@ Two gaps this closes (docs/bad_inputs.md):
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -116,6 +117,17 @@ _STRUCTURE = re.compile(
 )
 
 
+def _option_value(argv: list[str], option: str) -> str | None:
+    """The value given to `option` (`--opt value` or `--opt=value`), the last one if repeated."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith(option + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
 def one_line_parser_error(message: str, argv: list[str], subcommand: str | None) -> str:
     """jsonargparse's multi-line error as one line: key path (class): reason (file line N); what to do."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
@@ -138,6 +150,22 @@ def one_line_parser_error(message: str, argv: list[str], subcommand: str | None)
     # last key of the path) looked up as `name:` in the --config files, in order.
     option = re.findall(r"[Oo]ption '([A-Za-z_][\w.]*)'", reason)
     name = (option[-1] if option else keys[-1] if keys else "").split(".")[-1]
+    # Given on the command line (it wins over the files): say so, not a file line.
+    given = [
+        a.split("=", 1)[0]
+        for a in argv
+        if a.startswith("--") and a.split("=", 1)[0].rsplit(".", 1)[-1].lstrip("-") == name
+    ]
+    if name and given:
+        text += f" (command line: {given[-1]})"
+        value = _option_value(argv, given[-1])
+        if value is not None and (": " in value or value.lstrip()[:1] in ("{", "[")):
+            kind = "mapping" if ": " in value and value.lstrip()[:1] != "[" else "list"
+            text += (
+                f"; a command-line value is read as YAML, so {value!r} is a {kind}: if you meant text, "
+                f"quote it for YAML inside the shell's quotes, e.g. {given[-1]} '{json.dumps(value)}'"
+            )
+        name = ""
     if name:
         for value in _config_args(argv):
             path = Path(value)

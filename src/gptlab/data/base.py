@@ -41,6 +41,11 @@ class DataError(GPTLabError, ValueError):
     """Input data is missing, malformed or too small; the message names the file, line or key."""
 
 
+def shorten_problem(text: str, limit: int = 240) -> str:
+    """One problem of a listed DataError cut to `limit` characters, marking the cut."""
+    return text if len(text) <= limit else text[: limit - 5] + " ..."
+
+
 def encode_texts(
     tokenizer: PreTrainedTokenizerFast,
     texts: list[str],

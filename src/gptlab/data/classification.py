@@ -26,9 +26,8 @@ import csv
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,7 +35,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
-from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts, shorten_problem
 from gptlab.data.labels import (
     LabelMap,
     class_label_names,
@@ -47,6 +46,10 @@ from gptlab.data.labels import (
 from gptlab.data.text import VALIDATION_SPLITS, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    # `datasets` (with pandas) costs a second at start-up: imported where a dataset is read.
+    import datasets
 
 ROLES = ("train", "val", "test", "predict")
 MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
@@ -82,7 +85,7 @@ class Problems:
 
 def shorten(text: str, limit: int = MAX_PROBLEM_CHARS) -> str:
     """`text` cut to `limit` characters, marking the cut."""
-    return text if len(text) <= limit else text[: limit - 5] + " ..."
+    return shorten_problem(text, limit)
 
 
 def held_out(count: int, fraction: float, seed: int, what: str) -> set[int]:
@@ -240,6 +243,8 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dic
 
 def load_dataset_splits(dataset: str, dataset_config: str | None) -> dict[str, datasets.Dataset]:
     """A `datasets` dataset's splits by role: train, and val / test when it has them."""
+    import datasets
+
     path = Path(dataset).expanduser()
     if dataset.startswith(("/", ".", "~")) and not path.exists():
         raise DataError(

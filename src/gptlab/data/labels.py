@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import datasets
 from lightning.pytorch.utilities import rank_zero_warn
 
 from gptlab.errors import ConfigError
@@ -84,6 +83,8 @@ def warn_unused_labels(names: Sequence[str], used: set[int], source: Any) -> Non
 
 def class_label_names(feature: Any) -> list[str] | None:
     """Names of a ClassLabel feature, also inside a Sequence / list (multi-label, tags)."""
+    import datasets
+
     feature = getattr(feature, "feature", feature)
     if isinstance(feature, list) and feature:
         feature = feature[0]

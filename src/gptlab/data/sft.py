@@ -40,9 +40,8 @@ import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,10 +50,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts, shorten_problem
 from gptlab.data.text import VALIDATION_SPLITS, _files_fingerprint, _is_saved_dataset, expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets  # imported where a dataset is read (start-up time)
 
 # Used when `format: chat` meets a tokenizer without a chat template (e.g. one gptlab trained).
 # Plain text, no special tokens: "user: ...\nassistant: ...\n"; the generation prompt is "assistant: ".
@@ -62,7 +64,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-MAX_PROBLEMS = 20  # listed in one error; the rest are counted
+MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
 PROBLEMS_PER_SOURCE = 3  # the first few say what is wrong with a whole file
 ROLES = ("train", "val", "test", "predict")
 
@@ -253,6 +255,8 @@ class SFTDataModule(DataModule):
     def _dataset_splits(self) -> dict[str, datasets.Dataset]:
         """`dataset`'s splits by role (train, and val / test when it has them)."""
         if self._splits is None:
+            import datasets  # here, not at module import: a second of start-up time
+
             path = Path(self.dataset).expanduser()
             if self.dataset.startswith(("/", ".", "~")) and not path.exists():
                 raise DataError(f"dataset={self.dataset!r}: no such directory; give a save_to_disk directory")
@@ -430,7 +434,8 @@ class SFTDataModule(DataModule):
             problems.append(f"{role}: no records found; check the {role} files or dataset split")
         if problems:
             more = len(problems) - MAX_PROBLEMS
-            listed = problems[:MAX_PROBLEMS] + ([f"... and {more} more problems"] if more > 0 else [])
+            listed = [shorten_problem(p) for p in problems[:MAX_PROBLEMS]]
+            listed += [f"... and {more} more problems"] if more > 0 else []
             raise DataError(f"SFTDataModule ({role}): {len(problems)} problem(s):\n  " + "\n  ".join(listed))
         return examples
 

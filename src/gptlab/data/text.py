@@ -34,9 +34,8 @@ import time
 from collections.abc import Iterable, Iterator
 from glob import glob
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DataError, DataModule
+from gptlab.data.base import DataError, DataModule, shorten_problem
 from gptlab.data.corpus import (
     MAX_CHARS,
     CorpusEncoder,
@@ -59,13 +58,16 @@ from gptlab.data.corpus import (
 from gptlab.data.tokenizers import TokenizerRecipe, tokenizer_fingerprint
 from gptlab.errors import ConfigError
 
+if TYPE_CHECKING:
+    import datasets  # imported where a dataset is read (start-up time)
+
 # Bump when the cached layout or the way streams are built changes: old entries are then ignored.
 CACHE_FORMAT = 2
 TEXT = "text"  # the one column every loaded source is reduced to
 # Names under which Hugging Face datasets usually publish their validation split.
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
 DEFAULT_BLOCK_SIZE = 256  # data.init_args.block_size when neither it nor the model's is given
-MAX_PROBLEMS = 20  # listed in one error; the rest are counted
+MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
 
 
 def expand_files(patterns: str | list[str], what: str) -> list[Path]:
@@ -238,7 +240,8 @@ def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
         problems.append(f"{what}: no text in {names}; point {what} at files with text")
     if problems:
         more = len(problems) - MAX_PROBLEMS
-        listed = problems[:MAX_PROBLEMS] + ([f"... and {more} more problems"] if more > 0 else [])
+        listed = [shorten_problem(p) for p in problems[:MAX_PROBLEMS]]
+        listed += [f"... and {more} more problems"] if more > 0 else []
         raise DataError(f"{what}: {len(problems)} problem(s) with the input files:\n  " + "\n  ".join(listed))
     if empty:
         rank_zero_info(f"gptlab: {what}: skipped {len(empty)} empty file(s), e.g. {empty[0]}")
@@ -252,6 +255,8 @@ def _files_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
 
 def load_files(files: list[Path], text_column: str, cache_dir: Path) -> datasets.Dataset:
     """The records of checked .jsonl / .json / .parquet `files` as a Dataset with one `text` column."""
+    import datasets  # here, not at module import: a second of start-up time
+
     parts = []
     # Consecutive files of one kind load together (datasets needs one builder per call). Text
     # files are not loaded here: `read_blocks` streams them (datasets would read each whole).
@@ -477,6 +482,8 @@ class TextDataModule(DataModule):
             return None
         path = Path(self.dataset).expanduser()
         if _is_saved_dataset(path):
+            import datasets
+
             # Saved datasets carry a content fingerprint; reading it maps the files, nothing more.
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
@@ -496,6 +503,8 @@ class TextDataModule(DataModule):
     def _dataset_splits(self) -> dict[str, datasets.Dataset]:
         """`dataset`'s splits by role (train, and val / test when it has them)."""
         if self._splits is None:
+            import datasets
+
             path = Path(self.dataset).expanduser()
             # A path-like name that does not exist is a typo, not a hub name (spares the hub's retries).
             if self.dataset.startswith(("/", ".", "~")) and not path.exists():

@@ -21,9 +21,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import torch
 
 from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
@@ -43,6 +42,9 @@ from gptlab.data.text import expand_files
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
 from gptlab.metrics.ner import OUTSIDE, PREFIXES, is_entity_tagset
+
+if TYPE_CHECKING:
+    import datasets  # imported where a dataset is read (start-up time)
 
 DOCSTART = "-DOCSTART-"
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -19,21 +19,26 @@ import inspect
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from gptlab.errors import ConfigError
 from gptlab.models.backbone import Backbone, transformer_flops_per_token
 from gptlab.models.gguf import MODEL_NAME as SMOLLM2
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def _build(
     name_or_path: str | None, model_type: str | None, overrides: dict[str, Any], trust_remote_code: bool
 ) -> PreTrainedModel:
     """The transformers model: pretrained from `name_or_path`, or random from `model_type`'s config."""
+    # Imported here: transformers' modeling code (with accelerate) is a second of every start-up.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     if name_or_path is not None:
         name_or_path = os.path.expanduser(name_or_path)  # "~/.cache/gptlab/models/..." in YAML
         # dtype=float32: transformers 5 defaults to dtype="auto" (the checkpoint's, often bf16),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -41,16 +42,33 @@ from gptlab.optim import WarmupCosine, apply_lr_scales, canonical_name, no_decay
 from gptlab.reports import Report
 from gptlab.strategies import parallelize
 
-try:  # optional dependency (gptlab[peft]): without it the argument only accepts None
-    from peft import PeftConfig
 
+class PeftConfig:
+    """Stand-in for peft.PeftConfig in the `peft` arguments' type until `use_peft_types()` runs.
+
+    peft (with the transformers modeling code and accelerate it imports) costs about a second,
+    which `main.py --help` should not pay: the real class is put in place when a command parses
+    model arguments (the CLI) or loads a checkpoint. Without peft installed (pip install
+    'gptlab[peft]') it stays, and the argument accepts only None.
+    """
+
+
+_PEFT_STAND_IN = PeftConfig
+
+
+def use_peft_types() -> None:
+    """Make `PeftConfig` in every imported module that took the stand-in peft's own class."""
+    try:
+        from peft import PeftConfig as peft_config
+    except ImportError:  # pragma: no cover - exercised by the missing-dependency test in a subprocess
+        return
     # jsonargparse fills LoraConfig's `loftq_config` (default {}) with LoftQConfig's defaults, and
     # peft then warns on every LoraConfig that it ignores them: it does (init_lora_weights != "loftq").
     warnings.filterwarnings("ignore", message="`loftq_config` specified but will be ignored")
-except ImportError:  # pragma: no cover - exercised by the missing-dependency test in a subprocess
-
-    class PeftConfig:  # type: ignore[no-redef]
-        """Stand-in for peft.PeftConfig when peft is not installed (pip install 'gptlab[peft]')."""
+    # Annotations are strings resolved in each module's globals when jsonargparse reads a signature.
+    for module in list(sys.modules.values()):
+        if getattr(module, "PeftConfig", None) is _PEFT_STAND_IN:
+            module.PeftConfig = peft_config
 
 
 STAGES = ("train", "val", "test")
@@ -167,6 +185,7 @@ class TaskModule(L.LightningModule):
         `weights_only=True` (unless `weights_only=False` is passed): a checkpoint holding
         arbitrary Python objects is refused with a CheckpointError before anything is unpickled.
         """
+        use_peft_types()  # Lightning rebuilds the task from its signature, `peft: PeftConfig` included
         load = super().load_from_checkpoint
         if isinstance(checkpoint_path, str | Path):
             # One clear CheckpointError for a missing, truncated or unsafe file; and weights_only
