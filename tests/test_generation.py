@@ -104,7 +104,7 @@ def test_shipped_config_instantiates_on_the_real_data(sft_run: Path):
     assert isinstance(cli.model, Generation) and cli.model.backbone.config.vocab_size == 320
     assert cli.datamodule.tokenizer_source == str(sft_run / "tokenizer")
     assert cli.datamodule.prompt_template == "Question: {question}\nAnswer: "
-    assert cli.datamodule.patterns["test"] == "data/gsm8k/test.jsonl" and cli.datamodule.packing
+    assert cli.datamodule.role_files["test"] == "data/gsm8k/test.jsonl" and cli.datamodule.packing
     assert cli.model.test_metrics["exact_match"].pattern.pattern == r"#### (\-?[0-9\.\,]+)"
 
 

@@ -297,6 +297,7 @@ class ClassificationDataModule(DataModule):
 
     def __init__(
         self,
+        tokenizer: TokenizerRecipe | str | None = None,
         train_files: Files = None,
         val_files: Files = None,
         test_files: Files = None,
@@ -313,7 +314,6 @@ class ClassificationDataModule(DataModule):
         label_separator: str = ",",
         text_separator: str = "\n",
         block_size: int = 128,
-        tokenizer: TokenizerRecipe | str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -322,6 +322,8 @@ class ClassificationDataModule(DataModule):
     ) -> None:
         """
         Args:
+            tokenizer: a tokenizer directory / hub name, or a recipe trained on the training texts.
+                When fine-tuning with `init_from`, the CLI uses the pretraining run's tokenizer.
             train_files: csv / tsv / jsonl / json / parquet file(s) or globs of training examples.
             val_files: validation examples (same format); default: the dataset's validation split.
             test_files: test examples for `test`; default: the dataset's test split.
@@ -348,8 +350,6 @@ class ClassificationDataModule(DataModule):
             text_separator: joins several text columns into one input.
             block_size: the longest input in tokens; longer texts are truncated (with a counted
                 warning). At most the model's block_size.
-            tokenizer: a tokenizer directory / hub name, or a recipe trained on the training texts.
-                When fine-tuning with `init_from`, the CLI uses the pretraining run's tokenizer.
             batch_size: examples per training batch (per device).
             eval_batch_size: examples per validation / test / predict batch; default batch_size.
             num_workers: DataLoader worker processes.

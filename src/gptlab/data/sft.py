@@ -211,7 +211,12 @@ class SFTDataModule(DataModule):
                 problems.append(f"prompt_template={prompt_template!r}: {err}")
         if problems:
             raise ConfigError("SFTDataModule: " + "; ".join(problems))
-        self.patterns = {"train": train_files, "val": val_files, "test": test_files, "predict": predict_files}
+        self.role_files = {
+            "train": train_files,
+            "val": val_files,
+            "test": test_files,
+            "predict": predict_files,
+        }
         self.dataset = dataset
         self.dataset_config = dataset_config
         self.format = format
@@ -232,7 +237,7 @@ class SFTDataModule(DataModule):
         """The files of each role that has files (globs expanded; every bad pattern in one error)."""
         if self._files is None:
             found, problems = {}, []
-            for role, patterns in self.patterns.items():
+            for role, patterns in self.role_files.items():
                 if patterns is None:
                     continue
                 try:
@@ -252,7 +257,7 @@ class SFTDataModule(DataModule):
             self._files = found
         return self._files
 
-    def _dataset_splits(self) -> dict[str, datasets.Dataset]:
+    def dataset_splits(self) -> dict[str, datasets.Dataset]:
         """`dataset`'s splits by role (train, and val / test when it has them)."""
         if self._splits is None:
             import datasets  # here, not at module import: a second of start-up time
@@ -286,15 +291,15 @@ class SFTDataModule(DataModule):
             for path in files[role]:
                 for location, record in _read_records(path):
                     yield str(path), location, record
-        elif self.dataset is not None and role in self._dataset_splits():
+        elif self.dataset is not None and role in self.dataset_splits():
             source = f"dataset {self.dataset!r} ({role} split)"
-            for i, row in enumerate(self._dataset_splits()[role]):
+            for i, row in enumerate(self.dataset_splits()[role]):
                 yield source, f"{source} row {i}", row
 
     def has_role(self, role: str) -> bool:
         if role in self.files():
             return True
-        return self.dataset is not None and role in self._dataset_splits()
+        return self.dataset is not None and role in self.dataset_splits()
 
     # ----------------------------------------------------------------- DataModule hooks
     def tokenizer_corpus(self) -> Iterator[str]:

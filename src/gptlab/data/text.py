@@ -376,7 +376,7 @@ class TextDataModule(DataModule):
         val_split: Literal["tail", "documents"] = "tail",
         block_size: int | None = None,
         stride: int | None = None,
-        max_documents: int | None = None,
+        max_examples: int | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -410,7 +410,7 @@ class TextDataModule(DataModule):
             stride: Step between training windows; defaults to `block_size` (each token a target
                 once). Smaller values give overlapping windows (1 = every offset, like nanoGPT's
                 random batches). Validation and test windows always step by `block_size`.
-            max_documents: Use only the first N documents of each source (quick experiments).
+            max_examples: Use only the first N examples (documents) of each source (quick experiments).
             batch_size: Sequences per training batch (per device).
             eval_batch_size: Sequences per validation / test batch; defaults to `batch_size`.
             num_workers: DataLoader worker processes; 0 loads in the main process.
@@ -440,11 +440,11 @@ class TextDataModule(DataModule):
             problems.append(f"block_size={block_size} must be at least 2 (one input and one target)")
         if stride is not None and not 1 <= stride <= block_size:
             problems.append(f"stride={stride} must be between 1 and block_size={block_size}")
-        if max_documents is not None and max_documents < 1:
-            problems.append(f"max_documents={max_documents} must be at least 1")
+        if max_examples is not None and max_examples < 1:
+            problems.append(f"max_examples={max_examples} must be at least 1")
         if problems:
             raise ConfigError("TextDataModule: " + "; ".join(problems))
-        self.patterns = {"train": train_files, "val": val_files, "test": test_files}
+        self.role_files = {"train": train_files, "val": val_files, "test": test_files}
         self.predict_files = predict_files
         self.predict_dataset: Dataset | None = None
         self.dataset = dataset
@@ -454,7 +454,7 @@ class TextDataModule(DataModule):
         self.val_split = val_split
         self.block_size = block_size
         self.stride = stride or block_size
-        self.max_documents = max_documents
+        self.max_examples = max_examples
         # Memoized per instance. `_files` is what the patterns match (the cache keys hash it);
         # `_texts` is the subset holding text, known once the files are checked (rank 0 only).
         self._files: dict[str, list[Path]] | None = None
@@ -466,7 +466,7 @@ class TextDataModule(DataModule):
         """The files of each role that has files (globs expanded; every bad pattern in one error)."""
         if self._files is None:
             found, problems = {}, []
-            for role, patterns in self.patterns.items():
+            for role, patterns in self.role_files.items():
                 if patterns is not None:
                     try:
                         found[role] = expand_files(patterns, f"{role}_files")
@@ -497,10 +497,10 @@ class TextDataModule(DataModule):
             "files": {role: _files_fingerprint(files) for role, files in self.files().items()},
             "dataset": self._dataset_fingerprint(),
             "text_column": self.text_column,
-            "max_documents": self.max_documents,
+            "max_documents": self.max_examples,  # the cache key keeps its name: caches stay valid
         }
 
-    def _dataset_splits(self) -> dict[str, datasets.Dataset]:
+    def dataset_splits(self) -> dict[str, datasets.Dataset]:
         """`dataset`'s splits by role (train, and val / test when it has them)."""
         if self._splits is None:
             import datasets
@@ -541,7 +541,7 @@ class TextDataModule(DataModule):
         # Files win over a dataset's split of the same role (e.g. val_files with a hub dataset).
         roles = {role: "files" for role in self.files()}
         if self.dataset is not None:
-            roles.update({role: "dataset" for role in self._dataset_splits() if role not in roles})
+            roles.update({role: "dataset" for role in self.dataset_splits() if role not in roles})
         return roles
 
     def documents(self, role: str) -> Iterator[Iterable[str]]:
@@ -564,10 +564,10 @@ class TextDataModule(DataModule):
         if role in self._texts:
             docs = self._file_documents(self._texts[role])
         else:
-            rows = self._dataset_splits()[role].select_columns([self.text_column])
+            rows = self.dataset_splits()[role].select_columns([self.text_column])
             docs = _records(rows.rename_column(self.text_column, TEXT) if self.text_column != TEXT else rows)
         # The first N, not a sample: the same N documents on every run, and cheap on big corpora.
-        return itertools.islice(docs, self.max_documents)
+        return itertools.islice(docs, self.max_examples)
 
     def _file_documents(self, files: list[Path]) -> Iterator[Iterable[str]]:
         for kind, group in itertools.groupby(files, key=_kind):

@@ -119,6 +119,7 @@ class TokenClassificationDataModule(DataModule):
 
     def __init__(
         self,
+        tokenizer: TokenizerRecipe | str | None = None,
         train_files: Files = None,
         val_files: Files = None,
         test_files: Files = None,
@@ -134,7 +135,6 @@ class TokenClassificationDataModule(DataModule):
         val_fraction: float = 0.1,
         label_all_subtokens: bool = False,
         block_size: int = 128,
-        tokenizer: TokenizerRecipe | str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -143,6 +143,8 @@ class TokenClassificationDataModule(DataModule):
     ) -> None:
         """
         Args:
+            tokenizer: a tokenizer directory / hub name, or a recipe trained on the training words.
+                When fine-tuning with `init_from`, the CLI uses the pretraining run's tokenizer.
             train_files: training sentences: CoNLL column files (any name, e.g. `eng.train`), or
                 jsonl / json / parquet records with `tokens_field` and `tags_field`.
             val_files: validation sentences; default: the dataset's validation split.
@@ -166,8 +168,6 @@ class TokenClassificationDataModule(DataModule):
                 the I- tag) instead of the first sub-token only. Evaluation always reads the first.
             block_size: the longest sentence in tokens; longer ones are truncated (counted warning)
                 and their cut-off words are predicted O. At most the model's block_size.
-            tokenizer: a tokenizer directory / hub name, or a recipe trained on the training words.
-                When fine-tuning with `init_from`, the CLI uses the pretraining run's tokenizer.
             batch_size: sentences per training batch (per device).
             eval_batch_size: sentences per validation / test / predict batch; default batch_size.
             num_workers: DataLoader worker processes.
