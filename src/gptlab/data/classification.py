@@ -43,7 +43,7 @@ from gptlab.data.labels import (
     unknown_label_hint,
     warn_unused_labels,
 )
-from gptlab.data.text import VALIDATION_SPLITS, _is_saved_dataset, expand_files
+from gptlab.data.sources import expand_files, load_dataset_splits
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
 
@@ -239,33 +239,6 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dic
         raise DataError(f"{path}: not a readable Parquet file ({err})") from None
     for i, record in enumerate(table.to_pylist()):
         yield f"{path} row {i}", record
-
-
-def load_dataset_splits(dataset: str, dataset_config: str | None) -> dict[str, datasets.Dataset]:
-    """A `datasets` dataset's splits by role: train, and val / test when it has them."""
-    import datasets
-
-    path = Path(dataset).expanduser()
-    if dataset.startswith(("/", ".", "~")) and not path.exists():
-        raise DataError(
-            f"dataset={dataset!r}: no such directory; give a save_to_disk directory or a hub name"
-        )
-    try:
-        loaded = (
-            datasets.load_from_disk(str(path))
-            if _is_saved_dataset(path)
-            else (datasets.load_dataset(dataset, dataset_config))
-        )
-    except (OSError, ValueError) as err:
-        raise DataError(f"dataset={dataset!r}: cannot load it ({err})") from None
-    if not isinstance(loaded, datasets.DatasetDict):
-        loaded = datasets.DatasetDict({"train": loaded})
-    splits = {}
-    for role, names in (("train", ("train",)), ("val", VALIDATION_SPLITS), ("test", ("test",))):
-        name = next((n for n in names if n in loaded), None)
-        if name is not None:
-            splits[role] = loaded[name]
-    return splits
 
 
 class Examples(Dataset):

@@ -43,15 +43,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
 from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts, shorten_problem
-from gptlab.data.text import VALIDATION_SPLITS, _files_fingerprint, _is_saved_dataset, expand_files
+from gptlab.data.sources import (
+    expand_files,
+    files_fingerprint,
+    load_dataset_dict,
+    read_records,
+    splits_by_role,
+)
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
 
@@ -260,25 +264,7 @@ class SFTDataModule(DataModule):
     def dataset_splits(self) -> dict[str, datasets.Dataset]:
         """`dataset`'s splits by role (train, and val / test when it has them)."""
         if self._splits is None:
-            import datasets  # here, not at module import: a second of start-up time
-
-            path = Path(self.dataset).expanduser()
-            if self.dataset.startswith(("/", ".", "~")) and not path.exists():
-                raise DataError(f"dataset={self.dataset!r}: no such directory; give a save_to_disk directory")
-            try:
-                if _is_saved_dataset(path):
-                    loaded = datasets.load_from_disk(str(path))
-                else:
-                    loaded = datasets.load_dataset(self.dataset, self.dataset_config)
-            except (OSError, ValueError) as err:
-                raise DataError(f"dataset={self.dataset!r}: cannot load it ({err})") from None
-            if not isinstance(loaded, datasets.DatasetDict):
-                loaded = datasets.DatasetDict({"train": loaded})
-            splits = {"train": loaded["train"]} if "train" in loaded else {}
-            for role, names in (("val", VALIDATION_SPLITS), ("test", ("test",))):
-                name = next((n for n in names if n in loaded), None)
-                if name is not None:
-                    splits[role] = loaded[name]
+            splits = splits_by_role(load_dataset_dict(self.dataset, self.dataset_config))
             if not splits:
                 raise DataError(f"dataset={self.dataset!r} has no train, validation or test split")
             self._splits = splits
@@ -289,7 +275,7 @@ class SFTDataModule(DataModule):
         files = self.files()
         if role in files:
             for path in files[role]:
-                for location, record in _read_records(path):
+                for location, record in read_records(path):
                     yield str(path), location, record
         elif self.dataset is not None and role in self.dataset_splits():
             source = f"dataset {self.dataset!r} ({role} split)"
@@ -311,7 +297,7 @@ class SFTDataModule(DataModule):
     def corpus_fingerprint(self) -> str:
         sources = {
             "files": {
-                role: _files_fingerprint(files) for role, files in self.files().items() if role == "train"
+                role: files_fingerprint(files) for role, files in self.files().items() if role == "train"
             },
             "dataset": f"{self.dataset}:{self.dataset_config}",
             "format": [self.format, self.prompt_field, self.completion_field, self.prompt_template],
@@ -771,45 +757,3 @@ def _template_renderer(tokenizer: PreTrainedTokenizerFast):
             raise DataError(f"the tokenizer's chat template cannot render these messages ({err})") from None
 
     return render
-
-
-def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, record) for each record of a .jsonl / .json / .parquet file, or each line of a .txt."""
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    yield f"{path} line {number}", line.rstrip("\r\n")
-        return
-    if suffix == ".parquet":
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as err:
-            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{path} row {i}", row
-        return
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
-    if suffix == ".json":
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # not one document: read it as JSON lines below
-        if isinstance(whole, list):
-            for i, record in enumerate(whole):
-                yield f"{path} item {i}", record
-            return
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})"
-            ) from None
-        yield f"{path} line {number}", record

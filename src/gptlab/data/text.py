@@ -28,11 +28,9 @@ import itertools
 import json
 import os
 import shutil
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from glob import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,6 +53,14 @@ from gptlab.data.corpus import (
     read_blocks,
     shorten,
 )
+from gptlab.data.sources import (
+    expand_files,
+    files_fingerprint,
+    is_saved_dataset,
+    load_dataset_dict,
+    read_records,
+    splits_by_role,
+)
 from gptlab.data.tokenizers import TokenizerRecipe, tokenizer_fingerprint
 from gptlab.errors import ConfigError
 
@@ -64,38 +70,8 @@ if TYPE_CHECKING:
 # Bump when the cached layout or the way streams are built changes: old entries are then ignored.
 CACHE_FORMAT = 2
 TEXT = "text"  # the one column every loaded source is reduced to
-# Names under which Hugging Face datasets usually publish their validation split.
-VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
 DEFAULT_BLOCK_SIZE = 256  # data.init_args.block_size when neither it nor the model's is given
 MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
-
-
-def expand_files(patterns: str | list[str], what: str) -> list[Path]:
-    """Files named by `patterns`: paths or globs (`**` recurses), each sorted, duplicates dropped.
-
-    A pattern may start with `{stdlib}`, the directory of the Python standard library's source
-    (`sysconfig.get_paths()["stdlib"]`), which every Python installation ships: a corpus found on
-    any machine with no download. `what` names the argument in error messages.
-    """
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    stdlib = sysconfig.get_paths()["stdlib"]
-    files: dict[Path, None] = {}  # an ordered set
-    problems = []
-    for pattern in patterns:
-        expanded = os.path.expanduser(
-            pattern.replace("{stdlib}", stdlib, 1) if pattern.startswith("{stdlib}") else pattern
-        )
-        if not any(c in expanded for c in "*?[") and Path(expanded).is_dir():
-            problems.append(f"{what}: {pattern!r} is a directory; name its files, e.g. '{pattern}/**/*.txt'")
-            continue
-        matches = [Path(p) for p in sorted(glob(expanded, recursive=True)) if Path(p).is_file()]
-        if not matches:
-            where = "" if Path(expanded).is_absolute() else f" (relative to {os.getcwd()})"
-            problems.append(f"{what}: no file matches {pattern!r}{where}; check the path or glob")
-        files.update(dict.fromkeys(p.resolve() for p in matches))
-    if problems:
-        raise DataError("\n".join(problems))
-    return list(files)
 
 
 # ----------------------------------------------------------------------------- file checks
@@ -248,11 +224,6 @@ def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
     return kept
 
 
-def _files_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
-    # Size and mtime stand in for the contents: cheap on every rank and for large corpora.
-    return [(str(p), (s := p.stat()).st_size, s.st_mtime_ns) for p in files]
-
-
 def load_files(files: list[Path], text_column: str, cache_dir: Path) -> datasets.Dataset:
     """The records of checked .jsonl / .json / .parquet `files` as a Dataset with one `text` column."""
     import datasets  # here, not at module import: a second of start-up time
@@ -297,10 +268,6 @@ def _runs(chosen: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Iterator[
     for run in np.split(chosen, breaks):
         if len(run):
             yield int(starts[run[0]]), int(ends[run[-1]])
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -481,7 +448,7 @@ class TextDataModule(DataModule):
         if self.dataset is None:
             return None
         path = Path(self.dataset).expanduser()
-        if _is_saved_dataset(path):
+        if is_saved_dataset(path):
             import datasets
 
             # Saved datasets carry a content fingerprint; reading it maps the files, nothing more.
@@ -494,7 +461,7 @@ class TextDataModule(DataModule):
 
     def _sources_fingerprint(self) -> dict[str, Any]:
         return {
-            "files": {role: _files_fingerprint(files) for role, files in self.files().items()},
+            "files": {role: files_fingerprint(files) for role, files in self.files().items()},
             "dataset": self._dataset_fingerprint(),
             "text_column": self.text_column,
             "max_documents": self.max_examples,  # the cache key keeps its name: caches stay valid
@@ -503,30 +470,12 @@ class TextDataModule(DataModule):
     def dataset_splits(self) -> dict[str, datasets.Dataset]:
         """`dataset`'s splits by role (train, and val / test when it has them)."""
         if self._splits is None:
-            import datasets
-
-            path = Path(self.dataset).expanduser()
-            # A path-like name that does not exist is a typo, not a hub name (spares the hub's retries).
-            if self.dataset.startswith(("/", ".", "~")) and not path.exists():
-                raise DataError(f"dataset={self.dataset!r}: no such directory; give a save_to_disk directory")
-            try:
-                if _is_saved_dataset(path):
-                    loaded = datasets.load_from_disk(str(path))
-                else:
-                    loaded = datasets.load_dataset(self.dataset, self.dataset_config)
-            except (OSError, ValueError) as err:
-                raise DataError(f"dataset={self.dataset!r}: cannot load it ({err})") from None
-            if not isinstance(loaded, datasets.DatasetDict):
-                loaded = datasets.DatasetDict({"train": loaded})
+            loaded = load_dataset_dict(self.dataset, self.dataset_config)
             if "train" not in loaded:
                 raise DataError(
                     f"dataset={self.dataset!r} has no 'train' split (splits: {', '.join(loaded)})"
                 )
-            splits = {"train": loaded["train"]}
-            for role, names in (("val", VALIDATION_SPLITS), ("test", ("test",))):
-                name = next((n for n in names if n in loaded), None)
-                if name is not None:
-                    splits[role] = loaded[name]
+            splits = splits_by_role(loaded)
             for role, ds in splits.items():
                 if self.text_column not in ds.column_names:
                     raise DataError(
@@ -776,7 +725,7 @@ class TextDataModule(DataModule):
     # ----------------------------------------------------------------- predict: prompts
     def _prompts(self) -> Dataset:
         """The prompts of `predict_files`, tokenized without special tokens, with their text."""
-        from gptlab.data.sft import SFTSequences, _read_records  # sft.py builds on this module
+        from gptlab.data.sft import SFTSequences  # sft.py builds on this module
 
         if not self.predict_files:
             raise DataError(
@@ -785,7 +734,7 @@ class TextDataModule(DataModule):
             )
         items, problems = [], []
         for path in expand_files(self.predict_files, "predict_files"):
-            for where, record in _read_records(path):
+            for where, record in read_records(path):
                 text = record.get(self.text_column) if isinstance(record, dict) else record
                 if not isinstance(text, str):
                     problems.append(

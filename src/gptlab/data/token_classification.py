@@ -32,13 +32,12 @@ from gptlab.data.classification import (
     Problems,
     announce_validation,
     held_out,
-    load_dataset_splits,
     read_table,
     warn_truncated,
     warn_unused_labels,
 )
 from gptlab.data.labels import LabelMap, class_label_names, sort_tags, unknown_label_hint
-from gptlab.data.text import expand_files
+from gptlab.data.sources import expand_files, load_dataset_splits
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
 from gptlab.metrics.ner import OUTSIDE, PREFIXES, is_entity_tagset
