@@ -344,9 +344,11 @@ def test_shared_empty_cache_is_prepared_once(two_node_ddp: Path):
     assert len(list((cache / "tokenizers").iterdir())) == 1
     assert len(list((cache / "text").iterdir())) == 1
     assert not list(cache.rglob(".tmp-*")) and not list(cache.rglob("*.claim*"))
-    # The second node printed that it waited (a claim held by the other node).
+    # At most one node waited for the other's claim: under load the second node may reach
+    # prepare_data only after the first has finished, and then it finds the cache complete
+    # (tests/test_data_cache.py makes the overlap certain).
     logs = [(two_node_ddp.parent / "two_nodes" / f"node{r}.log").read_text() for r in range(2)]
-    assert sum("waiting for another process to prepare" in log for log in logs) == 1
+    assert sum("waiting for another process to prepare" in log for log in logs) <= 1
 
 
 # ----------------------------------------------------------------------------- 3. a lost node

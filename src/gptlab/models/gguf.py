@@ -104,7 +104,9 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False
+    )
     config = quantized.config
     # De-quantized fp32 weights in a model that is not marked quantized (save_pretrained refuses those).
     if hasattr(config, "quantization_config"):
@@ -112,7 +114,8 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
     plain = type(quantized)(config)
     plain.load_state_dict(quantized.state_dict(), strict=True)
     plain.generation_config = quantized.generation_config
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)  # the slow part (minutes)
+    # the slow part (minutes)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
