@@ -35,7 +35,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
-from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts, shorten_problem
+from gptlab.data.base import (
+    IGNORE_INDEX,
+    DataError,
+    DataModule,
+    Examples,
+    encode_texts,
+    list_problems,
+    shorten_problem,
+)
 from gptlab.data.labels import (
     LabelMap,
     class_label_names,
@@ -52,7 +60,6 @@ if TYPE_CHECKING:
     import datasets
 
 ROLES = ("train", "val", "test", "predict")
-MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
 MAX_PROBLEM_CHARS = 240  # one problem's text at most
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
@@ -73,12 +80,9 @@ class Problems:
     def raise_if_any(self, hint: str = "") -> None:
         if not self.items:
             return
-        more = len(self.items) - MAX_PROBLEMS
-        listed = [shorten(item) for item in self.items[:MAX_PROBLEMS]]
-        listed += [f"... and {more} more"] if more > 0 else []
         raise DataError(
             f"{self.what}: {len(self.items)} problem(s):\n  "
-            + "\n  ".join(listed)
+            + list_problems(self.items, more="more")
             + (f"\n{hint}" if hint else "")
         )
 
@@ -239,19 +243,6 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dic
         raise DataError(f"{path}: not a readable Parquet file ({err})") from None
     for i, record in enumerate(table.to_pylist()):
         yield f"{path} row {i}", record
-
-
-class Examples(Dataset):
-    """A list of tokenized examples (dicts in the batch contract's shape)."""
-
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
 
 
 def warn_truncated(what: str, truncated: int, total: int, longest: int, block_size: int, lost: str) -> None:

@@ -48,7 +48,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts, shorten_problem
+from gptlab.data.base import (
+    IGNORE_INDEX,
+    DataError,
+    DataModule,
+    Examples,
+    encode_texts,
+    list_problems,
+)
 from gptlab.data.sources import (
     expand_files,
     files_fingerprint,
@@ -68,7 +75,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
 PROBLEMS_PER_SOURCE = 3  # the first few say what is wrong with a whole file
 ROLES = ("train", "val", "test", "predict")
 
@@ -94,22 +100,6 @@ class Example:
 
     def _last_trained(self) -> int | None:
         return max((i for i, (_, trained) in enumerate(self.segments) if trained), default=None)
-
-
-class SFTSequences(Dataset):
-    """Tokenized examples (or packed blocks of them): items with input_ids and labels.
-
-    Evaluation / prediction items also carry `prompt_length`, `prompt` and `reference`.
-    """
-
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
 
 
 class SFTDataModule(DataModule):
@@ -325,12 +315,12 @@ class SFTDataModule(DataModule):
             if examples is None:
                 continue
             if role == "predict":
-                self.predict_dataset = SFTSequences(self._prompt_items(examples, tokenizer))
+                self.predict_dataset = Examples(self._prompt_items(examples, tokenizer))
                 continue
             items = self._sequence_items(examples, tokenizer, role, with_text=role != "train")
             if role == "train" and self.packing:
                 items = pack(items, self.block_size, self.seed)
-            setattr(self, f"{role}_dataset", SFTSequences(items))
+            setattr(self, f"{role}_dataset", Examples(items))
         sizes = ", ".join(
             f"{role} {len(ds):,}" for role in ROLES if (ds := getattr(self, f"{role}_dataset")) is not None
         )
@@ -424,10 +414,9 @@ class SFTDataModule(DataModule):
         if not problems and not examples:
             problems.append(f"{role}: no records found; check the {role} files or dataset split")
         if problems:
-            more = len(problems) - MAX_PROBLEMS
-            listed = [shorten_problem(p) for p in problems[:MAX_PROBLEMS]]
-            listed += [f"... and {more} more problems"] if more > 0 else []
-            raise DataError(f"SFTDataModule ({role}): {len(problems)} problem(s):\n  " + "\n  ".join(listed))
+            raise DataError(
+                f"SFTDataModule ({role}): {len(problems)} problem(s):\n  " + list_problems(problems)
+            )
         return examples
 
     def _example(self, location: str, record: Any, role: str, render) -> Example:

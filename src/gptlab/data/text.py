@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DataError, DataModule, shorten_problem
+from gptlab.data.base import DataError, DataModule, Examples, list_problems
 from gptlab.data.corpus import (
     MAX_CHARS,
     CorpusEncoder,
@@ -71,7 +71,6 @@ if TYPE_CHECKING:
 CACHE_FORMAT = 2
 TEXT = "text"  # the one column every loaded source is reduced to
 DEFAULT_BLOCK_SIZE = 256  # data.init_args.block_size when neither it nor the model's is given
-MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
 
 
 # ----------------------------------------------------------------------------- file checks
@@ -215,10 +214,9 @@ def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
         names = ", ".join(reasons[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         problems.append(f"{what}: no text in {names}; point {what} at files with text")
     if problems:
-        more = len(problems) - MAX_PROBLEMS
-        listed = [shorten_problem(p) for p in problems[:MAX_PROBLEMS]]
-        listed += [f"... and {more} more problems"] if more > 0 else []
-        raise DataError(f"{what}: {len(problems)} problem(s) with the input files:\n  " + "\n  ".join(listed))
+        raise DataError(
+            f"{what}: {len(problems)} problem(s) with the input files:\n  " + list_problems(problems)
+        )
     if empty:
         rank_zero_info(f"gptlab: {what}: skipped {len(empty)} empty file(s), e.g. {empty[0]}")
     return kept
@@ -725,8 +723,6 @@ class TextDataModule(DataModule):
     # ----------------------------------------------------------------- predict: prompts
     def _prompts(self) -> Dataset:
         """The prompts of `predict_files`, tokenized without special tokens, with their text."""
-        from gptlab.data.sft import SFTSequences  # sft.py builds on this module
-
         if not self.predict_files:
             raise DataError(
                 "no prompts to predict: set data.init_args.predict_files (a .txt file with one prompt per "
@@ -752,7 +748,7 @@ class TextDataModule(DataModule):
             raise DataError("predict_files: " + "; ".join(problems[:5]) + more)
         if not items:
             raise DataError(f"predict_files {self.predict_files!r}: no prompts in the files")
-        return SFTSequences([{**item, "reference": ""} for item in items])
+        return Examples([{**item, "reference": ""} for item in items])
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         """The batch contract; prompts also carry `prompt_length` and `prompt` (and `reference`)."""

@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, Examples, encode_texts
 from gptlab.data.classification import (
-    Examples,
     Files,
     Problems,
     announce_validation,
