@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gptlab.generate import generate_batch  # noqa: E402
+from gptlab.decoding import generate_batch  # noqa: E402
 from gptlab.models import GPT  # noqa: E402
 from gptlab.models.convert import load_hf_weights  # noqa: E402
 

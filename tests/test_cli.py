@@ -215,7 +215,7 @@ def test_resumed_run_records_the_config_it_used(tiny_runs, tmp_path, capsys):
 
 
 def test_causal_lm_predict_continues_a_prompts_file(tiny_runs, tmp_path, capsys):
-    from gptlab.generate import generate_text
+    from gptlab.decoding import generate_text
 
     run = _copy_run(tiny_runs.runs["causal_lm"], tmp_path)
     prompts = ["def add(a, b):", "The quick brown", "x"]
@@ -230,9 +230,11 @@ def test_causal_lm_predict_continues_a_prompts_file(tiny_runs, tmp_path, capsys)
     ]
     code, err = run_cli(capsys, *predict, "--model.init_args.max_new_tokens", "6")
     assert code == 0, err[-3000:]
-    records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (run / "predictions" / "predictions.jsonl").read_text().splitlines()
+    ]
     assert [r["prompt"] for r in records] == prompts
-    # the same greedy continuations as gptlab.generate on the checkpoint's model
+    # the same greedy continuations as gptlab.decoding on the checkpoint's model
     model = CausalLM.load_from_checkpoint(ckpt).eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
     expected = generate_text(model.backbone, tokenizer, prompts, max_new_tokens=6, temperature=0)
@@ -241,5 +243,7 @@ def test_causal_lm_predict_continues_a_prompts_file(tiny_runs, tmp_path, capsys)
     beams = ["--model.init_args.num_beams", "3", "--model.init_args.num_return_sequences", "2"]
     code, err = run_cli(capsys, *predict, "--model.init_args.max_new_tokens", "6", *beams)
     assert code == 0, err[-3000:]
-    records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (run / "predictions" / "predictions.jsonl").read_text().splitlines()
+    ]
     assert all(len(r["completions"]) == 2 and r["completion"] == r["completions"][0] for r in records)

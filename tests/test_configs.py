@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from conftest import REPO
 from gptlab.cli import GPTLabCLI
@@ -36,9 +37,18 @@ def test_pretrain_config_instantiates(config: Path, tiny_corpus: Path, tmp_path:
     )
     assert isinstance(cli.model, CausalLM) and isinstance(cli.model.backbone, GPT)
     assert cli.trainer.max_steps > 0
-    assert cli.datamodule.block_size <= cli.model.backbone.block_size
+    # block_size is stated once, in the backbone: the data takes the model's.
+    assert "block_size" not in yaml.safe_load(config.read_text())["data"]["init_args"]
+    assert cli.datamodule.block_size == cli.model.backbone.block_size
     # The experiment name decides where runs land.
     assert Path(cli.trainer.logger.log_dir).parent.name == config.stem
+
+
+def test_data_block_size_given_wins_over_the_model(tiny_corpus: Path, tmp_path: Path):
+    args = ["--config", str(REPO / "configs/pretrain/shakespeare_char.yaml")]
+    args += ["--data.init_args.train_files", str(tiny_corpus / "*.txt"), "--logs", str(tmp_path / "logs")]
+    cli = GPTLabCLI(args=[*args, "--data.init_args.block_size", "16"], run=False)
+    assert (cli.datamodule.block_size, cli.model.backbone.block_size) == (16, 64)
 
 
 def test_shakespeare_char_is_the_nanogpt_recipe():

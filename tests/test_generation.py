@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, shared_data
 from gptlab.cli import GPTLabCLI, main
-from gptlab.generate import generate_batch
+from gptlab.decoding import generate_batch
 from gptlab.loading import load_backbone_weights
 from gptlab.models import GPT
 from gptlab.tasks import Generation
@@ -104,7 +104,7 @@ def test_shipped_config_instantiates_on_the_real_data(sft_run: Path):
     assert isinstance(cli.model, Generation) and cli.model.backbone.config.vocab_size == 320
     assert cli.datamodule.tokenizer_source == str(sft_run / "tokenizer")
     assert cli.datamodule.prompt_template == "Question: {question}\nAnswer: "
-    assert cli.datamodule.patterns["test"] == "data/gsm8k/test.jsonl" and cli.datamodule.packing
+    assert cli.datamodule.role_files["test"] == "data/gsm8k/test.jsonl" and cli.datamodule.packing
     assert cli.model.test_metrics["exact_match"].pattern.pattern == r"#### (\-?[0-9\.\,]+)"
 
 
@@ -165,9 +165,9 @@ def test_test_report_scores_the_generations(sft_run: Path):
     # Reports and predictions get the mode a plain write gives (the umask's), readable by others.
     umask = os.umask(0)
     os.umask(umask)
-    for path in [*(sft_run / "reports").glob("test_report.*"), sft_run / "predictions.jsonl"]:
+    for path in [*(sft_run / "reports").glob("test_report.*"), sft_run / "predictions" / "predictions.jsonl"]:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
-    lines = (sft_run / "predictions.jsonl").read_text().splitlines()
+    lines = (sft_run / "predictions" / "predictions.jsonl").read_text().splitlines()
     predictions = [json.loads(line) for line in lines]
     assert [p["prompt"] for p in predictions] == [s["prompt"] for s in report["samples"]]
     assert [p["completion"] for p in predictions] == completions

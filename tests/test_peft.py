@@ -492,7 +492,7 @@ def test_lora_with_activation_checkpointing_gives_the_same_gradients(kind):
 @pytest.mark.parametrize("kind", ["gpt", "llama"])
 def test_generation_decodes_through_the_adapters_with_and_without_a_cache(kind):
     """SFT under peft: greedy decoding with the KV cache equals decoding without it, adapters included."""
-    from gptlab.generate import generate_batch
+    from gptlab.decoding import generate_batch
     from gptlab.tasks import Generation
 
     torch.manual_seed(0)

@@ -150,9 +150,9 @@ def test_separate_val_and_test_files(corpus, tmp_path):
     assert dm.tokenizer.decode(dm.test_dataset.tokens) == DOCS["d.txt"] + "<|endoftext|>"
 
 
-def test_max_documents_and_no_validation(corpus, tmp_path):
+def test_max_examples_and_no_validation(corpus, tmp_path):
     dm = ready(
-        train_files=str(corpus / "*.txt"), max_documents=2, val_fraction=0, cache_dir=str(tmp_path / "c")
+        train_files=str(corpus / "*.txt"), max_examples=2, val_fraction=0, cache_dir=str(tmp_path / "c")
     )
     assert dm.train_dataset.tokens.tolist() == stream(dm, [DOCS["a.txt"], DOCS["b.txt"]])
     assert dm.val_dataset is None and dm.val_dataloader() == []

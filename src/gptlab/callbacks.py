@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 
+from gptlab.decoding import generate
 from gptlab.errors import CheckpointError, ConfigError
-from gptlab.generate import generate
 
 
 class SampleGeneration(L.Callback):

@@ -742,14 +742,16 @@ class GPTLabCLI(LightningCLI):
                 cfg.data.init_args.tokenizer = str(run / "tokenizer")
 
     def _fill_from_checkpoints(self, cfg: Namespace, ckpt: str | None) -> None:
-        """Fill in what the config leaves to the checkpoints: backbone, tokenizer, label names.
+        """Fill in what the config leaves to the checkpoints and the model: backbone, tokenizer,
+        label names, the data's block_size.
 
         - no backbone: the one recorded by `--ckpt_path` (evaluating or resuming a run), else by
           `init_from` (a gptlab checkpoint's run config, or a Hugging Face config.json);
         - `init_from` and a tokenizer *recipe*: the pretraining tokenizer instead (a recipe would
           train a new vocabulary that the pretrained embeddings do not know);
         - evaluating a checkpoint with no label_names given: the checkpoint's, so that its output
-          ids keep their meaning.
+          ids keep their meaning;
+        - no data block_size (TextDataModule's default): the backbone's block_size.
         """
         model = cfg.model.get("init_args") if isinstance(cfg.get("model"), Namespace) else None
         data = cfg.data.get("init_args") if isinstance(cfg.get("data"), Namespace) else None
@@ -780,6 +782,13 @@ class GPTLabCLI(LightningCLI):
             )
             self._backbone_source = str(source)
             rank_zero_info(f"gptlab: backbone {model.backbone.class_path} configured as in {source}")
+        backbone = model.get("backbone")
+        if data is not None and data.get("block_size", 0) is None and isinstance(backbone, Namespace):
+            # One source of truth: the data's sequence length is the model's unless the data sets
+            # its own (at most the model's, checked by TaskModule.check_data).
+            model_block = (backbone.get("init_args") or Namespace()).get("block_size")
+            if isinstance(model_block, int):
+                data.block_size = model_block
         if init_from and data is not None and "tokenizer" in data and not isinstance(data.tokenizer, str):
             tokenizer = pretrained_tokenizer(init_from)
             if tokenizer is None:

@@ -220,10 +220,15 @@ def check_export(backbone: torch.nn.Module, directory: Path) -> float:
     with torch.no_grad():
         ours = backbone.logits(backbone(ids.to(param.device))).float().cpu()
         theirs = hf(ids).logits.float()
+    return _logits_diff(ours, theirs, "model")
+
+
+def _logits_diff(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> float:
+    """Max |ours - theirs|; a CheckpointError (nothing is written) above LOGITS_ATOL."""
     diff = (ours - theirs).abs().max().item()
     if diff > LOGITS_ATOL:
         raise CheckpointError(
-            f"the exported model's logits differ from gptlab's by {diff:.2e} (> {LOGITS_ATOL}); "
+            f"the exported {what}'s logits differ from gptlab's by {diff:.2e} (> {LOGITS_ATOL}); "
             f"nothing written"
         )
     return diff
@@ -377,13 +382,7 @@ def check_classifier_export(task, directory: Path, tokenizer) -> float:
         theirs = hf(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     if kind == "token":
         ours, theirs = ours[attention_mask.bool()], theirs[attention_mask.bool()]  # (real tokens, C)
-    diff = (ours - theirs).abs().max().item()
-    if diff > LOGITS_ATOL:
-        raise CheckpointError(
-            f"the exported {type(hf).__name__}'s logits differ from gptlab's by {diff:.2e} "
-            f"(> {LOGITS_ATOL}); nothing written"
-        )
-    return diff
+    return _logits_diff(ours, theirs, type(hf).__name__)
 
 
 # ------------------------------------------------------------------------------ peft adapters

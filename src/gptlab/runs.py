@@ -4,7 +4,8 @@
         config.yaml                    the run's config (`is_run_config`)
         checkpoints/*.ckpt             `run_dir_of(ckpt)` is the run; `latest_checkpoint` resumes
         tokenizer/                     `pretrained_tokenizer`
-        reports/, predictions/
+        reports/                       test reports
+        predictions/predictions.<ext>  what `predict` wrote (`predictions_path`)
 
 Also what a run (or a Hugging Face model directory) given as `init_from` records: its backbone
 config (`pretrained_backbone`), hyperparameters (`checkpoint_hparams`) and tokenizer.
@@ -18,6 +19,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from lightning.pytorch import Trainer
 
 from gptlab.checkpointing import resume_checkpoint
 from gptlab.errors import CheckpointError, ConfigError
@@ -233,3 +236,13 @@ def task_class_of(class_path: str) -> type | None:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return None
+
+
+def predictions_path(trainer: Trainer, name: str) -> Path:
+    """Where `predict` writes: `<run>/predictions/<name>` (every task, one layout); one file per
+    process when several predict (the rank in the name: `predictions.rank1.jsonl`)."""
+    directory = Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
+    if trainer.world_size > 1:
+        stem, _, suffix = name.rpartition(".")
+        name = f"{stem}.rank{trainer.global_rank}.{suffix}"
+    return directory / name

@@ -3,7 +3,8 @@
 from gptlab.data.base import DataError, DataModule, SeededShuffleSampler
 from gptlab.data.classification import ClassificationDataModule
 from gptlab.data.sft import DEFAULT_CHAT_TEMPLATE, SFTDataModule
-from gptlab.data.text import TextDataModule, TokenBlocks, expand_files
+from gptlab.data.sources import expand_files
+from gptlab.data.text import TextDataModule, TokenBlocks
 from gptlab.data.token_classification import TokenClassificationDataModule
 from gptlab.data.tokenizers import (
     BPE,

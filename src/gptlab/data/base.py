@@ -46,6 +46,31 @@ def shorten_problem(text: str, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 5] + " ..."
 
 
+MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
+
+
+def list_problems(problems: list[str], more: str = "more problems") -> str:
+    """The first MAX_PROBLEMS problems, each shortened, then `... and N <more>`: one per line."""
+    count = len(problems) - MAX_PROBLEMS
+    listed = [shorten_problem(p) for p in problems[:MAX_PROBLEMS]]
+    listed += [f"... and {count} {more}"] if count > 0 else []
+    return "\n  ".join(listed)
+
+
+class Examples(Dataset):
+    """A list of tokenized examples (dicts in the batch contract's shape); SFT evaluation and
+    prediction items also carry `prompt_length`, `prompt` and `reference`."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
 def encode_texts(
     tokenizer: PreTrainedTokenizerFast,
     texts: list[str],

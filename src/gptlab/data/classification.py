@@ -35,8 +35,23 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
-from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts, shorten_problem
-from gptlab.data.text import VALIDATION_SPLITS, _is_saved_dataset, expand_files
+from gptlab.data.base import (
+    IGNORE_INDEX,
+    DataError,
+    DataModule,
+    Examples,
+    encode_texts,
+    list_problems,
+    shorten_problem,
+)
+from gptlab.data.labels import (
+    LabelMap,
+    class_label_names,
+    sort_labels,
+    unknown_label_hint,
+    warn_unused_labels,
+)
+from gptlab.data.sources import expand_files, load_dataset_splits
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
 
@@ -45,7 +60,6 @@ if TYPE_CHECKING:
     import datasets
 
 ROLES = ("train", "val", "test", "predict")
-MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
 MAX_PROBLEM_CHARS = 240  # one problem's text at most
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
@@ -66,12 +80,9 @@ class Problems:
     def raise_if_any(self, hint: str = "") -> None:
         if not self.items:
             return
-        more = len(self.items) - MAX_PROBLEMS
-        listed = [shorten(item) for item in self.items[:MAX_PROBLEMS]]
-        listed += [f"... and {more} more"] if more > 0 else []
         raise DataError(
             f"{self.what}: {len(self.items)} problem(s):\n  "
-            + "\n  ".join(listed)
+            + list_problems(self.items, more="more")
             + (f"\n{hint}" if hint else "")
         )
 
@@ -90,71 +101,6 @@ def held_out(count: int, fraction: float, seed: int, what: str) -> set[int]:
             f"data.init_args.val_fraction (0: no validation), add {what}, or give val_files"
         )
     return set(np.random.default_rng(seed).permutation(count)[:held].tolist())
-
-
-def is_int(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return True
-    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
-
-
-def sort_labels(values: set[str]) -> list[str]:
-    """Sorted label names: numerically when all are integers ("2" before "10")."""
-    if all(is_int(v) for v in values):
-        return sorted(values, key=int)
-    return sorted(values)
-
-
-class LabelMap:
-    """Label name <-> id, with integer labels indexing the names when no name is an integer."""
-
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = list(names)
-        if len(set(self.names)) != len(self.names):
-            duplicates = sorted({n for n in self.names if self.names.count(n) > 1})
-            raise ConfigError(f"label_names has duplicates: {duplicates}")
-        self.index = {name: i for i, name in enumerate(self.names)}
-        self.by_position = not any(is_int(n) for n in self.names)
-
-    def get(self, value: Any) -> int | None:
-        """The id of a label value, or None when it is not one of the names."""
-        key = str(value).strip()
-        if key in self.index:
-            return self.index[key]
-        if self.by_position and is_int(value) and 0 <= int(value) < len(self.names):
-            return int(value)
-        return None
-
-    def describe(self) -> str:
-        shown = ", ".join(self.names[:30]) + (
-            f", ... ({len(self.names)} in all)" if len(self.names) > 30 else ""
-        )
-        return shown
-
-
-def unknown_label_hint(given: bool) -> str:
-    source = "data.init_args.label_names" if given else "the training labels"
-    return (
-        f"Labels must be among the names taken from {source}: fix these rows, or list every label in "
-        f"data.init_args.label_names (a fine-tuned checkpoint keeps the labels it was trained with)."
-    )
-
-
-def warn_unused_labels(names: Sequence[str], used: set[int], source: Any) -> None:
-    """Warn when given `label_names` hold names the training data never uses (a misspelt name, or
-    labels of another dataset): the model has a class it cannot learn."""
-    unused = [name for i, name in enumerate(names) if i not in used]
-    if unused:
-        shown = ", ".join(repr(n) for n in unused[:5]) + (
-            f" and {len(unused) - 5} more" if len(unused) > 5 else ""
-        )
-        rank_zero_warn(
-            f"data.init_args.label_names: {shown} never occur in the training data ({source}); the "
-            f"model cannot learn a class it never sees: check the spelling against the labels in the "
-            f"files, or remove them"
-        )
 
 
 def read_table(
@@ -299,56 +245,6 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dic
         yield f"{path} row {i}", record
 
 
-def load_dataset_splits(dataset: str, dataset_config: str | None) -> dict[str, datasets.Dataset]:
-    """A `datasets` dataset's splits by role: train, and val / test when it has them."""
-    import datasets
-
-    path = Path(dataset).expanduser()
-    if dataset.startswith(("/", ".", "~")) and not path.exists():
-        raise DataError(
-            f"dataset={dataset!r}: no such directory; give a save_to_disk directory or a hub name"
-        )
-    try:
-        loaded = (
-            datasets.load_from_disk(str(path))
-            if _is_saved_dataset(path)
-            else (datasets.load_dataset(dataset, dataset_config))
-        )
-    except (OSError, ValueError) as err:
-        raise DataError(f"dataset={dataset!r}: cannot load it ({err})") from None
-    if not isinstance(loaded, datasets.DatasetDict):
-        loaded = datasets.DatasetDict({"train": loaded})
-    splits = {}
-    for role, names in (("train", ("train",)), ("val", VALIDATION_SPLITS), ("test", ("test",))):
-        name = next((n for n in names if n in loaded), None)
-        if name is not None:
-            splits[role] = loaded[name]
-    return splits
-
-
-def class_label_names(feature: Any) -> list[str] | None:
-    """Names of a ClassLabel feature, also inside a Sequence / list (multi-label, tags)."""
-    import datasets
-
-    feature = getattr(feature, "feature", feature)
-    if isinstance(feature, list) and feature:
-        feature = feature[0]
-    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-
-
-class Examples(Dataset):
-    """A list of tokenized examples (dicts in the batch contract's shape)."""
-
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
-
-
 def warn_truncated(what: str, truncated: int, total: int, longest: int, block_size: int, lost: str) -> None:
     """One counted warning per split instead of a crash (or silence) on overlong inputs."""
     if truncated:
@@ -365,6 +261,7 @@ class ClassificationDataModule(DataModule):
 
     def __init__(
         self,
+        tokenizer: TokenizerRecipe | str | None = None,
         train_files: Files = None,
         val_files: Files = None,
         test_files: Files = None,
@@ -381,7 +278,6 @@ class ClassificationDataModule(DataModule):
         label_separator: str = ",",
         text_separator: str = "\n",
         block_size: int = 128,
-        tokenizer: TokenizerRecipe | str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -390,6 +286,8 @@ class ClassificationDataModule(DataModule):
     ) -> None:
         """
         Args:
+            tokenizer: a tokenizer directory / hub name, or a recipe trained on the training texts.
+                When fine-tuning with `init_from`, the CLI uses the pretraining run's tokenizer.
             train_files: csv / tsv / jsonl / json / parquet file(s) or globs of training examples.
             val_files: validation examples (same format); default: the dataset's validation split.
             test_files: test examples for `test`; default: the dataset's test split.
@@ -416,8 +314,6 @@ class ClassificationDataModule(DataModule):
             text_separator: joins several text columns into one input.
             block_size: the longest input in tokens; longer texts are truncated (with a counted
                 warning). At most the model's block_size.
-            tokenizer: a tokenizer directory / hub name, or a recipe trained on the training texts.
-                When fine-tuning with `init_from`, the CLI uses the pretraining run's tokenizer.
             batch_size: examples per training batch (per device).
             eval_batch_size: examples per validation / test / predict batch; default batch_size.
             num_workers: DataLoader worker processes.
@@ -709,13 +605,4 @@ def announce_validation(data: Any, train_size: int, val: Any) -> None:
         rank_zero_info(
             f"gptlab: validation: {len(val)} training examples held out (val_fraction={data.val_fraction}, "
             f"seed={data.seed}); training on the other {train_size}"
-        )
-
-
-def check_label_names(data_names: Sequence[str] | None, model_names: Sequence[str], what: str) -> None:
-    """Refuse data whose label names differ from the model's (ids would mean other labels)."""
-    if data_names is not None and list(data_names) != list(model_names):
-        raise ConfigError(
-            f"the data's {what} {list(data_names)} differ from the model's {list(model_names)}: a model "
-            f"predicts ids in its own label order; give data.init_args.label_names the model's labels"
         )

@@ -43,15 +43,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts, shorten_problem
-from gptlab.data.text import VALIDATION_SPLITS, _files_fingerprint, _is_saved_dataset, expand_files
+from gptlab.data.base import (
+    IGNORE_INDEX,
+    DataError,
+    DataModule,
+    Examples,
+    encode_texts,
+    list_problems,
+)
+from gptlab.data.sources import (
+    expand_files,
+    files_fingerprint,
+    load_dataset_dict,
+    read_records,
+    splits_by_role,
+)
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
 
@@ -64,7 +75,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
 PROBLEMS_PER_SOURCE = 3  # the first few say what is wrong with a whole file
 ROLES = ("train", "val", "test", "predict")
 
@@ -90,22 +100,6 @@ class Example:
 
     def _last_trained(self) -> int | None:
         return max((i for i, (_, trained) in enumerate(self.segments) if trained), default=None)
-
-
-class SFTSequences(Dataset):
-    """Tokenized examples (or packed blocks of them): items with input_ids and labels.
-
-    Evaluation / prediction items also carry `prompt_length`, `prompt` and `reference`.
-    """
-
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
 
 
 class SFTDataModule(DataModule):
@@ -211,7 +205,12 @@ class SFTDataModule(DataModule):
                 problems.append(f"prompt_template={prompt_template!r}: {err}")
         if problems:
             raise ConfigError("SFTDataModule: " + "; ".join(problems))
-        self.patterns = {"train": train_files, "val": val_files, "test": test_files, "predict": predict_files}
+        self.role_files = {
+            "train": train_files,
+            "val": val_files,
+            "test": test_files,
+            "predict": predict_files,
+        }
         self.dataset = dataset
         self.dataset_config = dataset_config
         self.format = format
@@ -232,7 +231,7 @@ class SFTDataModule(DataModule):
         """The files of each role that has files (globs expanded; every bad pattern in one error)."""
         if self._files is None:
             found, problems = {}, []
-            for role, patterns in self.patterns.items():
+            for role, patterns in self.role_files.items():
                 if patterns is None:
                     continue
                 try:
@@ -252,28 +251,10 @@ class SFTDataModule(DataModule):
             self._files = found
         return self._files
 
-    def _dataset_splits(self) -> dict[str, datasets.Dataset]:
+    def dataset_splits(self) -> dict[str, datasets.Dataset]:
         """`dataset`'s splits by role (train, and val / test when it has them)."""
         if self._splits is None:
-            import datasets  # here, not at module import: a second of start-up time
-
-            path = Path(self.dataset).expanduser()
-            if self.dataset.startswith(("/", ".", "~")) and not path.exists():
-                raise DataError(f"dataset={self.dataset!r}: no such directory; give a save_to_disk directory")
-            try:
-                if _is_saved_dataset(path):
-                    loaded = datasets.load_from_disk(str(path))
-                else:
-                    loaded = datasets.load_dataset(self.dataset, self.dataset_config)
-            except (OSError, ValueError) as err:
-                raise DataError(f"dataset={self.dataset!r}: cannot load it ({err})") from None
-            if not isinstance(loaded, datasets.DatasetDict):
-                loaded = datasets.DatasetDict({"train": loaded})
-            splits = {"train": loaded["train"]} if "train" in loaded else {}
-            for role, names in (("val", VALIDATION_SPLITS), ("test", ("test",))):
-                name = next((n for n in names if n in loaded), None)
-                if name is not None:
-                    splits[role] = loaded[name]
+            splits = splits_by_role(load_dataset_dict(self.dataset, self.dataset_config))
             if not splits:
                 raise DataError(f"dataset={self.dataset!r} has no train, validation or test split")
             self._splits = splits
@@ -284,17 +265,17 @@ class SFTDataModule(DataModule):
         files = self.files()
         if role in files:
             for path in files[role]:
-                for location, record in _read_records(path):
+                for location, record in read_records(path):
                     yield str(path), location, record
-        elif self.dataset is not None and role in self._dataset_splits():
+        elif self.dataset is not None and role in self.dataset_splits():
             source = f"dataset {self.dataset!r} ({role} split)"
-            for i, row in enumerate(self._dataset_splits()[role]):
+            for i, row in enumerate(self.dataset_splits()[role]):
                 yield source, f"{source} row {i}", row
 
     def has_role(self, role: str) -> bool:
         if role in self.files():
             return True
-        return self.dataset is not None and role in self._dataset_splits()
+        return self.dataset is not None and role in self.dataset_splits()
 
     # ----------------------------------------------------------------- DataModule hooks
     def tokenizer_corpus(self) -> Iterator[str]:
@@ -306,7 +287,7 @@ class SFTDataModule(DataModule):
     def corpus_fingerprint(self) -> str:
         sources = {
             "files": {
-                role: _files_fingerprint(files) for role, files in self.files().items() if role == "train"
+                role: files_fingerprint(files) for role, files in self.files().items() if role == "train"
             },
             "dataset": f"{self.dataset}:{self.dataset_config}",
             "format": [self.format, self.prompt_field, self.completion_field, self.prompt_template],
@@ -334,12 +315,12 @@ class SFTDataModule(DataModule):
             if examples is None:
                 continue
             if role == "predict":
-                self.predict_dataset = SFTSequences(self._prompt_items(examples, tokenizer))
+                self.predict_dataset = Examples(self._prompt_items(examples, tokenizer))
                 continue
             items = self._sequence_items(examples, tokenizer, role, with_text=role != "train")
             if role == "train" and self.packing:
                 items = pack(items, self.block_size, self.seed)
-            setattr(self, f"{role}_dataset", SFTSequences(items))
+            setattr(self, f"{role}_dataset", Examples(items))
         sizes = ", ".join(
             f"{role} {len(ds):,}" for role in ROLES if (ds := getattr(self, f"{role}_dataset")) is not None
         )
@@ -433,10 +414,9 @@ class SFTDataModule(DataModule):
         if not problems and not examples:
             problems.append(f"{role}: no records found; check the {role} files or dataset split")
         if problems:
-            more = len(problems) - MAX_PROBLEMS
-            listed = [shorten_problem(p) for p in problems[:MAX_PROBLEMS]]
-            listed += [f"... and {more} more problems"] if more > 0 else []
-            raise DataError(f"SFTDataModule ({role}): {len(problems)} problem(s):\n  " + "\n  ".join(listed))
+            raise DataError(
+                f"SFTDataModule ({role}): {len(problems)} problem(s):\n  " + list_problems(problems)
+            )
         return examples
 
     def _example(self, location: str, record: Any, role: str, render) -> Example:
@@ -766,45 +746,3 @@ def _template_renderer(tokenizer: PreTrainedTokenizerFast):
             raise DataError(f"the tokenizer's chat template cannot render these messages ({err})") from None
 
     return render
-
-
-def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, record) for each record of a .jsonl / .json / .parquet file, or each line of a .txt."""
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    yield f"{path} line {number}", line.rstrip("\r\n")
-        return
-    if suffix == ".parquet":
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as err:
-            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{path} row {i}", row
-        return
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
-    if suffix == ".json":
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # not one document: read it as JSON lines below
-        if isinstance(whole, list):
-            for i, record in enumerate(whole):
-                yield f"{path} item {i}", record
-            return
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})"
-            ) from None
-        yield f"{path} line {number}", record

@@ -28,11 +28,9 @@ import itertools
 import json
 import os
 import shutil
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from glob import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -45,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DataError, DataModule, shorten_problem
+from gptlab.data.base import DataError, DataModule, Examples, list_problems
 from gptlab.data.corpus import (
     MAX_CHARS,
     CorpusEncoder,
@@ -54,6 +52,14 @@ from gptlab.data.corpus import (
     cut_text,
     read_blocks,
     shorten,
+)
+from gptlab.data.sources import (
+    expand_files,
+    files_fingerprint,
+    is_saved_dataset,
+    load_dataset_dict,
+    read_records,
+    splits_by_role,
 )
 from gptlab.data.tokenizers import TokenizerRecipe, tokenizer_fingerprint
 from gptlab.errors import ConfigError
@@ -64,37 +70,7 @@ if TYPE_CHECKING:
 # Bump when the cached layout or the way streams are built changes: old entries are then ignored.
 CACHE_FORMAT = 2
 TEXT = "text"  # the one column every loaded source is reduced to
-# Names under which Hugging Face datasets usually publish their validation split.
-VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
-MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
-
-
-def expand_files(patterns: str | list[str], what: str) -> list[Path]:
-    """Files named by `patterns`: paths or globs (`**` recurses), each sorted, duplicates dropped.
-
-    A pattern may start with `{stdlib}`, the directory of the Python standard library's source
-    (`sysconfig.get_paths()["stdlib"]`), which every Python installation ships: a corpus found on
-    any machine with no download. `what` names the argument in error messages.
-    """
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    stdlib = sysconfig.get_paths()["stdlib"]
-    files: dict[Path, None] = {}  # an ordered set
-    problems = []
-    for pattern in patterns:
-        expanded = os.path.expanduser(
-            pattern.replace("{stdlib}", stdlib, 1) if pattern.startswith("{stdlib}") else pattern
-        )
-        if not any(c in expanded for c in "*?[") and Path(expanded).is_dir():
-            problems.append(f"{what}: {pattern!r} is a directory; name its files, e.g. '{pattern}/**/*.txt'")
-            continue
-        matches = [Path(p) for p in sorted(glob(expanded, recursive=True)) if Path(p).is_file()]
-        if not matches:
-            where = "" if Path(expanded).is_absolute() else f" (relative to {os.getcwd()})"
-            problems.append(f"{what}: no file matches {pattern!r}{where}; check the path or glob")
-        files.update(dict.fromkeys(p.resolve() for p in matches))
-    if problems:
-        raise DataError("\n".join(problems))
-    return list(files)
+DEFAULT_BLOCK_SIZE = 256  # data.init_args.block_size when neither it nor the model's is given
 
 
 # ----------------------------------------------------------------------------- file checks
@@ -238,18 +214,12 @@ def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
         names = ", ".join(reasons[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         problems.append(f"{what}: no text in {names}; point {what} at files with text")
     if problems:
-        more = len(problems) - MAX_PROBLEMS
-        listed = [shorten_problem(p) for p in problems[:MAX_PROBLEMS]]
-        listed += [f"... and {more} more problems"] if more > 0 else []
-        raise DataError(f"{what}: {len(problems)} problem(s) with the input files:\n  " + "\n  ".join(listed))
+        raise DataError(
+            f"{what}: {len(problems)} problem(s) with the input files:\n  " + list_problems(problems)
+        )
     if empty:
         rank_zero_info(f"gptlab: {what}: skipped {len(empty)} empty file(s), e.g. {empty[0]}")
     return kept
-
-
-def _files_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
-    # Size and mtime stand in for the contents: cheap on every rank and for large corpora.
-    return [(str(p), (s := p.stat()).st_size, s.st_mtime_ns) for p in files]
 
 
 def load_files(files: list[Path], text_column: str, cache_dir: Path) -> datasets.Dataset:
@@ -296,10 +266,6 @@ def _runs(chosen: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Iterator[
     for run in np.split(chosen, breaks):
         if len(run):
             yield int(starts[run[0]]), int(ends[run[-1]])
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -373,9 +339,9 @@ class TextDataModule(DataModule):
         text_column: str = "text",
         val_fraction: float = 0.1,
         val_split: Literal["tail", "documents"] = "tail",
-        block_size: int = 256,
+        block_size: int | None = None,
         stride: int | None = None,
-        max_documents: int | None = None,
+        max_examples: int | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -404,11 +370,12 @@ class TextDataModule(DataModule):
                 stream (nanoGPT's shakespeare_char split), "documents" = a seeded random fraction
                 of the documents.
             block_size: Tokens the model sees per sequence; at most the model's block_size. Each
-                window carries one token more, the last position's target.
+                window carries one token more, the last position's target. Default: the model's
+                (`main.py` takes model.init_args.backbone's block_size), else 256.
             stride: Step between training windows; defaults to `block_size` (each token a target
                 once). Smaller values give overlapping windows (1 = every offset, like nanoGPT's
                 random batches). Validation and test windows always step by `block_size`.
-            max_documents: Use only the first N documents of each source (quick experiments).
+            max_examples: Use only the first N examples (documents) of each source (quick experiments).
             batch_size: Sequences per training batch (per device).
             eval_batch_size: Sequences per validation / test batch; defaults to `batch_size`.
             num_workers: DataLoader worker processes; 0 loads in the main process.
@@ -423,6 +390,8 @@ class TextDataModule(DataModule):
             seed=seed,
             cache_dir=cache_dir,
         )
+        # None: the CLI did not fill it in from the model (Python use, or a backbone without one).
+        block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         problems = []
         if (train_files is None) == (dataset is None):
             problems.append(
@@ -436,11 +405,11 @@ class TextDataModule(DataModule):
             problems.append(f"block_size={block_size} must be at least 2 (one input and one target)")
         if stride is not None and not 1 <= stride <= block_size:
             problems.append(f"stride={stride} must be between 1 and block_size={block_size}")
-        if max_documents is not None and max_documents < 1:
-            problems.append(f"max_documents={max_documents} must be at least 1")
+        if max_examples is not None and max_examples < 1:
+            problems.append(f"max_examples={max_examples} must be at least 1")
         if problems:
             raise ConfigError("TextDataModule: " + "; ".join(problems))
-        self.patterns = {"train": train_files, "val": val_files, "test": test_files}
+        self.role_files = {"train": train_files, "val": val_files, "test": test_files}
         self.predict_files = predict_files
         self.predict_dataset: Dataset | None = None
         self.dataset = dataset
@@ -450,7 +419,7 @@ class TextDataModule(DataModule):
         self.val_split = val_split
         self.block_size = block_size
         self.stride = stride or block_size
-        self.max_documents = max_documents
+        self.max_examples = max_examples
         # Memoized per instance. `_files` is what the patterns match (the cache keys hash it);
         # `_texts` is the subset holding text, known once the files are checked (rank 0 only).
         self._files: dict[str, list[Path]] | None = None
@@ -462,7 +431,7 @@ class TextDataModule(DataModule):
         """The files of each role that has files (globs expanded; every bad pattern in one error)."""
         if self._files is None:
             found, problems = {}, []
-            for role, patterns in self.patterns.items():
+            for role, patterns in self.role_files.items():
                 if patterns is not None:
                     try:
                         found[role] = expand_files(patterns, f"{role}_files")
@@ -477,7 +446,7 @@ class TextDataModule(DataModule):
         if self.dataset is None:
             return None
         path = Path(self.dataset).expanduser()
-        if _is_saved_dataset(path):
+        if is_saved_dataset(path):
             import datasets
 
             # Saved datasets carry a content fingerprint; reading it maps the files, nothing more.
@@ -490,39 +459,21 @@ class TextDataModule(DataModule):
 
     def _sources_fingerprint(self) -> dict[str, Any]:
         return {
-            "files": {role: _files_fingerprint(files) for role, files in self.files().items()},
+            "files": {role: files_fingerprint(files) for role, files in self.files().items()},
             "dataset": self._dataset_fingerprint(),
             "text_column": self.text_column,
-            "max_documents": self.max_documents,
+            "max_documents": self.max_examples,  # the cache key keeps its name: caches stay valid
         }
 
-    def _dataset_splits(self) -> dict[str, datasets.Dataset]:
+    def dataset_splits(self) -> dict[str, datasets.Dataset]:
         """`dataset`'s splits by role (train, and val / test when it has them)."""
         if self._splits is None:
-            import datasets
-
-            path = Path(self.dataset).expanduser()
-            # A path-like name that does not exist is a typo, not a hub name (spares the hub's retries).
-            if self.dataset.startswith(("/", ".", "~")) and not path.exists():
-                raise DataError(f"dataset={self.dataset!r}: no such directory; give a save_to_disk directory")
-            try:
-                if _is_saved_dataset(path):
-                    loaded = datasets.load_from_disk(str(path))
-                else:
-                    loaded = datasets.load_dataset(self.dataset, self.dataset_config)
-            except (OSError, ValueError) as err:
-                raise DataError(f"dataset={self.dataset!r}: cannot load it ({err})") from None
-            if not isinstance(loaded, datasets.DatasetDict):
-                loaded = datasets.DatasetDict({"train": loaded})
+            loaded = load_dataset_dict(self.dataset, self.dataset_config)
             if "train" not in loaded:
                 raise DataError(
                     f"dataset={self.dataset!r} has no 'train' split (splits: {', '.join(loaded)})"
                 )
-            splits = {"train": loaded["train"]}
-            for role, names in (("val", VALIDATION_SPLITS), ("test", ("test",))):
-                name = next((n for n in names if n in loaded), None)
-                if name is not None:
-                    splits[role] = loaded[name]
+            splits = splits_by_role(loaded)
             for role, ds in splits.items():
                 if self.text_column not in ds.column_names:
                     raise DataError(
@@ -537,7 +488,7 @@ class TextDataModule(DataModule):
         # Files win over a dataset's split of the same role (e.g. val_files with a hub dataset).
         roles = {role: "files" for role in self.files()}
         if self.dataset is not None:
-            roles.update({role: "dataset" for role in self._dataset_splits() if role not in roles})
+            roles.update({role: "dataset" for role in self.dataset_splits() if role not in roles})
         return roles
 
     def documents(self, role: str) -> Iterator[Iterable[str]]:
@@ -560,10 +511,10 @@ class TextDataModule(DataModule):
         if role in self._texts:
             docs = self._file_documents(self._texts[role])
         else:
-            rows = self._dataset_splits()[role].select_columns([self.text_column])
+            rows = self.dataset_splits()[role].select_columns([self.text_column])
             docs = _records(rows.rename_column(self.text_column, TEXT) if self.text_column != TEXT else rows)
         # The first N, not a sample: the same N documents on every run, and cheap on big corpora.
-        return itertools.islice(docs, self.max_documents)
+        return itertools.islice(docs, self.max_examples)
 
     def _file_documents(self, files: list[Path]) -> Iterator[Iterable[str]]:
         for kind, group in itertools.groupby(files, key=_kind):
@@ -772,8 +723,6 @@ class TextDataModule(DataModule):
     # ----------------------------------------------------------------- predict: prompts
     def _prompts(self) -> Dataset:
         """The prompts of `predict_files`, tokenized without special tokens, with their text."""
-        from gptlab.data.sft import SFTSequences, _read_records  # sft.py builds on this module
-
         if not self.predict_files:
             raise DataError(
                 "no prompts to predict: set data.init_args.predict_files (a .txt file with one prompt per "
@@ -781,7 +730,7 @@ class TextDataModule(DataModule):
             )
         items, problems = [], []
         for path in expand_files(self.predict_files, "predict_files"):
-            for where, record in _read_records(path):
+            for where, record in read_records(path):
                 text = record.get(self.text_column) if isinstance(record, dict) else record
                 if not isinstance(text, str):
                     problems.append(
@@ -799,7 +748,7 @@ class TextDataModule(DataModule):
             raise DataError("predict_files: " + "; ".join(problems[:5]) + more)
         if not items:
             raise DataError(f"predict_files {self.predict_files!r}: no prompts in the files")
-        return SFTSequences([{**item, "reference": ""} for item in items])
+        return Examples([{**item, "reference": ""} for item in items])
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         """The batch contract; prompts also carry `prompt_length` and `prompt` (and `reference`)."""

@@ -25,26 +25,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, encode_texts
+from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, Examples, encode_texts
 from gptlab.data.classification import (
-    Examples,
     Files,
-    LabelMap,
     Problems,
     announce_validation,
-    class_label_names,
     held_out,
-    load_dataset_splits,
     read_table,
-    sort_labels,
-    unknown_label_hint,
     warn_truncated,
     warn_unused_labels,
 )
-from gptlab.data.text import expand_files
+from gptlab.data.labels import LabelMap, class_label_names, sort_tags, unknown_label_hint
+from gptlab.data.sources import expand_files, load_dataset_splits
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError
-from gptlab.metrics.ner import OUTSIDE, PREFIXES, is_entity_tagset, split_tag
+from gptlab.metrics.ner import OUTSIDE, PREFIXES, is_entity_tagset
 
 if TYPE_CHECKING:
     import datasets  # imported where a dataset is read (start-up time)
@@ -55,15 +50,6 @@ RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 # One sentence as read: where it starts, its words, their tags (None without tags), and the
 # "where" of each word (file and line) for messages about a single tag.
 Sentence = tuple[str, list[str], list[Any] | None, list[str]]
-
-
-def sort_tags(tags: set[str]) -> list[str]:
-    """O first, then entity tags grouped by type in B, I, E, S order; other tag sets sorted."""
-    if not is_entity_tagset(list(tags)):
-        return sort_labels(tags)
-    order = {p: i for i, p in enumerate(PREFIXES)}
-    rest = sorted(tags - {OUTSIDE}, key=lambda t: (split_tag(t)[1], order[split_tag(t)[0]]))
-    return ([OUTSIDE] if OUTSIDE in tags else []) + rest
 
 
 def read_conll(
@@ -131,6 +117,7 @@ class TokenClassificationDataModule(DataModule):
 
     def __init__(
         self,
+        tokenizer: TokenizerRecipe | str | None = None,
         train_files: Files = None,
         val_files: Files = None,
         test_files: Files = None,
@@ -146,7 +133,6 @@ class TokenClassificationDataModule(DataModule):
         val_fraction: float = 0.1,
         label_all_subtokens: bool = False,
         block_size: int = 128,
-        tokenizer: TokenizerRecipe | str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -155,6 +141,8 @@ class TokenClassificationDataModule(DataModule):
     ) -> None:
         """
         Args:
+            tokenizer: a tokenizer directory / hub name, or a recipe trained on the training words.
+                When fine-tuning with `init_from`, the CLI uses the pretraining run's tokenizer.
             train_files: training sentences: CoNLL column files (any name, e.g. `eng.train`), or
                 jsonl / json / parquet records with `tokens_field` and `tags_field`.
             val_files: validation sentences; default: the dataset's validation split.
@@ -178,8 +166,6 @@ class TokenClassificationDataModule(DataModule):
                 the I- tag) instead of the first sub-token only. Evaluation always reads the first.
             block_size: the longest sentence in tokens; longer ones are truncated (counted warning)
                 and their cut-off words are predicted O. At most the model's block_size.
-            tokenizer: a tokenizer directory / hub name, or a recipe trained on the training words.
-                When fine-tuning with `init_from`, the CLI uses the pretraining run's tokenizer.
             batch_size: sentences per training batch (per device).
             eval_batch_size: sentences per validation / test / predict batch; default batch_size.
             num_workers: DataLoader worker processes.

@@ -2,14 +2,13 @@
 
 fit / validate / test   next-token cross entropy (perplexity, bits per byte in the report)
 predict                 prompts (data.init_args.predict_files) -> generate_batch with the
-                        decoding settings below -> <run>/predictions.jsonl {prompt, completion}
+                        decoding settings below -> <run>/predictions/predictions.jsonl {prompt, completion}
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,53 +16,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
+from gptlab.decoding import decode_completion, decoding_problems, generate_batch
 from gptlab.errors import ConfigError
-from gptlab.generate import decode_completion, generate_batch
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine
 from gptlab.reports import Report, write_text
+from gptlab.runs import predictions_path
 from gptlab.tasks.base import PeftConfig, TaskModule
-
-
-def decoding_problems(
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    repetition_penalty: float,
-    num_return_sequences: int,
-    min_new_tokens: int,
-    no_repeat_ngram_size: int,
-    num_beams: int,
-) -> list[str]:
-    """What is wrong with a set of decoding settings (empty: nothing), checked at construction."""
-    problems = []
-    if max_new_tokens < 1:
-        problems.append(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if temperature < 0:
-        problems.append(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        problems.append(f"top_k={top_k} must be at least 1")
-    if top_p is not None and not 0 < top_p <= 1:
-        problems.append(f"top_p={top_p} must be in (0, 1]")
-    if repetition_penalty <= 0:
-        problems.append(f"repetition_penalty={repetition_penalty} must be > 0 (1 = none)")
-    if num_beams < 1:
-        problems.append(f"num_beams={num_beams} must be at least 1 (1 = no beam search)")
-    elif num_beams > 1 and temperature != 0:
-        problems.append(f"num_beams={num_beams} is beam search, which is deterministic: set temperature 0")
-    if num_return_sequences < 1:
-        problems.append(f"num_return_sequences={num_return_sequences} must be at least 1")
-    elif num_return_sequences > 1 and temperature == 0 and num_return_sequences > num_beams:
-        problems.append(
-            f"num_return_sequences={num_return_sequences} needs num_beams >= {num_return_sequences} or "
-            f"sampling (temperature > 0): greedy decoding gives one sequence per prompt"
-        )
-    if min_new_tokens < 0:
-        problems.append(f"min_new_tokens={min_new_tokens} must be >= 0")
-    if no_repeat_ngram_size < 0:
-        problems.append(f"no_repeat_ngram_size={no_repeat_ngram_size} must be >= 0 (0 = off)")
-    return problems
 
 
 class CausalLM(TaskModule):
@@ -73,8 +32,8 @@ class CausalLM(TaskModule):
     Hugging Face: position t predicts token t+1, and the last token is fed only as a target.
     Positions labelled -100 (padding, or prompt tokens in SFT) are ignored. Logs train/loss,
     val/loss, val/ppl and train/tokens. `predict` reads prompts (TextDataModule's or
-    SFTDataModule's `predict_files`) and writes `<run>/predictions.jsonl`; the decoding settings
-    are those of `gptlab.generate.generate_batch`.
+    SFTDataModule's `predict_files`) and writes `<run>/predictions/predictions.jsonl`; the decoding settings
+    are those of `gptlab.decoding.generate_batch`.
     """
 
     def __init__(
@@ -310,11 +269,8 @@ class CausalLM(TaskModule):
         return records
 
     def on_predict_epoch_end(self) -> None:
-        run = Path(self.trainer.log_dir or ".")
-        rank = self.trainer.global_rank
         # One file per process under several devices (each holds its share of the prompts).
-        name = "predictions.jsonl" if self.trainer.world_size == 1 else f"predictions.rank{rank}.jsonl"
-        path = run / name
+        path = predictions_path(self.trainer, "predictions.jsonl")
         # Whole or not at all, with the mode a plain write gives (umask), like the reports.
         write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.predictions))
         rank_zero_info(f"gptlab: {len(self.predictions)} completions written to {path}")

@@ -5,7 +5,7 @@
                prompt -> generate_batch -> completion text -> exact match of the final answer,
                                                               BLEU, ROUGE-L against the reference
              -> reports/test_report.{txt,md,json} with metrics and sample generations
-    predict  prompts -> generated completions -> <run>/predictions.jsonl  {prompt, completion}
+    predict  prompts -> generated completions -> <run>/predictions/predictions.jsonl  {prompt, completion}
 
 Test and predict batches come from `gptlab.data.SFTDataModule`, which adds `prompt_length`,
 `prompt` and `reference` to the batch contract.
@@ -102,7 +102,7 @@ class Generation(CausalLM):
     Training is CausalLM's loss on the labelled (completion) tokens. `test` also generates a
     completion for every test prompt and reports exact match of the final answer, BLEU and
     ROUGE-L against the references, with sample generations; `predict` writes
-    `<run>/predictions.jsonl`. Decoding settings apply to both.
+    `<run>/predictions/predictions.jsonl`. Decoding settings apply to both.
     """
 
     def __init__(

@@ -13,7 +13,6 @@ pretrained Transformer, one new linear layer on the last token's state.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -33,7 +32,7 @@ from torchmetrics.classification import (
 )
 
 from gptlab.data.base import IGNORE_INDEX
-from gptlab.data.classification import check_label_names
+from gptlab.data.labels import check_label_names
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.metrics.classification import (
     confusion_scores_table,
@@ -44,6 +43,7 @@ from gptlab.metrics.classification import (
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine
 from gptlab.reports import Report, write_text
+from gptlab.runs import predictions_path
 from gptlab.tasks.base import PeftConfig, TaskModule
 
 
@@ -241,12 +241,3 @@ class SequenceClassification(TaskModule):
 def _clean(text: str) -> str:
     # One example per line in the TSV: tabs and newlines inside a text become spaces.
     return " ".join(text.split())
-
-
-def predictions_path(trainer: L.Trainer, name: str) -> Path:
-    """`<run>/predictions/<name>`; one file per process when several predict (rank in the name)."""
-    directory = Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
-    if trainer.world_size > 1:
-        stem, _, suffix = name.rpartition(".")
-        name = f"{stem}.rank{trainer.global_rank}.{suffix}"
-    return directory / name

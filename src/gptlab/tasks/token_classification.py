@@ -27,15 +27,15 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from gptlab.data.base import IGNORE_INDEX
-from gptlab.data.classification import check_label_names
+from gptlab.data.labels import check_label_names
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.metrics.classification import confusion_scores_table
 from gptlab.metrics.ner import OUTSIDE, EntityCounts, EntityF1, entity_table, is_entity_tagset
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine
 from gptlab.reports import Report, write_text
+from gptlab.runs import predictions_path
 from gptlab.tasks.base import PeftConfig, TaskModule
-from gptlab.tasks.sequence_classification import predictions_path
 
 
 def word_predictions(

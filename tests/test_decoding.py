@@ -1,4 +1,4 @@
-"""gptlab.generate: cached == uncached, batch == one at a time, == transformers' generate, options."""
+"""gptlab.decoding: cached == uncached, batch == one at a time, == transformers' generate, options."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from gptlab.data import Char
+from gptlab.decoding import decode_completion, fit_to_context, generate, generate_batch, generate_text
 from gptlab.errors import ConfigError
-from gptlab.generate import decode_completion, fit_to_context, generate, generate_batch, generate_text
 from gptlab.models import GPT, Backbone, HFBackbone
 from gptlab.models.convert import gpt2_config, gpt_to_gpt2_state_dict
 
@@ -261,7 +261,7 @@ def test_bad_search_options_are_refused_in_one_message():
     gpt = tiny_gpt()
     with pytest.raises(ConfigError, match=r"num_beams=2 is beam search.*set temperature 0"):
         generate_batch(gpt, [[1, 2]], temperature=0.7, num_beams=2)
-    with pytest.raises(ConfigError, match=r"num_return_sequences=3 needs that many beams"):
+    with pytest.raises(ConfigError, match=r"num_return_sequences=3 needs num_beams >= 3"):
         generate_batch(gpt, [[1, 2]], temperature=0, num_beams=2, num_return_sequences=3)
     with pytest.raises(ConfigError, match=r"min_new_tokens=-1.*no_repeat_ngram_size=-2"):
         generate_batch(gpt, [[1, 2]], min_new_tokens=-1, no_repeat_ngram_size=-2)

@@ -47,7 +47,14 @@ from transformers import PreTrainedTokenizerBase
 from gptlab.errors import ConfigError
 from gptlab.models import GPT, Backbone, HFBackbone
 
-__all__ = ["decode_completion", "fit_to_context", "generate", "generate_batch", "generate_text"]
+__all__ = [
+    "decode_completion",
+    "decoding_problems",
+    "fit_to_context",
+    "generate",
+    "generate_batch",
+    "generate_text",
+]
 
 
 # ----------------------------------------------------------------------------- public API
@@ -152,8 +159,11 @@ def generate_batch(
         length_penalty: beam search ranks finished beams by sum of log-probabilities / length **
             length_penalty (transformers' definition; > 0 favours longer ones).
     """
-    _check_options(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, tokenizer)
-    _check_search(temperature, num_return_sequences, min_new_tokens, no_repeat_ngram_size, num_beams)
+    problems = decoding_problems(
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+        num_return_sequences, min_new_tokens, no_repeat_ngram_size, num_beams,
+    )  # fmt: skip
+    _check_options(prompts, stop, tokenizer, problems)
     block_size = getattr(backbone, "block_size", None)
     prompts, max_new_tokens = fit_to_context(prompts, max_new_tokens, block_size)
     device = next(backbone.parameters()).device
@@ -634,34 +644,23 @@ def _as_id_list(token_ids: int | Sequence[int] | None) -> list[int]:
     return [int(token_ids)] if isinstance(token_ids, int) else [int(t) for t in token_ids]
 
 
-def _check_search(temperature, num_return_sequences, min_new_tokens, no_repeat_ngram_size, num_beams):
-    problems = []
-    if num_beams < 1:
-        problems.append(f"num_beams={num_beams} must be at least 1 (1 = no beam search)")
-    if num_beams > 1 and temperature != 0:
-        problems.append(f"num_beams={num_beams} is beam search, which is deterministic: set temperature 0")
-    if num_return_sequences < 1:
-        problems.append(f"num_return_sequences={num_return_sequences} must be at least 1")
-    elif num_return_sequences > 1 and temperature == 0 and num_return_sequences > num_beams:
-        problems.append(
-            f"num_return_sequences={num_return_sequences} needs that many beams (num_beams >= "
-            f"{num_return_sequences}) or sampling (temperature > 0): greedy decoding gives one sequence"
-        )
-    if min_new_tokens < 0:
-        problems.append(f"min_new_tokens={min_new_tokens} must be >= 0")
-    if no_repeat_ngram_size < 0:
-        problems.append(f"no_repeat_ngram_size={no_repeat_ngram_size} must be >= 0 (0 = off)")
-    if problems:
-        raise ConfigError("generate: " + "; ".join(problems))
+def decoding_problems(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+    num_return_sequences: int = 1,
+    min_new_tokens: int = 0,
+    no_repeat_ngram_size: int = 0,
+    num_beams: int = 1,
+) -> list[str]:
+    """What is wrong with a set of decoding settings (empty: nothing); one line per problem.
 
-
-def _check_options(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, tokenizer):
+    The one check of decoding options: `generate_batch` raises on them, and tasks that decode
+    (`CausalLM`, `Generation`) call it at construction. Arguments as in `generate_batch`.
+    """
     problems = []
-    if not prompts:
-        problems.append("no prompts given")
-    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
-    if empty:
-        problems.append(f"prompts {empty[:5]} are empty: every prompt needs at least one token")
     if max_new_tokens < 1:
         problems.append(f"max_new_tokens={max_new_tokens} must be at least 1")
     if temperature < 0:
@@ -672,6 +671,32 @@ def _check_options(prompts, max_new_tokens, temperature, top_k, top_p, repetitio
         problems.append(f"top_p={top_p} must be in (0, 1] (or None)")
     if repetition_penalty <= 0:
         problems.append(f"repetition_penalty={repetition_penalty} must be > 0 (1 = no penalty)")
+    if num_beams < 1:
+        problems.append(f"num_beams={num_beams} must be at least 1 (1 = no beam search)")
+    elif num_beams > 1 and temperature != 0:
+        problems.append(f"num_beams={num_beams} is beam search, which is deterministic: set temperature 0")
+    if num_return_sequences < 1:
+        problems.append(f"num_return_sequences={num_return_sequences} must be at least 1")
+    elif num_return_sequences > 1 and temperature == 0 and num_return_sequences > num_beams:
+        problems.append(
+            f"num_return_sequences={num_return_sequences} needs num_beams >= {num_return_sequences} or "
+            f"sampling (temperature > 0): greedy decoding gives one sequence per prompt"
+        )
+    if min_new_tokens < 0:
+        problems.append(f"min_new_tokens={min_new_tokens} must be >= 0")
+    if no_repeat_ngram_size < 0:
+        problems.append(f"no_repeat_ngram_size={no_repeat_ngram_size} must be >= 0 (0 = off)")
+    return problems
+
+
+def _check_options(prompts, stop, tokenizer, problems: list[str]) -> None:
+    """Raise the prompt problems and `problems` (from `decoding_problems`) as one ConfigError."""
+    problems = list(problems)
+    if not prompts:
+        problems.insert(0, "no prompts given")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        problems.insert(0, f"prompts {empty[:5]} are empty: every prompt needs at least one token")
     if stop and tokenizer is None:
         problems.append("stop strings need a tokenizer to decode the generated text")
     if problems:
