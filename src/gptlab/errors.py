@@ -17,3 +17,7 @@ class ConfigError(GPTLabError, ValueError):
 
 class CheckpointError(GPTLabError, ValueError):
     """A checkpoint is missing, truncated, unsafe or belongs to something else."""
+
+
+class DataError(GPTLabError, ValueError):
+    """Input data is missing, malformed or too small; the message names the file, line or key."""

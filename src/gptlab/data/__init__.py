@@ -1,6 +1,6 @@
 """LightningDataModules (one file per data shape) and the tokenizers they train or load."""
 
-from gptlab.data.base import DataError, DataModule, SeededShuffleSampler
+from gptlab.data.base import DataModule, SeededShuffleSampler
 from gptlab.data.classification import ClassificationDataModule
 from gptlab.data.sft import DEFAULT_CHAT_TEMPLATE, SFTDataModule
 from gptlab.data.sources import expand_files
@@ -16,6 +16,7 @@ from gptlab.data.tokenizers import (
     tokenizer_cache_path,
     tokenizer_fingerprint,
 )
+from gptlab.errors import DataError
 
 __all__ = [
     "BPE",

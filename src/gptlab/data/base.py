@@ -1,14 +1,18 @@
-"""What every gptlab DataModule shares: the tokenizer, the loaders and the batch contract.
+"""What every gptlab DataModule shares: tokenizer, sources and roles, loaders, the batch contract.
 
     prepare_data()  rank 0 only   train + cache the tokenizer  ->  prepare_datasets(tokenizer)
     setup(stage)    every rank    load the tokenizer           ->  setup_datasets(stage)
+                                  STAGE_ROLES[stage]           ->  build(role) for each role it has
     *_dataloader()                SeededShuffleSampler (train) ->  collate() -> batch
 
 A subclass reads one data shape (plain text, text + label, ...). It provides the texts a tokenizer
-recipe trains on (`tokenizer_corpus`, `corpus_fingerprint`), does its expensive one-time work in
-`prepare_datasets` (cached on disk), and sets `train_dataset` / `val_dataset` / `test_dataset` in
-`setup_datasets`. Items are dicts with `input_ids` and optionally `attention_mask` and `labels`;
-`collate` turns a list of them into the batch contract (docs/design.md §4.1):
+recipe trains on (`tokenizer_corpus`, `corpus_fingerprint`) and turns the examples of a role into
+items (`build`); expensive one-time work goes in `prepare_datasets` (cached on disk), and a shape
+with its own splitting overrides `setup_datasets`. The base knows where examples come from
+(`role_files`, else `dataset`'s splits), which roles there are (`has_role`: validation may be a
+held-out share of training, predict falls back to test) and reads files through sources.py.
+Items are dicts with `input_ids` and optionally `attention_mask` and `labels`; `collate` turns a
+list of them into the batch contract (docs/design.md §4.1, docs/data-shapes.md):
 
     input_ids       int64 (B, T)  right-padded with the pad id
     attention_mask  int64 (B, T)  1 on real tokens
@@ -18,43 +22,39 @@ recipe trains on (`tokenizer_corpus`, `corpus_fingerprint`), does its expensive 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerFast
 
 from gptlab.data.cache import claim
+from gptlab.data.sources import (
+    Files,
+    expand_files,
+    files_fingerprint,
+    held_out,
+    load_dataset_dict,
+    splits_by_role,
+)
 from gptlab.data.tokenizers import BPE, TokenizerRecipe, load_tokenizer, prepare_tokenizer, save_tokenizer
-from gptlab.errors import ConfigError, GPTLabError
+from gptlab.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import datasets  # imported where a dataset is read (start-up time)
 
 IGNORE_INDEX = -100  # PyTorch's cross_entropy default ignore_index, and Hugging Face's convention
-
-
-class DataError(GPTLabError, ValueError):
-    """Input data is missing, malformed or too small; the message names the file, line or key."""
-
-
-def shorten_problem(text: str, limit: int = 240) -> str:
-    """One problem of a listed DataError cut to `limit` characters, marking the cut."""
-    return text if len(text) <= limit else text[: limit - 5] + " ..."
-
-
-MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
-
-
-def list_problems(problems: list[str], more: str = "more problems") -> str:
-    """The first MAX_PROBLEMS problems, each shortened, then `... and N <more>`: one per line."""
-    count = len(problems) - MAX_PROBLEMS
-    listed = [shorten_problem(p) for p in problems[:MAX_PROBLEMS]]
-    listed += [f"... and {count} {more}"] if count > 0 else []
-    return "\n  ".join(listed)
+ROLES = ("train", "val", "test", "predict")
+# The roles whose datasets `setup(stage)` builds.
+STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+T = TypeVar("T")
 
 
 class Examples(Dataset):
@@ -143,6 +143,16 @@ def _unencodable(
     return f"{what}: the tokenizer cannot encode the text ({err})"
 
 
+def warn_truncated(what: str, truncated: int, total: int, longest: int, block_size: int, lost: str) -> None:
+    """One counted warning per split instead of a crash (or silence) on overlong inputs."""
+    if truncated:
+        rank_zero_warn(
+            f"gptlab: {what}: {truncated} of {total} examples are longer than block_size={block_size} "
+            f"tokens (longest: {longest}) and were truncated to their first {block_size} tokens; {lost}. "
+            f"Raise data.init_args.block_size (up to the model's block_size) to keep more."
+        )
+
+
 class SeededShuffleSampler(DistributedSampler):
     """A permutation of `range(num_samples)` that depends only on (seed, epoch), split across ranks.
 
@@ -217,6 +227,13 @@ class DataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 1337,
         cache_dir: str = "~/.cache/gptlab",
+        train_files: Files = None,
+        val_files: Files = None,
+        test_files: Files = None,
+        predict_files: Files = None,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        val_fraction: float = 0.0,
     ) -> None:
         """
         Args:
@@ -228,6 +245,16 @@ class DataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes; 0 loads in the main process.
             seed: Seeds the training order (a function of seed and epoch) and any seeded split.
             cache_dir: Root of gptlab's on-disk cache (trained tokenizers, tokenized data).
+            train_files: Training examples: paths or globs (`**` recurses).
+            val_files: Validation examples; default: the dataset's validation split, else a
+                held-out `val_fraction` of the training examples.
+            test_files: Test examples; default: the dataset's test split.
+            predict_files: Inputs of `predict`.
+            dataset: A Hugging Face hub dataset name or a `save_to_disk` directory; files given
+                for a role win over its split of that role.
+            dataset_config: The hub dataset's configuration (subset) name.
+            val_fraction: Share of the training examples held out (seeded by `seed`) for
+                validation when there are no validation files or split; 0: no validation.
         """
         super().__init__()
         problems = [
@@ -256,6 +283,21 @@ class DataModule(L.LightningDataModule):
         # not the loader's: workers and Lightning's fetcher read ahead). Saved in checkpoints and
         # restored on resume, it tells the sampler where to continue (exact resume, docs/design.md §6.1).
         self.train_batches_consumed = 0
+        # Where the examples come from (docs/design.md §4.4): files per role, else the dataset's split.
+        self.role_files: dict[str, Files] = {
+            "train": train_files,
+            "val": val_files,
+            "test": test_files,
+            "predict": predict_files,
+        }
+        self.dataset = dataset
+        self.dataset_config = dataset_config
+        self.val_fraction = val_fraction
+        self.predict_dataset: Dataset | None = None
+        # Memoized: the expanded files, the dataset's splits, the held-out training positions.
+        self._files: dict[str, list[Path]] | None = None
+        self._splits: dict[str, datasets.Dataset] | None = None
+        self._held_out: set[int] | None = None
 
     # ----------------------------------------------------------------- subclass hooks
     def tokenizer_corpus(self) -> Iterator[str]:
@@ -269,9 +311,118 @@ class DataModule(L.LightningDataModule):
     def prepare_datasets(self, tokenizer: PreTrainedTokenizerFast) -> None:
         """Expensive one-time preprocessing (rank 0), cached on disk for `setup_datasets`."""
 
+    def build(self, role: str) -> Dataset:
+        """Read, check and tokenize the examples of `role` (train, val, test, predict) into items."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build() or setup_datasets()")
+
+    def check_source(self, role: str) -> None:
+        """Read the start of `role`'s files (test, predict) at `fit`, so a bad one fails before training."""
+
+    def file_problems(self, role: str, files: list[Path]) -> list[str]:
+        """What is wrong with `role`'s expanded files as a whole (e.g. a file type this shape cannot read)."""
+        return []
+
+    def check_dataset(self, loaded: datasets.DatasetDict) -> None:
+        """Raise DataError when `dataset` lacks a split or a column this shape needs."""
+
     def setup_datasets(self, stage: str) -> None:
-        """Set `train_dataset`, `val_dataset` and `test_dataset` (every rank; tokenizer loaded)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement setup_datasets()")
+        """Set the datasets of `stage`'s roles (every rank; tokenizer loaded).
+
+        The default builds each role with `build`: validation when there is any (`has_role`), test
+        and predict or an error naming what to give; at `fit` it checks the test / predict files too.
+        """
+        for role in STAGE_ROLES[stage]:
+            if role == "train" or self.has_role(role):
+                setattr(self, f"{role}_dataset", self.build(role))
+            elif role != "val":
+                raise DataError(f"no {role} data: give {role}_files or a dataset with a {role} split")
+        if stage == "fit":
+            self.announce_validation()
+            # The files `test` / `predict` will read are checked now, not after the whole run.
+            for role in ("test", "predict"):
+                if self.role_files[role] is not None:
+                    self.check_source(role)
+
+    # ----------------------------------------------------------------- sources and roles
+    def files(self) -> dict[str, list[Path]]:
+        """The files of each role that has files (globs expanded; every bad pattern in one error)."""
+        if self._files is None:
+            found, problems = {}, []
+            for role, patterns in self.role_files.items():
+                if patterns is None:
+                    continue
+                try:
+                    found[role] = expand_files(patterns, f"{role}_files")
+                except DataError as err:
+                    problems.append(str(err))
+                    continue
+                problems += self.file_problems(role, found[role])
+            if problems:
+                raise DataError("\n".join(problems))
+            self._files = found
+        return self._files
+
+    def dataset_splits(self) -> dict[str, datasets.Dataset]:
+        """`dataset`'s splits by role (train, and val / test when it has them); {} without a dataset."""
+        if self._splits is None:
+            splits = {}
+            if self.dataset is not None:
+                loaded = load_dataset_dict(self.dataset, self.dataset_config)
+                self.check_dataset(loaded)
+                splits = splits_by_role(loaded)
+            self._splits = splits
+        return self._splits
+
+    def has_source(self, role: str) -> bool:
+        """`role` has examples of its own: files, or a split of `dataset`."""
+        if self.role_files[role] is not None:
+            return True
+        return self.dataset is not None and role in self.dataset_splits()
+
+    def holds_out(self) -> bool:
+        """Validation is a seeded `val_fraction` of the training examples (no val files, no split)."""
+        return self.val_fraction > 0 and not self.has_source("val")
+
+    def has_role(self, role: str) -> bool:
+        """`role` has examples: its own, a held-out share of training (val), or the test ones (predict)."""
+        if self.has_source(role):
+            return True
+        if role == "val":
+            return self.holds_out()
+        return role == "predict" and self.has_role("test")
+
+    def source_role(self, role: str) -> str:
+        """The role whose source `role` reads: predict without predict_files reads the test examples."""
+        return "test" if role == "predict" and self.role_files["predict"] is None else role
+
+    def hold_out(self, role: str, train: Callable[[], Iterable[T]], what: str) -> Iterator[T]:
+        """`role`'s share of the training items `train()` gives when validation is held out: "val"
+        the seeded `val_fraction` (`held_out`, the same on every rank and run), "train" the rest."""
+        if self._held_out is None:
+            advice = f"lower data.init_args.val_fraction (0: no validation), add {what}, or give val_files"
+            self._held_out = held_out(sum(1 for _ in train()), self.val_fraction, self.seed, advice)
+        for i, item in enumerate(train()):
+            if (i in self._held_out) == (role == "val"):
+                yield item
+
+    def announce_validation(self) -> None:
+        """Say at the start of `fit` which training examples were held out for validation.
+
+        (A run with no validation at all is announced by the checkpoint callback, for every data module.)
+        """
+        if self.val_dataset is not None and self.holds_out():
+            rank_zero_info(
+                f"gptlab: validation: {len(self.val_dataset)} training examples held out (val_fraction="
+                f"{self.val_fraction}, seed={self.seed}); training on the other {len(self.train_dataset)}"
+            )
+
+    def train_fingerprint(self, settings: dict[str, Any]) -> str:
+        """A cheap identity of the training source (a `corpus_fingerprint`): the files' paths, sizes
+        and mtimes, else the dataset's name and config with `settings` (what is read from it)."""
+        files = self.role_files["train"]
+        if files is not None:
+            return json.dumps(files_fingerprint(expand_files(files, "train_files")))
+        return json.dumps({"dataset": self.dataset, "config": self.dataset_config, **settings})
 
     # ----------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:
@@ -445,6 +596,11 @@ class DataModule(L.LightningDataModule):
         if self.test_dataset is None:
             return []
         return self._loader(self.test_dataset, self.eval_batch_size, None)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: no predict set; call setup('predict') first")
+        return self._loader(self.predict_dataset, self.eval_batch_size, None)
 
     def __getstate__(self) -> dict[str, Any]:
         # Worker processes started by spawn/forkserver pickle `collate_fn`, i.e. this object:

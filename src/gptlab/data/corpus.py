@@ -43,7 +43,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DataError
+from gptlab.errors import DataError
 
 MAX_CHARS = 1 << 15  # characters per piece
 BATCH_CHARS = 1 << 22  # characters per encode_batch_fast call

@@ -45,26 +45,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import (
-    IGNORE_INDEX,
-    DataError,
-    DataModule,
-    Examples,
-    encode_texts,
-    list_problems,
-)
-from gptlab.data.sources import (
-    expand_files,
-    files_fingerprint,
-    load_dataset_dict,
-    read_records,
-    splits_by_role,
-)
+from gptlab.data.base import IGNORE_INDEX, ROLES, DataModule, Examples, encode_texts
+from gptlab.data.sources import Problems, files_fingerprint, held_out, read_records, splits_by_role
 from gptlab.data.tokenizers import TokenizerRecipe
-from gptlab.errors import ConfigError
+from gptlab.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import datasets  # imported where a dataset is read (start-up time)
@@ -76,7 +63,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 PROBLEMS_PER_SOURCE = 3  # the first few say what is wrong with a whole file
-ROLES = ("train", "val", "test", "predict")
 
 
 @dataclass
@@ -178,6 +164,13 @@ class SFTDataModule(DataModule):
             num_workers=num_workers,
             seed=seed,
             cache_dir=cache_dir,
+            train_files=train_files,
+            val_files=val_files,
+            test_files=test_files,
+            predict_files=predict_files,
+            dataset=dataset,
+            dataset_config=dataset_config,
+            val_fraction=val_fraction,
         )
         problems = []
         if train_files is not None and dataset is not None:
@@ -205,14 +198,6 @@ class SFTDataModule(DataModule):
                 problems.append(f"prompt_template={prompt_template!r}: {err}")
         if problems:
             raise ConfigError("SFTDataModule: " + "; ".join(problems))
-        self.role_files = {
-            "train": train_files,
-            "val": val_files,
-            "test": test_files,
-            "predict": predict_files,
-        }
-        self.dataset = dataset
-        self.dataset_config = dataset_config
         self.format = format
         self.prompt_field = prompt_field
         self.completion_field = completion_field
@@ -220,45 +205,21 @@ class SFTDataModule(DataModule):
         self.messages_field = messages_field
         self.block_size = block_size
         self.packing = packing
-        self.val_fraction = val_fraction
         self.max_examples = max_examples
-        self.predict_dataset: Dataset | None = None
-        self._files: dict[str, list[Path]] | None = None
-        self._splits: dict[str, datasets.Dataset] | None = None
 
     # ----------------------------------------------------------------- sources
-    def files(self) -> dict[str, list[Path]]:
-        """The files of each role that has files (globs expanded; every bad pattern in one error)."""
-        if self._files is None:
-            found, problems = {}, []
-            for role, patterns in self.role_files.items():
-                if patterns is None:
-                    continue
-                try:
-                    found[role] = expand_files(patterns, f"{role}_files")
-                except DataError as err:
-                    problems.append(str(err))
-                    continue
-                allowed = (".jsonl", ".json", ".parquet") + ((".txt",) if role == "predict" else ())
-                problems += [
-                    f"{role}_files: {p} is not {' / '.join(allowed)}; SFT records are JSON lines, JSON "
-                    f"arrays or Parquet" + (" (or one prompt per line in .txt)" if role == "predict" else "")
-                    for p in found[role]
-                    if p.suffix.lower() not in allowed
-                ]
-            if problems:
-                raise DataError("\n".join(problems))
-            self._files = found
-        return self._files
+    def file_problems(self, role: str, files: list[Path]) -> list[str]:
+        allowed = (".jsonl", ".json", ".parquet") + ((".txt",) if role == "predict" else ())
+        return [
+            f"{role}_files: {p} is not {' / '.join(allowed)}; SFT records are JSON lines, JSON "
+            f"arrays or Parquet" + (" (or one prompt per line in .txt)" if role == "predict" else "")
+            for p in files
+            if p.suffix.lower() not in allowed
+        ]
 
-    def dataset_splits(self) -> dict[str, datasets.Dataset]:
-        """`dataset`'s splits by role (train, and val / test when it has them)."""
-        if self._splits is None:
-            splits = splits_by_role(load_dataset_dict(self.dataset, self.dataset_config))
-            if not splits:
-                raise DataError(f"dataset={self.dataset!r} has no train, validation or test split")
-            self._splits = splits
-        return self._splits
+    def check_dataset(self, loaded: datasets.DatasetDict) -> None:
+        if not splits_by_role(loaded):
+            raise DataError(f"dataset={self.dataset!r} has no train, validation or test split")
 
     def records(self, role: str) -> Iterator[tuple[str, str, Any]]:
         """(source, location, record) of every record of `role`; files win over a dataset's split."""
@@ -271,11 +232,6 @@ class SFTDataModule(DataModule):
             source = f"dataset {self.dataset!r} ({role} split)"
             for i, row in enumerate(self.dataset_splits()[role]):
                 yield source, f"{source} row {i}", row
-
-    def has_role(self, role: str) -> bool:
-        if role in self.files():
-            return True
-        return self.dataset is not None and role in self.dataset_splits()
 
     # ----------------------------------------------------------------- DataModule hooks
     def tokenizer_corpus(self) -> Iterator[str]:
@@ -341,14 +297,15 @@ class SFTDataModule(DataModule):
                 problems.append(str(err))
                 return None
 
-        need_val = "val" in wanted or ("test" in wanted and not self.has_role("test"))
-        need_train = "train" in wanted or (need_val and not self.has_role("val"))
-        train = load("train") if need_train and self.has_role("train") else None
-        val = load("val") if need_val and self.has_role("val") else None
-        if need_val and train is not None and not self.has_role("val") and self.val_fraction > 0:
+        self.files()  # every bad pattern of every role first, in one error
+        need_val = "val" in wanted or ("test" in wanted and not self.has_source("test"))
+        need_train = "train" in wanted or (need_val and not self.has_source("val"))
+        train = load("train") if need_train and self.has_source("train") else None
+        val = load("val") if need_val and self.has_source("val") else None
+        if need_val and train is not None and self.holds_out():
             train, val = self._hold_out(train)
-        test = (load("test") if self.has_role("test") else val) if "test" in wanted else None
-        predict = load("predict") if "predict" in wanted and self.has_role("predict") else None
+        test = (load("test") if self.has_source("test") else val) if "test" in wanted else None
+        predict = load("predict") if "predict" in wanted and self.has_source("predict") else None
         if "test" in wanted and test is None and not problems:
             problems.append("no test examples: set test_files (or val_files, or a val_fraction > 0 of train)")
         if problems:
@@ -362,25 +319,17 @@ class SFTDataModule(DataModule):
 
     def _hold_out(self, train: list[Example]) -> tuple[list[Example], list[Example]]:
         """(train, validation): a seeded `val_fraction` of the examples, at least one, held out."""
-        held = max(1, int(round(len(train) * self.val_fraction)))
-        if held >= len(train):
-            raise DataError(
-                f"val_fraction={self.val_fraction} of {len(train)} training examples leaves none to train "
-                f"on: lower val_fraction (0 disables validation) or add examples"
-            )
-        order = np.random.default_rng(self.seed).permutation(len(train))
-        held_out = set(order[:held].tolist())
+        advice = "lower val_fraction (0 disables validation) or add examples"
+        held = held_out(len(train), self.val_fraction, self.seed, advice)
         # Both keep file order: the held-out set is the same at fit and at test time.
-        return (
-            [ex for i, ex in enumerate(train) if i not in held_out],
-            [ex for i, ex in enumerate(train) if i in held_out],
-        )
+        kept = [ex for i, ex in enumerate(train) if i not in held]
+        return kept, [ex for i, ex in enumerate(train) if i in held]
 
     # ----------------------------------------------------------------- records -> examples
     def examples(self, role: str, render=None) -> list[Example]:
         """Every record of `role` as an Example; one DataError lists every problem found."""
         examples: list[Example] = []
-        problems: list[str] = []
+        problems = Problems(f"SFTDataModule ({role})", more="more problems")
         per_source: dict[str, int] = {}
         checked_sources: set[str] = set()
         for source, location, record in self.records(role):
@@ -395,7 +344,7 @@ class SFTDataModule(DataModule):
                 checked_sources.add(source)
                 missing = [f for f in self.template_fields if f not in record]
                 if missing:
-                    problems.append(
+                    problems.add(
                         f"{source}: prompt_template {self.prompt_template!r} names column(s) "
                         f"{', '.join(map(repr, missing))}, which the records do not have (columns: "
                         f"{', '.join(map(repr, record))}); fix the template or the data"
@@ -405,18 +354,15 @@ class SFTDataModule(DataModule):
             try:
                 examples.append(self._example(location, record, role, render))
             except DataError as err:
-                problems.append(str(err))
+                problems.add(str(err))
                 per_source[source] = per_source.get(source, 0) + 1
                 if per_source[source] == PROBLEMS_PER_SOURCE:
-                    problems.append(f"{source}: (further problems in this source not listed)")
-            if self.max_examples is not None and len(examples) >= self.max_examples and not problems:
+                    problems.add(f"{source}: (further problems in this source not listed)")
+            if self.max_examples is not None and len(examples) >= self.max_examples and not problems.items:
                 break
-        if not problems and not examples:
-            problems.append(f"{role}: no records found; check the {role} files or dataset split")
-        if problems:
-            raise DataError(
-                f"SFTDataModule ({role}): {len(problems)} problem(s):\n  " + list_problems(problems)
-            )
+        if not problems.items and not examples:
+            problems.add(f"{role}: no records found; check the {role} files or dataset split")
+        problems.raise_if_any()
         return examples
 
     def _example(self, location: str, record: Any, role: str, render) -> Example:
@@ -576,13 +522,13 @@ class SFTDataModule(DataModule):
             batch["reference"] = [f["reference"] for f in features]
         return batch
 
-    def predict_dataloader(self):
+    def predict_dataloader(self) -> DataLoader:
         if self.predict_dataset is None:
             raise DataError(
                 "no prompts to predict: set data.init_args.predict_files (records with the prompt, or "
                 ".txt with one prompt per line)"
             )
-        return self._loader(self.predict_dataset, self.eval_batch_size, None)
+        return super().predict_dataloader()
 
 
 # ----------------------------------------------------------------------------- packing

@@ -1,25 +1,35 @@
-"""Where data modules read from: files named by globs, records in files, Hugging Face datasets.
+"""Where data modules read from, and how what they read is checked (docs/design.md §4.4).
 
-Shared by every data module (text, classification, token classification, SFT): expanding
-`*_files` patterns (`expand_files`), reading one record per line / item / row (`read_records`),
-loading a hub dataset or a `save_to_disk` directory and finding its splits by role
-(`load_dataset_dict`, `splits_by_role`, `load_dataset_splits`).
+Shared by every data module (text, classification, token classification, SFT):
+
+    expand_files       `*_files` patterns -> files (globs, `{stdlib}`), every bad pattern in one error
+    read_records       one record per line / item / row of .txt / .jsonl / .json / .parquet
+    read_table         rows of csv / tsv / jsonl / json / parquet with the columns a module needs
+    load_dataset_dict  a hub dataset or a `save_to_disk` directory; `splits_by_role` finds its
+                       train / val / test splits
+    held_out           the seeded share of the training examples held out for validation
+    Problems           collects what is wrong with the data, then raises one DataError listing it
+
+Locations ("<file> line N", "<file> row N", "<file> item N") travel with every record, so that an
+error names the file and line it is about.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from glob import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gptlab.data.base import DataError
+from gptlab.errors import DataError
 
 if TYPE_CHECKING:
     import datasets  # imported where a dataset is read (start-up time)
@@ -27,8 +37,49 @@ if TYPE_CHECKING:
 
 # Names under which Hugging Face datasets usually publish their validation split.
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+MAX_PROBLEMS = 5  # listed in one error; the rest are counted (the message stays readable)
+MAX_PROBLEM_CHARS = 240  # one problem's text at most
+
+Files = str | list[str] | None  # a `*_files` argument: a path or glob, a list of them, or none
 
 
+# ----------------------------------------------------------------------------- problems
+def shorten_problem(text: str, limit: int = MAX_PROBLEM_CHARS) -> str:
+    """`text` cut to `limit` characters, marking the cut."""
+    return text if len(text) <= limit else text[: limit - 5] + " ..."
+
+
+class Problems:
+    """Collects what is wrong with the input data, then raises one DataError listing it.
+
+    The message: "<what>: N problem(s)<about>:" and the first MAX_PROBLEMS problems, one per
+    line, each shortened, then "... and K <more>"; a `hint` (what to do) may follow.
+    """
+
+    def __init__(self, what: str, more: str = "more", about: str = "") -> None:
+        self.what = what
+        self.more = more
+        self.about = about
+        self.items: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+    def raise_if_any(self, hint: str = "") -> None:
+        if not self.items:
+            return
+        count = len(self.items) - MAX_PROBLEMS
+        listed = [shorten_problem(p) for p in self.items[:MAX_PROBLEMS]]
+        listed += [f"... and {count} {self.more}"] if count > 0 else []
+        raise DataError(
+            f"{self.what}: {len(self.items)} problem(s){self.about}:\n  "
+            + "\n  ".join(listed)
+            + (f"\n{hint}" if hint else "")
+        )
+
+
+# ----------------------------------------------------------------------------- files and records
 def expand_files(patterns: str | list[str], what: str) -> list[Path]:
     """Files named by `patterns`: paths or globs (`**` recurses), each sorted, duplicates dropped.
 
@@ -96,7 +147,12 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
             for i, record in enumerate(whole):
                 yield f"{path} item {i}", record
             return
-    for number, line in enumerate(text.splitlines(), 1):
+    yield from json_lines(path, text.splitlines())
+
+
+def json_lines(path: Path, lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """("<path> line N", record) for each non-blank line of a JSON-lines file; a broken line fails."""
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -108,6 +164,139 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path} line {number}", record
 
 
+# ----------------------------------------------------------------------------- tables
+def read_table(
+    path: Path, columns: Sequence[str], names: Sequence[str] | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for every row of a csv / tsv / jsonl / json / parquet file.
+
+    `where` is "<path> line N" (text formats) or "<path> row N" (parquet), for error messages.
+    A csv / tsv file's first line is its header, which must hold every name in `columns`; with
+    `names`, the file has no header and `names` name its columns in order (an empty list: by
+    position, "0", "1", ...). `.tsv` is read without quoting (GLUE's convention: sentences contain
+    quote characters), `.csv` with standard quoting.
+    """
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")
+    try:
+        if suffix == ".parquet":
+            yield from _read_parquet(path, columns)
+        elif suffix in (".csv", ".tsv"):
+            yield from _read_delimited(path, columns, suffix, names)
+        else:
+            yield from _read_json(path, columns)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8"
+        ) from None
+
+
+def _missing(path: Path, columns: Sequence[str], present: Sequence[str], header: bool = False) -> DataError:
+    missing = [c for c in columns if c not in present]
+    shown = ", ".join(shorten_problem(repr(c), 60) for c in present[:20])
+    hint = "set text_column / label_column to the file's column names"
+    if header and looks_like_data(present):
+        # Two columns are almost always text and label: the module's default column names.
+        example = (
+            "[text, label]" if len(present) == 2 else f"[{', '.join(f'col{i}' for i in range(len(present)))}]"
+        )
+        hint = (
+            f"its first line looks like data, not a header: if the file has no header line, set "
+            f"data.init_args.column_names to one name per column (e.g. column_names: {example}) "
+            f"or header: false and text_column / label_column by position (0, 1, ...)"
+        )
+    return DataError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {shown}); {hint}")
+
+
+def looks_like_data(header: Sequence[str]) -> bool:
+    """A header row that is probably the first example: a field with spaces, a number or a long text."""
+    return any(
+        " " in field.strip() or len(field) > 40 or field.strip().lstrip("-").replace(".", "", 1).isdigit()
+        for field in header
+    )
+
+
+def _read_delimited(
+    path: Path, columns: Sequence[str], suffix: str, names: Sequence[str] | None
+) -> Iterator[tuple[str, dict]]:
+    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ","}
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, **options)
+        line = 0
+        if names is None:
+            header = next(reader, None)
+            if header is None:
+                raise DataError(
+                    f"{path}: empty file (expected a header row naming the columns, or set "
+                    f"data.init_args.column_names for a file without one)"
+                )
+            header = [h.strip() for h in header]
+            line = reader.line_num
+            what = "the header has"
+        else:
+            header, what = None, "data.init_args.column_names names"
+        checked = False
+        for row in reader:
+            start, line = line + 1, reader.line_num  # a quoted field may span lines: report the first
+            if not row:
+                continue
+            if header is None:
+                # Without a header, the first row decides how many columns there are; fewer
+                # than `names` (a predict file without its label column) drops the last names.
+                header = list(names)[: len(row)] if names else [str(i) for i in range(len(row))]
+                if len(row) > len(header):
+                    raise DataError(
+                        f"{path} line {start}: {len(row)} fields, but {what} {len(header)}: give one "
+                        f"name per column"
+                    )
+            if not checked:
+                if any(c not in header for c in columns):
+                    raise _missing(path, columns, header, header=names is None)
+                checked = True
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path} line {start}: {len(row)} fields, but {what} {len(header)}"
+                    + ("; a tab inside a text field?" if suffix == ".tsv" else "")
+                )
+            yield f"{path} line {start}", dict(zip(header, row, strict=True))
+        if header is not None and any(c not in header for c in columns):
+            raise _missing(path, columns, header, header=names is None)
+
+
+def _read_json(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        records = ((f"{path} item {i}", r) for i, r in enumerate(items))
+    else:
+        records = json_lines(path, text.splitlines())
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if any(c not in record for c in columns):
+            raise DataError(
+                f"{where}: missing key(s) {[c for c in columns if c not in record]} (keys: {list(record)})"
+            )
+        yield where, record
+
+
+def _read_parquet(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict]]:
+    try:
+        names = pq.read_schema(path).names
+        if any(c not in names for c in columns):
+            raise _missing(path, columns, names)
+        table = pq.read_table(path, columns=list(columns))
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    for i, record in enumerate(table.to_pylist()):
+        yield f"{path} row {i}", record
+
+
+# ----------------------------------------------------------------------------- datasets and splits
 def load_dataset_dict(dataset: str, dataset_config: str | None) -> datasets.DatasetDict:
     """`dataset` (a hub name, or a `save_to_disk` directory) loaded as a DatasetDict (one split: train)."""
     import datasets
@@ -140,6 +329,12 @@ def splits_by_role(loaded: datasets.DatasetDict) -> dict[str, datasets.Dataset]:
     return splits
 
 
-def load_dataset_splits(dataset: str, dataset_config: str | None) -> dict[str, datasets.Dataset]:
-    """A `datasets` dataset's splits by role: train, and val / test when it has them."""
-    return splits_by_role(load_dataset_dict(dataset, dataset_config))
+def held_out(count: int, fraction: float, seed: int, advice: str) -> set[int]:
+    """Indices of a seeded `fraction` of `count` training examples (at least one), held out for
+    validation; `advice` says what to do when that leaves none to train on."""
+    held = max(1, round(count * fraction))
+    if held >= count:
+        raise DataError(
+            f"val_fraction={fraction} of {count} training examples leaves none to train on: {advice}"
+        )
+    return set(np.random.default_rng(seed).permutation(count)[:held].tolist())

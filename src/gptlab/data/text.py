@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DataError, DataModule, Examples, list_problems
+from gptlab.data.base import DataModule, Examples
 from gptlab.data.corpus import (
     MAX_CHARS,
     CorpusEncoder,
@@ -54,15 +54,16 @@ from gptlab.data.corpus import (
     shorten,
 )
 from gptlab.data.sources import (
+    Problems,
     expand_files,
     files_fingerprint,
     is_saved_dataset,
-    load_dataset_dict,
+    json_lines,
     read_records,
     splits_by_role,
 )
 from gptlab.data.tokenizers import TokenizerRecipe, tokenizer_fingerprint
-from gptlab.errors import ConfigError
+from gptlab.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import datasets  # imported where a dataset is read (start-up time)
@@ -114,14 +115,12 @@ def _check_json_records(
             problems.append(f"{path}: (further problems in this file not listed)")
             break
         if not isinstance(record, dict):
-            problems.append(f"{path} {where}: expected a JSON object, got {type(record).__name__}")
+            problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
         elif column not in record:
             keys = ", ".join(map(repr, record)) or "none"
-            problems.append(
-                f"{path} {where}: no key {column!r} (keys: {keys}); set text_column to the text's key"
-            )
+            problems.append(f"{where}: no key {column!r} (keys: {keys}); set text_column to the text's key")
         elif not isinstance(record[column], str | None):
-            problems.append(f"{path} {where}: {column!r} is a {type(record[column]).__name__}, not a string")
+            problems.append(f"{where}: {column!r} is a {type(record[column]).__name__}, not a string")
         else:
             content = content or bool((record[column] or "").strip())
     return problems, content
@@ -136,25 +135,13 @@ def _check_json(path: Path, column: str) -> tuple[list[str], bool]:
         except json.JSONDecodeError:
             whole = None
         if isinstance(whole, list):
-            return _check_json_records(((f"item {i}", r) for i, r in enumerate(whole)), path, column)
+            return _check_json_records(((f"{path} item {i}", r) for i, r in enumerate(whole)), path, column)
         if isinstance(whole, dict) and "\n" in path.read_text(encoding="utf-8").strip():
             # One pretty-printed object: as JSON lines, its first line would be reported as broken.
             return [f"{path}: one JSON object; expected JSON lines or an array of records"], False
-
-    def lines() -> Iterator[tuple[str, Any]]:
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {number}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(
-                        f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})"
-                    ) from None
-
     try:
-        return _check_json_records(lines(), path, column)
+        with path.open(encoding="utf-8") as f:  # streamed: a corpus file may be large
+            return _check_json_records(json_lines(path, f), path, column)
     except DataError as err:
         return [str(err)], False
 
@@ -195,7 +182,8 @@ def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
     A file with nothing but whitespace is skipped (a corpus of source code has many empty
     `__init__.py`); it is an error only when no file holds text.
     """
-    problems, kept, empty = [], [], []
+    problems = Problems(what, more="more problems", about=" with the input files")
+    kept, empty = [], []
     for path in files:
         kind = _kind(path)
         if kind == "parquet":
@@ -206,17 +194,14 @@ def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
             found = [problem] if problem else []
             if kind == "json" and not found:
                 found, content = _check_json(path, text_column)
-        problems.extend(found)
+        problems.items.extend(found)
         if not found:
             (kept if content else empty).append(path)
-    if not problems and not kept:
+    if not problems.items and not kept:
         reasons = [f"{p} ({'0 bytes' if p.stat().st_size == 0 else 'whitespace only'})" for p in empty]
         names = ", ".join(reasons[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        problems.append(f"{what}: no text in {names}; point {what} at files with text")
-    if problems:
-        raise DataError(
-            f"{what}: {len(problems)} problem(s) with the input files:\n  " + list_problems(problems)
-        )
+        problems.add(f"{what}: no text in {names}; point {what} at files with text")
+    problems.raise_if_any()
     if empty:
         rank_zero_info(f"gptlab: {what}: skipped {len(empty)} empty file(s), e.g. {empty[0]}")
     return kept
@@ -389,6 +374,13 @@ class TextDataModule(DataModule):
             num_workers=num_workers,
             seed=seed,
             cache_dir=cache_dir,
+            # Not predict_files: prompts, not documents (not tokenized into the cache nor in its key).
+            train_files=train_files,
+            val_files=val_files,
+            test_files=test_files,
+            dataset=dataset,
+            dataset_config=dataset_config,
+            val_fraction=val_fraction,
         )
         # None: the CLI did not fill it in from the model (Python use, or a backbone without one).
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
@@ -409,39 +401,17 @@ class TextDataModule(DataModule):
             problems.append(f"max_examples={max_examples} must be at least 1")
         if problems:
             raise ConfigError("TextDataModule: " + "; ".join(problems))
-        self.role_files = {"train": train_files, "val": val_files, "test": test_files}
         self.predict_files = predict_files
-        self.predict_dataset: Dataset | None = None
-        self.dataset = dataset
-        self.dataset_config = dataset_config
         self.text_column = text_column
-        self.val_fraction = val_fraction
         self.val_split = val_split
         self.block_size = block_size
         self.stride = stride or block_size
         self.max_examples = max_examples
-        # Memoized per instance. `_files` is what the patterns match (the cache keys hash it);
-        # `_texts` is the subset holding text, known once the files are checked (rank 0 only).
-        self._files: dict[str, list[Path]] | None = None
+        # The subset of `files()` (what the patterns match, hashed by the cache keys) that holds
+        # text, known once the files are checked (rank 0 only).
         self._texts: dict[str, list[Path]] | None = None
-        self._splits: dict[str, datasets.Dataset] | None = None
 
     # ----------------------------------------------------------------- sources
-    def files(self) -> dict[str, list[Path]]:
-        """The files of each role that has files (globs expanded; every bad pattern in one error)."""
-        if self._files is None:
-            found, problems = {}, []
-            for role, patterns in self.role_files.items():
-                if patterns is not None:
-                    try:
-                        found[role] = expand_files(patterns, f"{role}_files")
-                    except DataError as err:
-                        problems.append(str(err))
-            if problems:
-                raise DataError("\n".join(problems))
-            self._files = found
-        return self._files
-
     def _dataset_fingerprint(self) -> str | dict[str, str] | None:
         if self.dataset is None:
             return None
@@ -465,23 +435,15 @@ class TextDataModule(DataModule):
             "max_documents": self.max_examples,  # the cache key keeps its name: caches stay valid
         }
 
-    def dataset_splits(self) -> dict[str, datasets.Dataset]:
-        """`dataset`'s splits by role (train, and val / test when it has them)."""
-        if self._splits is None:
-            loaded = load_dataset_dict(self.dataset, self.dataset_config)
-            if "train" not in loaded:
+    def check_dataset(self, loaded: datasets.DatasetDict) -> None:
+        if "train" not in loaded:
+            raise DataError(f"dataset={self.dataset!r} has no 'train' split (splits: {', '.join(loaded)})")
+        for role, ds in splits_by_role(loaded).items():
+            if self.text_column not in ds.column_names:
                 raise DataError(
-                    f"dataset={self.dataset!r} has no 'train' split (splits: {', '.join(loaded)})"
+                    f"dataset={self.dataset!r} ({role} split) has no column {self.text_column!r} "
+                    f"(columns: {', '.join(ds.column_names)}); set text_column"
                 )
-            splits = splits_by_role(loaded)
-            for role, ds in splits.items():
-                if self.text_column not in ds.column_names:
-                    raise DataError(
-                        f"dataset={self.dataset!r} ({role} split) has no column {self.text_column!r} "
-                        f"(columns: {', '.join(ds.column_names)}); set text_column"
-                    )
-            self._splits = splits
-        return self._splits
 
     def _roles(self) -> dict[str, str]:
         """role -> where its documents come from ("files" or "dataset"), for roles with their own."""
@@ -763,4 +725,4 @@ class TextDataModule(DataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.predict_dataset is None:
             self.predict_dataset = self._prompts()
-        return self._loader(self.predict_dataset, self.eval_batch_size, None)
+        return super().predict_dataloader()

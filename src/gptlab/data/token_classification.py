@@ -18,31 +18,18 @@ Predict batches also carry the words themselves, for the CoNLL predictions file.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from gptlab.data.base import IGNORE_INDEX, DataError, DataModule, Examples, encode_texts
-from gptlab.data.classification import (
-    Files,
-    Problems,
-    announce_validation,
-    held_out,
-    read_table,
-    warn_truncated,
-    warn_unused_labels,
-)
-from gptlab.data.labels import LabelMap, class_label_names, sort_tags, unknown_label_hint
-from gptlab.data.sources import expand_files, load_dataset_splits
+from gptlab.data.base import IGNORE_INDEX, DataModule, Examples, encode_texts, warn_truncated
+from gptlab.data.labels import LabelMap, class_label_names, sort_tags, unknown_label_hint, warn_unused_labels
+from gptlab.data.sources import Files, Problems, expand_files, read_table
 from gptlab.data.tokenizers import TokenizerRecipe
-from gptlab.errors import ConfigError
+from gptlab.errors import ConfigError, DataError
 from gptlab.metrics.ner import OUTSIDE, PREFIXES, is_entity_tagset
-
-if TYPE_CHECKING:
-    import datasets  # imported where a dataset is read (start-up time)
 
 DOCSTART = "-DOCSTART-"
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -172,7 +159,21 @@ class TokenClassificationDataModule(DataModule):
             seed: seeds the training order (a function of seed and epoch).
             cache_dir: gptlab's cache (trained tokenizers).
         """
-        super().__init__(tokenizer, batch_size, eval_batch_size, num_workers, seed, cache_dir)
+        super().__init__(
+            tokenizer,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+            cache_dir,
+            train_files=train_files,
+            val_files=val_files,
+            test_files=test_files,
+            predict_files=predict_files,
+            dataset=dataset,
+            dataset_config=dataset_config,
+            val_fraction=val_fraction,
+        )
         if block_size < 1:
             raise ConfigError(f"block_size={block_size} must be at least 1")
         if train_files is None and dataset is None:
@@ -181,16 +182,6 @@ class TokenClassificationDataModule(DataModule):
             )
         if not 0 <= val_fraction < 1:
             raise ConfigError(f"data.init_args.val_fraction={val_fraction} must be in [0, 1)")
-        self.val_fraction = val_fraction
-        self._held_out: set[int] | None = None
-        self.role_files = {
-            "train": train_files,
-            "val": val_files,
-            "test": test_files,
-            "predict": predict_files,
-        }
-        self.dataset = dataset
-        self.dataset_config = dataset_config
         self.token_column = token_column
         self.tag_column = tag_column
         self.column_separator = column_separator
@@ -201,41 +192,17 @@ class TokenClassificationDataModule(DataModule):
         # Integer names (label_names: [0, 1, 2]) are the tags as the files write them.
         self._given_label_names = [str(n) for n in label_names] if label_names is not None else None
         self._label_names: list[str] | None = self._given_label_names
-        self._splits: dict[str, datasets.Dataset] | None = None
-        self.predict_dataset: Examples | None = None
 
     # ----------------------------------------------------------------- reading
-    def dataset_splits(self) -> dict[str, datasets.Dataset]:
-        if self._splits is None:
-            self._splits = load_dataset_splits(self.dataset, self.dataset_config) if self.dataset else {}
-        return self._splits
-
-    def has_role(self, role: str) -> bool:
-        if role == "predict":
-            return self.role_files["predict"] is not None or self.has_role("test")
-        if role == "val" and self.holds_out():
-            return True
-        return self.role_files[role] is not None or role in self.dataset_splits()
-
-    def holds_out(self) -> bool:
-        """Validation is a seeded `val_fraction` of the training sentences (no val files, no split)."""
-        return self.val_fraction > 0 and self.role_files["val"] is None and "val" not in self.dataset_splits()
-
     def sentences(self, role: str) -> Iterator[Sentence]:
         """Every sentence of `role`; tags are None for a predict file without a tag column."""
         if role in ("train", "val") and self.holds_out():
-            if self._held_out is None:
-                count = sum(1 for _ in self._source_sentences("train"))
-                self._held_out = held_out(count, self.val_fraction, self.seed, "training sentences")
-            for i, sentence in enumerate(self._source_sentences("train")):
-                if (i in self._held_out) == (role == "val"):
-                    yield sentence
+            yield from self.hold_out(role, lambda: self._source_sentences("train"), "training sentences")
             return
         yield from self._source_sentences(role)
 
     def _source_sentences(self, role: str) -> Iterator[Sentence]:
-        if role == "predict" and self.role_files["predict"] is None:
-            role = "test"
+        role = self.source_role(role)
         files = self.role_files[role]
         if files is None:
             yield from self._dataset_sentences(role)
@@ -332,34 +299,15 @@ class TokenClassificationDataModule(DataModule):
 
     # ----------------------------------------------------------------- DataModule hooks
     def corpus_fingerprint(self) -> str:
-        files = self.role_files["train"]
-        if files is not None:
-            paths = expand_files(files, "train_files")
-            return json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths])
-        return json.dumps(
-            {"dataset": self.dataset, "config": self.dataset_config, "field": self.tokens_field}
-        )
+        return self.train_fingerprint({"field": self.tokens_field})
 
     def tokenizer_corpus(self) -> Iterator[str]:
         # All training sentences, the held-out ones included: the vocabulary does not depend on the split.
         for _, words, _, _ in self._source_sentences("train"):
             yield " ".join(words)
 
-    def setup_datasets(self, stage: str) -> None:
-        roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[
-            stage
-        ]
-        for role in roles:
-            if role == "train" or self.has_role(role):
-                setattr(self, f"{role}_dataset", self.build(role))
-            elif role != "val":
-                raise DataError(f"no {role} data: give {role}_files or a dataset with a {role} split")
-        if stage == "fit":
-            announce_validation(self, len(self.train_dataset), self.val_dataset)
-            # The files `test` / `predict` will read are checked now, not after the whole run.
-            for role in ("test", "predict"):
-                if self.role_files[role] is not None:
-                    next(self._source_sentences(role), None)
+    def check_source(self, role: str) -> None:
+        next(self._source_sentences(role), None)
 
     def build(self, role: str) -> Examples:
         """Read, check, tokenize and align the sentences of `role`."""
@@ -468,11 +416,6 @@ class TokenClassificationDataModule(DataModule):
         if "words" in features[0]:
             batch["words"] = [f["words"] for f in features]
         return batch
-
-    def predict_dataloader(self):
-        if self.predict_dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: no predict set; call setup('predict') first")
-        return self._loader(self.predict_dataset, self.eval_batch_size, None)
 
 
 def token_word_ids(spans: list[tuple[int, int]], starts: list[int], lengths: list[int]) -> list[int]:
