@@ -391,19 +391,24 @@ class DataModule(L.LightningDataModule):
             return self.holds_out()
         return role == "predict" and self.has_role("test")
 
-    def source_role(self, role: str) -> str:
-        """The role whose source `role` reads: predict without predict_files reads the test examples."""
-        return "test" if role == "predict" and self.role_files["predict"] is None else role
+    def role_examples(self, role: str, read: Callable[[str], Iterable[T]], what: str) -> Iterator[T]:
+        """The examples of `role`, given `read(r)`, the examples of r's own source.
 
-    def hold_out(self, role: str, train: Callable[[], Iterable[T]], what: str) -> Iterator[T]:
-        """`role`'s share of the training items `train()` gives when validation is held out: "val"
-        the seeded `val_fraction` (`held_out`, the same on every rank and run), "train" the rest."""
-        if self._held_out is None:
-            advice = f"lower data.init_args.val_fraction (0: no validation), add {what}, or give val_files"
-            self._held_out = held_out(sum(1 for _ in train()), self.val_fraction, self.seed, advice)
-        for i, item in enumerate(train()):
-            if (i in self._held_out) == (role == "val"):
-                yield item
+        Validation held out of training (`holds_out`) is a seeded `val_fraction` of `read("train")`
+        (`held_out`: the same on every rank and run), and training is the rest; predict without
+        predict_files is the test examples. `what` names the examples in errors ("training sentences").
+        """
+        if role in ("train", "val") and self.holds_out():
+            if self._held_out is None:
+                advice = (
+                    f"lower data.init_args.val_fraction (0: no validation), add {what}, or give val_files"
+                )
+                self._held_out = held_out(sum(1 for _ in read("train")), self.val_fraction, self.seed, advice)
+            for i, item in enumerate(read("train")):
+                if (i in self._held_out) == (role == "val"):
+                    yield item
+            return
+        yield from read("test" if role == "predict" and self.role_files["predict"] is None else role)
 
     def announce_validation(self) -> None:
         """Say at the start of `fit` which training examples were held out for validation.

@@ -150,15 +150,11 @@ class ClassificationDataModule(DataModule):
     # ----------------------------------------------------------------- reading
     def records(self, role: str, with_labels: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
         """(where, record) of every example of `role`; predict falls back to the test examples."""
-        if role in ("train", "val") and self.holds_out():
-            yield from self.hold_out(
-                role, lambda: self._source_records("train", with_labels), "training examples"
-            )
-            return
-        yield from self._source_records(role, with_labels)
+        yield from self.role_examples(
+            role, lambda r: self._source_records(r, with_labels), "training examples"
+        )
 
     def _source_records(self, role: str, with_labels: bool) -> Iterator[tuple[str, dict[str, Any]]]:
-        role = self.source_role(role)
         files = self.role_files[role]
         columns = [*self.text_columns, self.label_column] if with_labels else list(self.text_columns)
         if files is not None:

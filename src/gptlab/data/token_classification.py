@@ -196,13 +196,9 @@ class TokenClassificationDataModule(DataModule):
     # ----------------------------------------------------------------- reading
     def sentences(self, role: str) -> Iterator[Sentence]:
         """Every sentence of `role`; tags are None for a predict file without a tag column."""
-        if role in ("train", "val") and self.holds_out():
-            yield from self.hold_out(role, lambda: self._source_sentences("train"), "training sentences")
-            return
-        yield from self._source_sentences(role)
+        yield from self.role_examples(role, self._source_sentences, "training sentences")
 
     def _source_sentences(self, role: str) -> Iterator[Sentence]:
-        role = self.source_role(role)
         files = self.role_files[role]
         if files is None:
             yield from self._dataset_sentences(role)
