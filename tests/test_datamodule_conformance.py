@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import REPO
-from finetune_data import write_ner, write_sentiment
+from finetune_data import finetune_config, write_ner, write_sentiment
 from gptlab.data import BPE, Char, ClassificationDataModule, SFTDataModule, TextDataModule
-from gptlab.testing import check_datamodule
+from gptlab.testing import check_datamodule, check_task
 
 TOKENIZER = {"class_path": "gptlab.data.BPE", "init_args": {"vocab_size": 300}}
 
@@ -84,8 +84,7 @@ def test_sft_conforms(tmp_path):
     assert {"prompt_length", "prompt", "reference"} <= set(batch)
 
 
-def test_sentence_pair_example_conforms(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))  # as `python main.py` does, so YAML can name examples.*
+def write_pairs(tmp_path):
     rows = [
         ("a man plays a guitar", "a person makes music", "entailment"),
         ("a man plays a guitar", "nobody is playing", "contradiction"),
@@ -96,6 +95,12 @@ def test_sentence_pair_example_conforms(tmp_path, monkeypatch):
     for name, part in (("train", rows), ("test", rows[:5])):
         body = "".join(f"{p}\t{h}\t{label}\n" for p, h, label in part)
         (tmp_path / f"{name}.tsv").write_text("premise\thypothesis\tlabel\n" + body)
+    return {"train": tmp_path / "train.tsv", "dev": tmp_path / "test.tsv", "test": tmp_path / "test.tsv"}
+
+
+def test_sentence_pair_example_conforms(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))  # as `python main.py` does, so YAML can name examples.*
+    write_pairs(tmp_path)
     config = {
         "class_path": "examples.sentence_pair.SentencePairDataModule",
         "init_args": {
@@ -120,6 +125,17 @@ def test_sentence_pair_example_conforms(tmp_path, monkeypatch):
             long_premises += 1
             assert len(ids) == 24 and data.tokenizer.decode(ids[ids.index(eos) + 1 :]) == hypothesis
     assert long_premises == 1
+
+
+def test_sentence_pair_example_fine_tunes_with_the_stock_task(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    files = write_pairs(tmp_path)
+    config = finetune_config(tmp_path, "classification", files)
+    config["data"]["class_path"] = "examples.sentence_pair.SentencePairDataModule"
+    for name in ("text_column", "label_names"):  # ClassificationDataModule's, not this shape's
+        del config["data"]["init_args"][name]
+    result = check_task(config, tmp_path)
+    assert result["model"].label_names == ["contradiction", "entailment"]  # linked from the data
 
 
 class LeftPadded(ClassificationDataModule):

@@ -12,7 +12,7 @@ with its own splitting overrides `setup_datasets`. The base knows where examples
 (`role_files`, else `dataset`'s splits), which roles there are (`has_role`: validation may be a
 held-out share of training, predict falls back to test) and reads files through sources.py.
 Items are dicts with `input_ids` and optionally `attention_mask` and `labels`; `collate` turns a
-list of them into the batch contract (docs/design.md §4.1):
+list of them into the batch contract (docs/design.md §4.1, docs/data-shapes.md):
 
     input_ids       int64 (B, T)  right-padded with the pad id
     attention_mask  int64 (B, T)  1 on real tokens
