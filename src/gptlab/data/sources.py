@@ -7,6 +7,7 @@ Shared by every data module (text, classification, token classification, SFT):
     read_table         rows of csv / tsv / jsonl / json / parquet with the columns a module needs
     load_dataset_dict  a hub dataset or a `save_to_disk` directory; `splits_by_role` finds its
                        train / val / test splits
+    check_text_files   text files are UTF-8 text; JSON / Parquet records hold a string column
     held_out           the seeded share of the training examples held out for validation
     Problems           collects what is wrong with the data, then raises one DataError listing it
 
@@ -16,6 +17,7 @@ error names the file and line it is about.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -23,11 +25,13 @@ import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
 from glob import glob
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from lightning.pytorch.utilities import rank_zero_info
 
 from gptlab.errors import DataError
 
@@ -162,6 +166,140 @@ def json_lines(path: Path, lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
                 f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})"
             ) from None
         yield f"{path} line {number}", record
+
+
+# ----------------------------------------------------------------------------- text files
+def file_kind(path: Path) -> Literal["text", "json", "parquet"]:
+    """How a document file is read: .json / .jsonl as JSON records, .parquet as Parquet, else as text."""
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        return "json"
+    return "parquet" if suffix == ".parquet" else "text"
+
+
+def _check_utf8(path: Path) -> tuple[str | None, bool]:
+    """(problem or None, whether the file holds any non-whitespace text)."""
+    # Incremental decoding in 1 MiB chunks: constant memory, and the byte offset of a bad byte.
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, content = 0, False
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                byte = offset - pending + err.start
+                return (
+                    f"{path}: not UTF-8 at byte {byte} ({err.reason}); re-encode it as UTF-8, "
+                    f"e.g. `iconv -f latin1 -t utf-8`",
+                    content,
+                )
+            content = content or bool(text.strip())
+            if not chunk:
+                return None, content
+            offset += len(chunk)
+
+
+def _check_json_records(
+    records: Iterator[tuple[str, Any]], path: Path, column: str
+) -> tuple[list[str], bool]:
+    problems, content = [], False
+    for where, record in records:
+        if len(problems) >= 3:  # the first few say what is wrong with the whole file
+            problems.append(f"{path}: (further problems in this file not listed)")
+            break
+        if not isinstance(record, dict):
+            problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
+        elif column not in record:
+            keys = ", ".join(map(repr, record)) or "none"
+            problems.append(f"{where}: no key {column!r} (keys: {keys}); set text_column to the text's key")
+        elif not isinstance(record[column], str | None):
+            problems.append(f"{where}: {column!r} is a {type(record[column]).__name__}, not a string")
+        else:
+            content = content or bool((record[column] or "").strip())
+    return problems, content
+
+
+def _check_json(path: Path, column: str) -> tuple[list[str], bool]:
+    """Every record of a JSON-lines file (or a JSON array) is an object with a string `column`."""
+    if path.suffix.lower() == ".json":
+        # A .json file may be one array of records rather than JSON lines; datasets reads both.
+        try:
+            whole = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, list):
+            return _check_json_records(((f"{path} item {i}", r) for i, r in enumerate(whole)), path, column)
+        if isinstance(whole, dict) and "\n" in path.read_text(encoding="utf-8").strip():
+            # One pretty-printed object: as JSON lines, its first line would be reported as broken.
+            return [f"{path}: one JSON object; expected JSON lines or an array of records"], False
+    try:
+        with path.open(encoding="utf-8") as f:  # streamed: a corpus file may be large
+            return _check_json_records(json_lines(path, f), path, column)
+    except DataError as err:
+        return [str(err)], False
+
+
+def _check_parquet(path: Path, column: str) -> tuple[list[str], bool]:
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        return [f"{path}: not a readable Parquet file ({err})"], False
+    if column not in schema.names:
+        names = ", ".join(map(repr, schema.names))
+        return [
+            f"{path}: no column {column!r} (columns: {names}); set text_column to the text's column"
+        ], False
+    if not (
+        pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)
+    ):
+        return [f"{path}: column {column!r} has type {schema.field(column).type}, not string"], False
+    values = pq.read_table(path, columns=[column]).column(column)
+    lengths = pc.utf8_length(pc.utf8_trim_whitespace(values))
+    return [], bool(pc.max(lengths).as_py() or 0)
+
+
+def _nul_problem(path: Path) -> str | None:
+    """A NUL byte is valid UTF-8 but never in text: the file is binary (an archive, weights, ...)."""
+    offset = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if (at := chunk.find(b"\0")) >= 0:
+                return f"{path}: a NUL byte at byte {offset + at}: a binary file, not text; give text files"
+            offset += len(chunk)
+    return None
+
+
+def check_text_files(files: list[Path], text_column: str, what: str) -> list[Path]:
+    """The files of `files` that hold text, after checking all of them; one DataError lists every problem.
+
+    A file with nothing but whitespace is skipped (a corpus of source code has many empty
+    `__init__.py`); it is an error only when no file holds text.
+    """
+    problems = Problems(what, more="more problems", about=" with the input files")
+    kept, empty = [], []
+    for path in files:
+        kind = file_kind(path)
+        if kind == "parquet":
+            found, content = _check_parquet(path, text_column)
+        else:
+            problem, content = _check_utf8(path)
+            problem = problem or _nul_problem(path)
+            found = [problem] if problem else []
+            if kind == "json" and not found:
+                found, content = _check_json(path, text_column)
+        problems.items.extend(found)
+        if not found:
+            (kept if content else empty).append(path)
+    if not problems.items and not kept:
+        reasons = [f"{p} ({'0 bytes' if p.stat().st_size == 0 else 'whitespace only'})" for p in empty]
+        names = ", ".join(reasons[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        problems.add(f"{what}: no text in {names}; point {what} at files with text")
+    problems.raise_if_any()
+    if empty:
+        rank_zero_info(f"gptlab: {what}: skipped {len(empty)} empty file(s), e.g. {empty[0]}")
+    return kept
 
 
 # ----------------------------------------------------------------------------- tables

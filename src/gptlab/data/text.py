@@ -22,7 +22,6 @@ single line, larger than memory tokenizes in bounded memory.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import itertools
 import json
@@ -35,9 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
@@ -54,11 +50,11 @@ from gptlab.data.corpus import (
     shorten,
 )
 from gptlab.data.sources import (
-    Problems,
+    check_text_files,
     expand_files,
+    file_kind,
     files_fingerprint,
     is_saved_dataset,
-    json_lines,
     read_records,
     splits_by_role,
 )
@@ -74,139 +70,6 @@ TEXT = "text"  # the one column every loaded source is reduced to
 DEFAULT_BLOCK_SIZE = 256  # data.init_args.block_size when neither it nor the model's is given
 
 
-# ----------------------------------------------------------------------------- file checks
-def _kind(path: Path) -> Literal["text", "json", "parquet"]:
-    suffix = path.suffix.lower()
-    if suffix in (".json", ".jsonl"):
-        return "json"
-    return "parquet" if suffix == ".parquet" else "text"
-
-
-def _check_utf8(path: Path) -> tuple[str | None, bool]:
-    """(problem or None, whether the file holds any non-whitespace text)."""
-    # Incremental decoding in 1 MiB chunks: constant memory, and the byte offset of a bad byte.
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, content = 0, False
-    with path.open("rb") as f:
-        while True:
-            chunk = f.read(1 << 20)
-            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
-            try:
-                text = decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as err:
-                byte = offset - pending + err.start
-                return (
-                    f"{path}: not UTF-8 at byte {byte} ({err.reason}); re-encode it as UTF-8, "
-                    f"e.g. `iconv -f latin1 -t utf-8`",
-                    content,
-                )
-            content = content or bool(text.strip())
-            if not chunk:
-                return None, content
-            offset += len(chunk)
-
-
-def _check_json_records(
-    records: Iterator[tuple[str, Any]], path: Path, column: str
-) -> tuple[list[str], bool]:
-    problems, content = [], False
-    for where, record in records:
-        if len(problems) >= 3:  # the first few say what is wrong with the whole file
-            problems.append(f"{path}: (further problems in this file not listed)")
-            break
-        if not isinstance(record, dict):
-            problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
-        elif column not in record:
-            keys = ", ".join(map(repr, record)) or "none"
-            problems.append(f"{where}: no key {column!r} (keys: {keys}); set text_column to the text's key")
-        elif not isinstance(record[column], str | None):
-            problems.append(f"{where}: {column!r} is a {type(record[column]).__name__}, not a string")
-        else:
-            content = content or bool((record[column] or "").strip())
-    return problems, content
-
-
-def _check_json(path: Path, column: str) -> tuple[list[str], bool]:
-    """Every record of a JSON-lines file (or a JSON array) is an object with a string `column`."""
-    if path.suffix.lower() == ".json":
-        # A .json file may be one array of records rather than JSON lines; datasets reads both.
-        try:
-            whole = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            whole = None
-        if isinstance(whole, list):
-            return _check_json_records(((f"{path} item {i}", r) for i, r in enumerate(whole)), path, column)
-        if isinstance(whole, dict) and "\n" in path.read_text(encoding="utf-8").strip():
-            # One pretty-printed object: as JSON lines, its first line would be reported as broken.
-            return [f"{path}: one JSON object; expected JSON lines or an array of records"], False
-    try:
-        with path.open(encoding="utf-8") as f:  # streamed: a corpus file may be large
-            return _check_json_records(json_lines(path, f), path, column)
-    except DataError as err:
-        return [str(err)], False
-
-
-def _check_parquet(path: Path, column: str) -> tuple[list[str], bool]:
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as err:
-        return [f"{path}: not a readable Parquet file ({err})"], False
-    if column not in schema.names:
-        names = ", ".join(map(repr, schema.names))
-        return [
-            f"{path}: no column {column!r} (columns: {names}); set text_column to the text's column"
-        ], False
-    if not (
-        pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)
-    ):
-        return [f"{path}: column {column!r} has type {schema.field(column).type}, not string"], False
-    values = pq.read_table(path, columns=[column]).column(column)
-    lengths = pc.utf8_length(pc.utf8_trim_whitespace(values))
-    return [], bool(pc.max(lengths).as_py() or 0)
-
-
-def _nul_problem(path: Path) -> str | None:
-    """A NUL byte is valid UTF-8 but never in text: the file is binary (an archive, weights, ...)."""
-    offset = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            if (at := chunk.find(b"\0")) >= 0:
-                return f"{path}: a NUL byte at byte {offset + at}: a binary file, not text; give text files"
-            offset += len(chunk)
-    return None
-
-
-def check_files(files: list[Path], text_column: str, what: str) -> list[Path]:
-    """The files of `files` that hold text, after checking all of them; one DataError lists every problem.
-
-    A file with nothing but whitespace is skipped (a corpus of source code has many empty
-    `__init__.py`); it is an error only when no file holds text.
-    """
-    problems = Problems(what, more="more problems", about=" with the input files")
-    kept, empty = [], []
-    for path in files:
-        kind = _kind(path)
-        if kind == "parquet":
-            found, content = _check_parquet(path, text_column)
-        else:
-            problem, content = _check_utf8(path)
-            problem = problem or _nul_problem(path)
-            found = [problem] if problem else []
-            if kind == "json" and not found:
-                found, content = _check_json(path, text_column)
-        problems.items.extend(found)
-        if not found:
-            (kept if content else empty).append(path)
-    if not problems.items and not kept:
-        reasons = [f"{p} ({'0 bytes' if p.stat().st_size == 0 else 'whitespace only'})" for p in empty]
-        names = ", ".join(reasons[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        problems.add(f"{what}: no text in {names}; point {what} at files with text")
-    problems.raise_if_any()
-    if empty:
-        rank_zero_info(f"gptlab: {what}: skipped {len(empty)} empty file(s), e.g. {empty[0]}")
-    return kept
-
-
 def load_files(files: list[Path], text_column: str, cache_dir: Path) -> datasets.Dataset:
     """The records of checked .jsonl / .json / .parquet `files` as a Dataset with one `text` column."""
     import datasets  # here, not at module import: a second of start-up time
@@ -214,7 +77,7 @@ def load_files(files: list[Path], text_column: str, cache_dir: Path) -> datasets
     parts = []
     # Consecutive files of one kind load together (datasets needs one builder per call). Text
     # files are not loaded here: `read_blocks` streams them (datasets would read each whole).
-    for kind, group in itertools.groupby(files, key=_kind):
+    for kind, group in itertools.groupby(files, key=file_kind):
         data_files = [str(p) for p in group]
         if kind == "json":
             part = datasets.load_dataset(
@@ -464,7 +327,7 @@ class TextDataModule(DataModule):
             texts, problems = {}, []
             for name, files in self.files().items():
                 try:
-                    texts[name] = check_files(files, self.text_column, f"{name}_files")
+                    texts[name] = check_text_files(files, self.text_column, f"{name}_files")
                 except DataError as err:
                     problems.append(str(err))
             if problems:
@@ -479,7 +342,7 @@ class TextDataModule(DataModule):
         return itertools.islice(docs, self.max_examples)
 
     def _file_documents(self, files: list[Path]) -> Iterator[Iterable[str]]:
-        for kind, group in itertools.groupby(files, key=_kind):
+        for kind, group in itertools.groupby(files, key=file_kind):
             if kind == "text":
                 yield from map(read_blocks, group)
             else:
