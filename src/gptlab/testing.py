@@ -246,7 +246,7 @@ def check_datamodule(data: Any, tmp_path: str | Path) -> dict[str, Any]:
     # 5. the tokenizer
     saved = tmp_path / "conformance-tokenizer"
     fit.save_tokenizer(saved)
-    reloaded = AutoTokenizer.from_pretrained(str(saved))
+    reloaded = AutoTokenizer.from_pretrained(str(saved), trust_remote_code=False)
     row = train[0]["input_ids"][0][train[0]["attention_mask"][0].bool()]
     text = fit.tokenizer.decode(row.tolist(), skip_special_tokens=True)
     for name in ("eos_token_id", "pad_token_id", "unk_token_id", "chat_template"):
