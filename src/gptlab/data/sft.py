@@ -158,12 +158,12 @@ class SFTDataModule(DataModule):
             cache_dir: Root of gptlab's cache (trained tokenizers).
         """
         super().__init__(
-            tokenizer=tokenizer,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            cache_dir=cache_dir,
+            tokenizer,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+            cache_dir,
             train_files=train_files,
             val_files=val_files,
             test_files=test_files,

@@ -231,12 +231,12 @@ class TextDataModule(DataModule):
             cache_dir: Root of gptlab's cache (trained tokenizers, tokenized text, datasets' files).
         """
         super().__init__(
-            tokenizer=tokenizer,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            cache_dir=cache_dir,
+            tokenizer,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+            cache_dir,
             # Not predict_files: prompts, not documents (not tokenized into the cache nor in its key).
             train_files=train_files,
             val_files=val_files,
