@@ -9,11 +9,15 @@
     trainer   transformers' Trainer on get_peft_model(LlamaForSequenceClassification)
     loop      the same peft model in a plain PyTorch loop (the reference of docs/pretrained.md)
 
-Each variant runs in its own process (peak RSS is a per-process high-water mark) with the same
-number of threads; the variants alternate for --rounds rounds so that a change in the machine's
-load hits all of them alike. Measured over the steps after the warm-up: real tokens (attention
-mask) per CPU-second of the process (user + system, so other jobs on the machine count less than
-in wall time) and per wall second; and the process's peak RSS. Prints a table and the ratios
+All three train on the same batches in the same order: gptlab's own seeded order of SST-2
+(gptlab.data.SeededShuffleSampler, what the gptlab variant draws), handed to the other two as a
+fixed order; the script checks that every variant saw the same real tokens at every step, since
+activation memory follows the longest batch a run meets. Each variant runs in its own process
+(peak RSS is a per-process high-water mark) with the same number of threads; the variants
+alternate for --rounds rounds so that a change in the machine's load hits all of them alike.
+Measured over the steps after the warm-up: real tokens (attention mask) per CPU-second of the
+process (user + system, so other jobs on the machine count less than in wall time) and per wall
+second; and the process's peak RSS. Prints a table and the ratios
 gptlab / the faster of the two others (speed) and gptlab / the smaller (memory).
 
     python benchmarks/lora_speed.py --steps 20 --warmup 3 --rounds 2
@@ -44,6 +48,7 @@ class Window:
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.step, self.tokens = warmup, 0, 0
+        self.per_step: list[int] = []  # real tokens of every step, warm-up included
         self.cpu0 = self.wall0 = self.cpu = self.wall = None
 
     def begin(self) -> None:
@@ -51,6 +56,7 @@ class Window:
             self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
 
     def end(self, tokens: int) -> None:
+        self.per_step.append(tokens)
         if self.step >= self.warmup:
             self.tokens += tokens
             self.cpu, self.wall = time.process_time() - self.cpu0, time.perf_counter() - self.wall0
@@ -63,6 +69,13 @@ def sst2_texts() -> tuple[list[str], list[int]]:
     with TRAIN.open(newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+
+
+def gptlab_order(count: int, steps: int) -> list[int]:
+    """The training rows, in order, of gptlab's first `steps` batches (one process, epoch 0)."""
+    from gptlab.data import SeededShuffleSampler
+
+    return SeededShuffleSampler(count, SEED, batch_size=BATCH).order(0)[: steps * BATCH]
 
 
 def peft_model():
@@ -105,15 +118,21 @@ def run_gptlab(steps: int, warmup: int) -> Window:
 
 def run_trainer(steps: int, warmup: int) -> Window:
     import datasets
+    import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     model, tokenizer = peft_model()
     texts, labels = sst2_texts()
-    data = datasets.Dataset.from_dict({"text": texts, "label": labels})
+    rows = gptlab_order(len(texts), steps)
+    data = datasets.Dataset.from_dict({"text": [texts[i] for i in rows], "label": [labels[i] for i in rows]})
     data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=MAX_LEN), batched=True)
     data = data.remove_columns(["text"])
     window, counts = Window(warmup), []
     pad = DataCollatorWithPadding(tokenizer)
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):  # the rows are already in gptlab's order
+            return torch.utils.data.SequentialSampler(self.train_dataset)
 
     def collate(features):
         batch = pad(features)
@@ -134,23 +153,20 @@ def run_trainer(steps: int, warmup: int) -> Window:
             logging_steps=steps, save_strategy="no", report_to=[], use_cpu=True,
             dataloader_num_workers=0, seed=SEED, max_grad_norm=1.0,
         )  # fmt: skip
-        Trainer(
+        InOrder(
             model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Meter()]
         ).train()
     return window
 
 
 def run_loop(steps: int, warmup: int) -> Window:
-    import random
-
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
     model, tokenizer = peft_model()
     model.train()
     texts, labels = sst2_texts()
-    order = list(range(len(texts)))
-    random.Random(SEED).shuffle(order)
+    order = gptlab_order(len(texts), steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
@@ -180,7 +196,8 @@ def child(variant: str, steps: int, warmup: int, threads: int) -> None:
     torch.manual_seed(SEED)
     window = VARIANTS[variant](steps, warmup)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {"variant": variant, "tokens": window.tokens, "cpu_s": window.cpu, "wall_s": window.wall}
+    result = {"variant": variant, "tokens": window.tokens, "cpu_s": window.cpu, "wall_s": window.wall,
+              "per_step": window.per_step}  # fmt: skip
     print("RESULT " + json.dumps({**result, "peak_rss": peak}), flush=True)
 
 
@@ -214,6 +231,9 @@ def main() -> None:
             result = json.loads(lines[-1][len("RESULT ") :])
             print(f"  {result}", flush=True)
             results[variant].append(result)
+    seen = {(v, tuple(r["per_step"])) for v, runs in results.items() for r in runs}
+    if len({steps for _, steps in seen}) != 1:
+        raise SystemExit(f"the variants trained on different batches (real tokens per step): {sorted(seen)}")
     summary = {}
     for variant, runs in results.items():
         tokens = sum(r["tokens"] for r in runs)

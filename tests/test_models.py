@@ -427,3 +427,83 @@ def test_pretrained_hf_backbone_trains_in_training_mode(tmp_path):
         layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     backbone(torch.randint(0, 96, (2, 8))).sum().backward()
     assert len(calls) == 2 * len(backbone.model.model.layers)  # each layer recomputed in backward
+
+
+# -- padding-free batches ---------------------------------------------------------------------------
+
+
+def _padded_batch(lengths: list[int], side: str, vocab: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), T), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    return ids, mask if side == "right" else mask.flip(-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_free_forward_equals_the_padded_one(family: str, side: str) -> None:
+    """The packed row of real tokens gives the padded forward's hidden states and gradients."""
+    overrides = {**_TINY, **FAMILIES[family]}
+    if family == "mistral":
+        overrides["sliding_window"] = 3  # windows must not cross from one packed row into the next
+    ids, mask = _padded_batch([9, 2, 6, 1], side)
+    real = mask.bool()
+    weight = torch.randn(_TINY["hidden_size"], generator=torch.Generator().manual_seed(4))
+    results = []
+    for padding_free in (False, True):
+        torch.manual_seed(0)
+        backbone = HFBackbone(model_type=family, config_overrides=overrides, padding_free=padding_free)
+        assert backbone.padding_free is padding_free  # the build-time probe accepts these families
+        seen = []
+        backbone.model.base_model.register_forward_pre_hook(
+            lambda _, args, kwargs, seen=seen: seen.append(kwargs["input_ids"].shape), with_kwargs=True
+        )
+        hidden = backbone.eval()(ids, mask)  # eval: no dropout masks, which differ by shape
+        (hidden[real] @ weight).sum().backward()
+        grads = {n: p.grad for n, p in backbone.named_parameters() if p.grad is not None}
+        results.append((hidden.detach(), grads))
+        # padding-free: one row holding only the 18 real tokens
+        assert seen == [torch.Size([1, 18]) if padding_free else ids.shape]
+    (padded, padded_grads), (packed, packed_grads) = results
+    torch.testing.assert_close(packed[real], padded[real], atol=ATOL, rtol=1e-5)
+    assert torch.equal(packed[~real], torch.zeros_like(packed[~real]))
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_padding_free_is_off_where_the_family_cannot_pack() -> None:
+    """BLOOM (ALiBi) takes no position ids: the probe keeps it on padded batches, still correct."""
+    torch.manual_seed(0)
+    backbone = HFBackbone(model_type="bloom", config_overrides=_TINY).eval()
+    assert backbone.padding_free is False
+    ids, mask = _padded_batch([5, 2], "right")
+    with torch.no_grad():
+        batch = backbone(ids, mask)
+        alone = backbone(ids[1:, :2], mask[1:, :2])
+    torch.testing.assert_close(batch[1, :2], alone[0], atol=ATOL, rtol=0)
+
+
+def test_tasks_hand_the_mask_to_a_padding_free_backbone() -> None:
+    """TaskModule.encode passes the attention mask only where the backbone skips padding with it."""
+    from gptlab.tasks import SequenceClassification
+
+    ids, mask = _padded_batch([6, 2, 3], "right", vocab=96)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 0])}
+    losses = []
+    for padding_free in (False, True):
+        torch.manual_seed(0)
+        backbone = HFBackbone(
+            model_type="llama", config_overrides=TINY_LLAMA_OVERRIDES, padding_free=padding_free
+        )
+        task = SequenceClassification(backbone=backbone, label_names=["a", "b"])
+        seen = []
+        backbone.model.base_model.register_forward_pre_hook(
+            lambda _, args, kwargs, seen=seen: seen.append(kwargs["input_ids"].shape), with_kwargs=True
+        )
+        losses.append(task.loss(task(batch), batch))
+        assert seen == [torch.Size([1, 11]) if padding_free else ids.shape]
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
+    assert GPT.padding_free is False  # our GPT keeps its unmasked is_causal path

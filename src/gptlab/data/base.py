@@ -71,6 +71,9 @@ class Examples(Dataset):
         return self.items[index]
 
 
+ENCODE_CHUNK = 1024  # texts per tokenizer call in `encode_texts`
+
+
 def encode_texts(
     tokenizer: PreTrainedTokenizerFast,
     texts: list[str],
@@ -79,24 +82,34 @@ def encode_texts(
     add_special_tokens: bool = True,
     split_special_tokens: bool = False,
     return_offsets_mapping: bool = False,
-) -> Any:
+) -> dict[str, list]:
     """`tokenizer(texts, ...)` for a split of examples, with errors and warnings a user can act on.
 
-    `wheres[i]` says where `texts[i]` came from ("<file> line N"). Text the tokenizer knows no
+    Returns {"input_ids": [...], and with return_offsets_mapping "offset_mapping": [...]}, a list per
+    text. `wheres[i]` says where `texts[i]` came from ("<file> line N"). Text the tokenizer knows no
     token for becomes its unknown token, counted in one warning per split (`what`) that names a few
     examples; a tokenizer without an unknown token fails instead, and the error names the file,
     line and character (the Rust tokenizers raise a bare Exception with neither).
     """
-    try:
-        encoded = tokenizer(
-            texts,
-            add_special_tokens=add_special_tokens,
-            split_special_tokens=split_special_tokens,
-            return_offsets_mapping=return_offsets_mapping,
-            return_attention_mask=False,
-        )
-    except Exception as err:  # noqa: BLE001 - any failure of the Rust encoder
-        raise DataError(_unencodable(tokenizer, texts, wheres, what, err)) from None
+    keys = ["input_ids", "offset_mapping"] if return_offsets_mapping else ["input_ids"]
+    encoded: dict[str, list] = {key: [] for key in keys}
+    # In chunks: one call over a whole split makes the Rust encoder allocate for every text at
+    # once, and the C allocator keeps most of that from the OS (the fit's peak RSS, docs/pretrained.md).
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        chunk = texts[start : start + ENCODE_CHUNK]
+        try:
+            part = tokenizer(
+                chunk,
+                add_special_tokens=add_special_tokens,
+                split_special_tokens=split_special_tokens,
+                return_offsets_mapping=return_offsets_mapping,
+                return_attention_mask=False,
+            )
+        except Exception as err:  # noqa: BLE001 - any failure of the Rust encoder
+            where = wheres[start : start + ENCODE_CHUNK]
+            raise DataError(_unencodable(tokenizer, chunk, where, what, err)) from None
+        for key in keys:
+            encoded[key] += part[key]
     unk = tokenizer.unk_token_id
     if unk is None:
         return encoded

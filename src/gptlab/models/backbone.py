@@ -33,7 +33,11 @@ class Backbone(nn.Module, ABC):
     - ``block_class``: the repeated transformer block class; FSDP wraps each instance as one unit
       and activation checkpointing recomputes it.
     - ``num_flops_per_token(seq_len)``: training FLOPs per token (forward + backward), for MFU.
+    - ``padding_free``: True when ``forward`` given the ``attention_mask`` computes real tokens
+      only (faster than the unmasked path on padded batches), so tasks pass the mask to it.
     """
+
+    padding_free: bool = False
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

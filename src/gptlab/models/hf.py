@@ -118,6 +118,11 @@ class HFBackbone(Backbone):
             ``gradient_checkpointing_enable`` (non-reentrant): each decoder layer is recomputed
             in the backward pass instead of keeping its activations; about one extra forward per
             step for a fraction of the activation memory. Weights and outputs are unchanged.
+        padding_free: Run a padded batch as one row of its real tokens only, each sequence
+            attending to itself (transformers' packed-sequence masks from position ids), so
+            no layer computes or stores anything for padding: the same hidden states at real
+            tokens (to float rounding), less time and memory the more a batch is padded.
+            Checked at build time on a probe; families whose masks do not support it run padded.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class HFBackbone(Backbone):
         config_overrides: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        padding_free: bool = True,
     ) -> None:
         super().__init__()
         if (name_or_path is None) == (model_type is None):
@@ -162,6 +168,8 @@ class HFBackbone(Backbone):
         self._logits_multiplier = next((m for m in multipliers if m is not None), None)
         self._softcap = getattr(config, _SOFTCAP, None)
         self._check_logits(name_or_path or model_type)
+        self.padding_free = False
+        self.padding_free = padding_free and self._takes_position_ids and self._padding_free_matches()
         # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode as
         # built: without this, dropout (and transformers' gradient checkpointing, active in training
         # mode only) would stay off for a whole fine-tune (docs/design.md).
@@ -229,11 +237,24 @@ class HFBackbone(Backbone):
         base models otherwise number positions 0..T-1 regardless of padding.
         """
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if attention_mask is not None and self._takes_position_ids:
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         if self._takes_use_cache:
             kwargs["use_cache"] = False  # no KV cache during training: it would only cost memory
-        return self.model.base_model(**kwargs).last_hidden_state  # (B, T, H)
+        if attention_mask is None or not self._takes_position_ids:
+            return self.model.base_model(**kwargs).last_hidden_state  # (B, T, H)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        real = attention_mask.bool()
+        if not self.padding_free or bool(real.all()):
+            return self.model.base_model(**kwargs, position_ids=positions).last_hidden_state
+        # Padding-free: the real tokens of all rows as one row (1, N). With no attention mask and
+        # no cache, transformers starts a new sequence wherever a position id does not follow
+        # the previous one (masking_utils.find_packed_sequence_indices), so each row still
+        # attends only to its own earlier tokens. Padding positions come back as zeros.
+        kwargs.update(
+            input_ids=input_ids[real][None], attention_mask=None, position_ids=positions[real][None]
+        )
+        packed = self.model.base_model(**kwargs).last_hidden_state  # (1, N, H)
+        hidden = packed.new_zeros(*input_ids.shape, packed.size(-1))
+        return hidden.index_put((real,), packed[0])  # (B, T, H)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own logits from hidden states: (B, T, H) -> (B, T, V).
@@ -277,6 +298,36 @@ class HFBackbone(Backbone):
                 f"on a probe), so training and evaluation would use other logits than the model's: this "
                 f"family is not supported as a backbone"
             )
+
+    @torch.no_grad()
+    def _padding_free_matches(self) -> bool:
+        """Whether the padding-free forward gives the padded forward's hidden states on a probe.
+
+        Two rows of 3 and 6 tokens, right- and left-padded, in eval mode; False for families whose
+        attention ignores packed position ids (they keep running padded batches).
+        """
+        param = next(self.model.parameters(), None)
+        if param is None or param.is_meta:
+            return False  # no forward on unmaterialised weights: run padded
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids = torch.arange(12, device=param.device).remainder(self.vocab_size).view(2, 6)
+            masks = [[[1, 1, 1, 0, 0, 0], [1] * 6], [[0, 0, 0, 1, 1, 1], [1] * 6]]  # right, left padding
+            for mask in masks:
+                mask = torch.tensor(mask, device=param.device)
+                self.padding_free = False
+                padded = self(ids, mask)
+                self.padding_free = True
+                packed = self(ids, mask)
+                real = mask.bool()
+                diff = (padded[real] - packed[real]).abs().max().item()
+                if not diff <= PROBE_RTOL * max(1.0, padded[real].abs().max().item()):
+                    return False
+            return True
+        finally:
+            self.padding_free = False
+            self.model.train(was_training)
 
 
 def _find_block_class(model: PreTrainedModel) -> type[nn.Module]:

@@ -214,8 +214,11 @@ class TaskModule(L.LightningModule):
         """Backbone hidden states (B, T, H) for a batch.
 
         Batches are right-padded (batch contract) and our backbones are causal, so no real token
-        ever attends to padding: passing no mask keeps the fast `is_causal` attention path.
+        ever attends to padding: passing no mask keeps the fast `is_causal` attention path, unless
+        the backbone is padding-free (it then skips the padding, faster still).
         """
+        if self.backbone.padding_free and "attention_mask" in batch:
+            return self.backbone(batch["input_ids"], batch["attention_mask"])
         return self.backbone(batch["input_ids"])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
