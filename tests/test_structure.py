@@ -19,7 +19,8 @@ def _imports() -> dict[str, list[ast.ImportFrom | ast.Import]]:
     imports = {}
     for path in sorted((SRC / "gptlab").rglob("*.py")):
         tree = ast.parse(path.read_text())
-        imports[_module_name(path)] = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+        nodes = ast.walk(tree)
+        imports[_module_name(path)] = [n for n in nodes if isinstance(n, ast.Import | ast.ImportFrom)]
     return imports
 
 
