@@ -53,7 +53,8 @@ def row_args(row: str) -> list[str]:
         overrides = {k: config[k] for k in ARCHITECTURE if k in config}
         backbone = {
             "class_path": "gptlab.models.HFBackbone",
-            "init_args": {"model_type": "llama", "config_overrides": overrides},
+            # name_or_path: null, or the shipped config's path merges in beside model_type
+            "init_args": {"name_or_path": None, "model_type": "llama", "config_overrides": overrides},
         }
         return [*full, "--model.init_args.backbone", json.dumps(backbone)]
     raise SystemExit(f"unknown row {row!r}")
