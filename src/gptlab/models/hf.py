@@ -168,7 +168,6 @@ class HFBackbone(Backbone):
         self._logits_multiplier = next((m for m in multipliers if m is not None), None)
         self._softcap = getattr(config, _SOFTCAP, None)
         self._check_logits(name_or_path or model_type)
-        self.padding_free = False
         self.padding_free = padding_free and self._takes_position_ids and self._padding_free_matches()
         # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode as
         # built: without this, dropout (and transformers' gradient checkpointing, active in training
