@@ -196,7 +196,9 @@ def test_repeat_is_one_row_of_copies_with_positions_continuing():
     [
         ("bidi", "unknown context 'bidi'; use one of causal, bidirectional, repeat"),
         ({"mode": "repeat", "repeats": 0}, "repeats=0 must be a whole number >= 1"),
-        ({"mode": "repeat", "repeats": -2}, "repeats=-2 must be a whole number >= 1"),
+        pytest.param(
+            {"mode": "repeat", "repeats": -2}, "repeats=-2 must be a whole number >= 1", id="repeats_negative"
+        ),
         ({"mode": "causal", "repeats": 2}, "repeats=2 is for mode: repeat, not causal"),
         ({"mode": "repeat", "layers": [0, 1]}, "layers=[0, 1] is for mode: bidirectional"),
         ({"mode": "bidirectional", "layers": [0]}, "must be [start, stop]"),
@@ -323,7 +325,9 @@ def yaml_context(path):
     return yaml.safe_load(path.read_text())["model"]["init_args"]["context"]
 
 
-def test_testing_with_another_context_than_trained_is_one_line(context_runs, capsys):
+def test_testing_or_resuming_with_another_context_than_trained_is_one_line(context_runs, tmp_path, capsys):
+    import shutil
+
     from test_bad_inputs import one_line_error
     from tiny_runs import run_cli
 
@@ -336,22 +340,50 @@ def test_testing_with_another_context_than_trained_is_one_line(context_runs, cap
         "trained with context bidirectional, but this model has context causal",
         "set model.init_args.context: bidirectional",
     )
+    # resuming it in another context: the same refusal (the "differing model settings" check names both)
+    run = tmp_path / "run"
+    shutil.copytree(runs["bidirectional"], run)
+    code, err = run_cli(
+        capsys,
+        "fit",
+        "--config",
+        str(run / "config.yaml"),
+        "--ckpt_path",
+        str(run / "checkpoints" / "last.ckpt"),
+        "--model.init_args.context",
+        "repeat",
+        "--trainer.max_steps",
+        "3",
+    )
+    line = one_line_error(code, err, "context")
+    assert "bidirectional" in line and "repeat" in line, line
 
 
 @pytest.mark.parametrize(
     "override, needles",
     [
-        (["--model.init_args.context", "sideways"], ["unknown context 'sideways'"]),
-        (["--model.init_args.context", "{mode: repeat, repeats: 0}"], ["repeats=0 must be a whole number"]),
-        (
+        pytest.param(
+            ["--model.init_args.context", "sideways"], ["unknown context 'sideways'"], id="unknown_value"
+        ),
+        pytest.param(
+            ["--model.init_args.context", "{mode: repeat, repeats: 0}"],
+            ["repeats=0 must be a whole number"],
+            id="repeats_zero",
+        ),
+        pytest.param(
             ["--model.init_args.context", "{mode: repeat, repeats: 1}", "--data.init_args.block_size", "32"],
             [
                 "one row of up to 2 x 32 = 64 tokens",
                 "more than the model's block_size=32",
                 "set data.init_args.block_size to at most 16",
             ],
+            id="rows_do_not_fit",
         ),
-        (["--model.init_args.context", "{mode: bidirectional, layers: [0, 4]}"], ["the model has 1 layers"]),
+        pytest.param(
+            ["--model.init_args.context", "{mode: bidirectional, layers: [0, 4]}"],
+            ["the model has 1 layers"],
+            id="layers_outside",
+        ),
     ],
 )
 def test_bad_contexts_stop_fit_in_one_line(context_runs, tmp_path, capsys, override, needles):
