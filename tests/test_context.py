@@ -448,3 +448,26 @@ def test_a_repeat_classifier_export_is_refused_in_one_line(context_runs, tmp_pat
     code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "out"))
     one_line_error(code, err, "context repeat (repeats 1)", "no exact transformers equivalent")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(__import__("test_models").FAMILIES))
+def test_every_family_is_bidirectional_or_refused_in_one_line(family):
+    """Each family of the slow family test: the mode works (checked here again, outside the probe),
+    or building the task says why in one line."""
+    from test_models import _TINY, FAMILIES
+
+    torch.manual_seed(0)
+    model = HFBackbone(model_type=family, config_overrides={**_TINY, **FAMILIES[family]})
+    try:
+        task = TokenClassification(model, TAGS, dropout=0.0, context="bidirectional").eval()
+    except ConfigError as err:
+        assert "\n" not in str(err) and str(err).startswith("model.init_args.context: bidirectional: "), err
+        return
+    rows = [[21, 22, 23], SENTENCE]
+    with torch.no_grad():
+        together = task(batch(rows))
+        for i, row in enumerate(rows):
+            torch.testing.assert_close(together[i, : len(row)], task(batch([row]))[0], atol=2e-5, rtol=0)
+        moved = task(batch([SENTENCE]))[0, 0] - task(batch([CHANGED_LAST]))[0, 0]
+    assert moved.abs().max() > 1e-5

@@ -140,7 +140,9 @@ class TaskModule(L.LightningModule):
         self.context = parse_context(context, type(self).__name__, self.contexts)
         self._bidirectional = bidirectional_layers(self.context, backbone)
         if self._bidirectional is not None:
-            check_bidirectional(backbone, self._bidirectional, type(backbone).__name__)
+            config = getattr(getattr(backbone, "model", None), "config", None)  # an HFBackbone's family
+            family = f" ({config.model_type})" if config is not None else ""
+            check_bidirectional(backbone, self._bidirectional, type(backbone).__name__ + family)
         given = _given_hyperparameters.get()
         if given is not None:
             # LightningCLI records every instantiation link in the hyperparameters, also the data ->
