@@ -162,6 +162,7 @@ class HFBackbone(Backbone):
         self._takes_position_ids = "position_ids" in params
         self._takes_use_cache = "use_cache" in params
         self._block_class = _find_block_class(self.model)
+        self._num_layers = sum(isinstance(m, self._block_class) for m in self.model.modules())
         config = self.model.config
         self._logits_divisor = getattr(config, _LOGITS_DIVISOR, None)
         multipliers = [getattr(config, k, None) for k in _LOGITS_MULTIPLIERS]
@@ -212,6 +213,10 @@ class HFBackbone(Backbone):
     def block_class(self) -> type[nn.Module]:
         return self._block_class
 
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers  # counted once: forward checks bidirectional ranges against it
+
     def num_flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, ``6 N + 12 L H T`` (PaLM appendix B).
 
@@ -225,8 +230,7 @@ class HFBackbone(Backbone):
         out = self.model.get_output_embeddings().weight
         if id(out) in embedding_params:  # tied: the lm_head matmul still costs 6 V H per token
             n_params += out.numel()
-        n_layer = sum(isinstance(m, self._block_class) for m in self.model.modules())
-        return transformer_flops_per_token(n_params, n_layer, self.hidden_size, seq_len)
+        return transformer_flops_per_token(n_params, self.num_layers, self.hidden_size, seq_len)
 
     def forward(
         self,
