@@ -126,7 +126,7 @@ def test_gpt_bidirectional_layer_range_leaves_the_other_layers_causal():
         assert not torch.allclose(last, model(ids, bidirectional=range(2)), atol=1e-5)
         assert not torch.allclose(last, model(ids), atol=1e-5)
     task = tagger("gpt", {"mode": "bidirectional", "layers": [-1, None]})
-    assert task._bidirectional == range(1, 2)
+    assert task.bidirectional == range(1, 2)
 
 
 # ----------------------------------------------------------------------------- repeat

@@ -282,7 +282,7 @@ def to_hf_classifier(task, tokenizer) -> PreTrainedModel:
         )
     context = task.context
     if context.mode == "repeat" or (
-        context.mode == "bidirectional" and len(task._bidirectional) != task.backbone.num_layers
+        context.mode == "bidirectional" and len(task.bidirectional) != task.backbone.num_layers
     ):
         raise CheckpointError(
             f"context {context.describe()}: a transformers classifier reads each text once, "

@@ -138,11 +138,12 @@ class TaskModule(L.LightningModule):
         if peft is not None:
             _check_peft_args(backbone, peft, init_from, freeze_backbone)
         self.context = parse_context(context, type(self).__name__, self.contexts)
-        self._bidirectional = bidirectional_layers(self.context, backbone)
-        if self._bidirectional is not None:
+        # the backbone layers without causal mask (None unless context is bidirectional)
+        self.bidirectional = bidirectional_layers(self.context, backbone)
+        if self.bidirectional is not None:
             config = getattr(getattr(backbone, "model", None), "config", None)  # an HFBackbone's family
             family = f" ({config.model_type})" if config is not None else ""
-            check_bidirectional(backbone, self._bidirectional, type(backbone).__name__ + family)
+            check_bidirectional(backbone, self.bidirectional, type(backbone).__name__ + family)
         given = _given_hyperparameters.get()
         if given is not None:
             # LightningCLI records every instantiation link in the hyperparameters, also the data ->
@@ -248,9 +249,9 @@ class TaskModule(L.LightningModule):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(ids)
-        if self._bidirectional is not None:
+        if self.bidirectional is not None:
             padded = not bool(mask.all())  # (one host sync; no mask at all selects the fused kernels)
-            return self.backbone(ids, mask if padded else None, bidirectional=self._bidirectional)
+            return self.backbone(ids, mask if padded else None, bidirectional=self.bidirectional)
         repeats = self.context.repeats if self.context.mode == "repeat" else 0
         rows, row_mask = repeat_rows(ids, mask, repeats) if repeats else (ids, mask)
         hidden = self.backbone(rows, row_mask) if self.backbone.padding_free else self.backbone(rows)
@@ -420,8 +421,8 @@ class TaskModule(L.LightningModule):
 
     def describe_context(self, datamodule: L.LightningDataModule | None) -> str:
         """What the context makes each position read, and what it cuts (printed at the start of fit)."""
-        if self._bidirectional is not None:
-            layers = self._bidirectional
+        if self.bidirectional is not None:
+            layers = self.bidirectional
             which = (
                 "every layer"
                 if len(layers) == self.backbone.num_layers
