@@ -669,6 +669,12 @@ def _early_rows(tmp: Path) -> dict[str, tuple[list[str], dict, list[str], list[s
             ["--preemption.every_n_steps", "-3"],
             ["preemption.every_n_steps=-3 must be >= 0"],
         ),
+        "progress_interval_zero": (
+            ["fit"],
+            {},
+            ["--progress.every_n_steps", "0"],
+            ["progress.every_n_steps=0 must be >= 1"],
+        ),
         "nul_bytes_text": (
             ["fit"],
             {"data.init_args.train_files": str(nul)},
@@ -737,6 +743,7 @@ EARLY_ROWS = [
     "max_steps_zero",
     "uncatchable_preemption_signal",
     "negative_preemption_interval",
+    "progress_interval_zero",
     "nul_bytes_text",
     "state_dict_as_ckpt_path",
     "empty_ckpt_path",

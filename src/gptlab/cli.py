@@ -12,7 +12,8 @@ What it adds to LightningCLI:
 - fine-tuning: a task's `label_names` come from the data module (`data.label_names`), and with
   `init_from` the backbone config and the tokenizer come from the pretraining run when the YAML
   does not give them; evaluating a checkpoint reuses its backbone config and label names;
-- every run logs throughput and MFU (`throughput.*`, gptlab.callbacks.Throughput);
+- every run logs throughput and MFU (`throughput.*`, gptlab.callbacks.Throughput), and prints plain
+  progress lines where there is no terminal (`progress.*`, gptlab.callbacks.ProgressLog);
 - every fit saves `last.ckpt` every `preemption.every_n_steps` steps and on SIGTERM / SIGUSR1
   (then exits 75, gptlab.resilience.REQUEUE_EXIT_CODE), and stops at a non-finite loss
   (`nonfinite_loss.policy`);
@@ -50,7 +51,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from gptlab.adapters import require_peft
-from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, Throughput
+from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, ProgressLog, Throughput
 from gptlab.checkpointing import install_atomic_checkpoints, require_complete
 from gptlab.config_check import check_config_files, one_line_parser_error
 from gptlab.data import DataModule
@@ -677,6 +678,8 @@ class GPTLabCLI(LightningCLI):
         )
         # Always on, like the checkpoint callback: tokens/s, samples/s and MFU for every task.
         parser.add_lightning_class_args(Throughput, "throughput")
+        # Always on: plain progress lines where no terminal shows the bar (a batch job's log).
+        parser.add_lightning_class_args(ProgressLog, "progress")
         # Always on: the learning rate of every parameter group at every logging step (`lr/...`).
         parser.add_lightning_class_args(LearningRate, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
