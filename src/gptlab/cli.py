@@ -14,7 +14,8 @@ What it adds to LightningCLI:
   does not give them; evaluating a checkpoint reuses its backbone config and label names;
 - every run logs throughput and MFU (`throughput.*`, gptlab.callbacks.Throughput), and prints plain
   progress lines where there is no terminal (`progress.*`, gptlab.callbacks.ProgressLog);
-- every fit saves `last.ckpt` every `preemption.every_n_steps` steps and on SIGTERM / SIGUSR1
+- every fit saves `last.ckpt` every 30 minutes (`preemption.every_n_minutes`; every N steps with
+  `preemption.every_n_steps`) and on SIGTERM / SIGUSR1
   (then exits 75, gptlab.resilience.REQUEUE_EXIT_CODE), and stops at a non-finite loss
   (`nonfinite_loss.policy`);
 - a sharded FSDP checkpoint (a folder) is consolidated on the fly for evaluation under any other
