@@ -724,6 +724,12 @@ def _early_rows(tmp: Path) -> dict[str, tuple[list[str], dict, list[str], list[s
             ["--experiment", "../elsewhere"],
             ["--experiment '../elsewhere': give a plain name", "set --logs"],
         ),
+        "experiment_name_too_long": (
+            ["fit"],
+            {},
+            ["--experiment", "e" * 300],
+            ["--experiment is 300 bytes long", "at most 255 bytes"],
+        ),
         "monitor_never_logged": (
             ["fit"],
             {},
@@ -753,6 +759,7 @@ EARLY_ROWS = [
     "hf_init_from_without_weights",
     "unwritable_cache_dir",
     "experiment_with_a_path",
+    "experiment_name_too_long",
     "monitor_never_logged",
 ]
 

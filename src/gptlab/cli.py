@@ -829,6 +829,13 @@ class GPTLabCLI(LightningCLI):
                 f"--experiment {experiment!r}: give a plain name (no '/', '\\' or '..'): runs land in "
                 f"{cfg.logs}/<experiment>/version_N; to write them elsewhere, set --logs"
             )
+        # It becomes a folder name: longer than the filesystem allows, the logger's mkdir fails deep
+        # inside Lightning ("File name too long"). 255 bytes is the limit of ext4, XFS, btrfs, APFS.
+        if len(os.fsencode(experiment)) > 255:
+            raise ConfigError(
+                f"--experiment is {len(os.fsencode(experiment))} bytes long ({experiment[:40]!r}...), but it "
+                f"names a folder and folder names are at most 255 bytes: give a shorter name"
+            )
         trainer = cfg.trainer
         accumulate = trainer.get("accumulate_grad_batches")
         if accumulate is not None and accumulate < 1:
