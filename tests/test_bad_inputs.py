@@ -209,6 +209,14 @@ def test_export_unknown_option(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_of_a_zero_byte_checkpoint(tmp_path, capsys):
+    empty = tmp_path / "empty.ckpt"
+    empty.touch()
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(empty), "--out", str(tmp_path / "out"))
+    one_line_error(code, err, f"checkpoint {empty} is an empty file (0 bytes)")
+    assert not (tmp_path / "out").exists() and empty.stat().st_size == 0
+
+
 # ----------------------------------------------------------------- data
 def _text_rows(tmp: Path) -> dict[str, tuple[dict, list[str]]]:
     """id -> (overrides of the causal LM config, needles)."""
