@@ -209,6 +209,14 @@ def test_export_unknown_option(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_of_a_zero_byte_checkpoint(tmp_path, capsys):
+    empty = tmp_path / "empty.ckpt"
+    empty.touch()
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(empty), "--out", str(tmp_path / "out"))
+    one_line_error(code, err, f"checkpoint {empty} is an empty file (0 bytes)")
+    assert not (tmp_path / "out").exists() and empty.stat().st_size == 0
+
+
 # ----------------------------------------------------------------- data
 def _text_rows(tmp: Path) -> dict[str, tuple[dict, list[str]]]:
     """id -> (overrides of the causal LM config, needles)."""
@@ -669,6 +677,12 @@ def _early_rows(tmp: Path) -> dict[str, tuple[list[str], dict, list[str], list[s
             ["--preemption.every_n_steps", "-3"],
             ["preemption.every_n_steps=-3 must be >= 0"],
         ),
+        "progress_interval_zero": (
+            ["fit"],
+            {},
+            ["--progress.every_n_steps", "0"],
+            ["progress.every_n_steps=0 must be >= 1"],
+        ),
         "nul_bytes_text": (
             ["fit"],
             {"data.init_args.train_files": str(nul)},
@@ -718,6 +732,12 @@ def _early_rows(tmp: Path) -> dict[str, tuple[list[str], dict, list[str], list[s
             ["--experiment", "../elsewhere"],
             ["--experiment '../elsewhere': give a plain name", "set --logs"],
         ),
+        "experiment_name_too_long": (
+            ["fit"],
+            {},
+            ["--experiment", "e" * 300],
+            ["--experiment is 300 bytes long", "at most 255 bytes"],
+        ),
         "monitor_never_logged": (
             ["fit"],
             {},
@@ -737,6 +757,7 @@ EARLY_ROWS = [
     "max_steps_zero",
     "uncatchable_preemption_signal",
     "negative_preemption_interval",
+    "progress_interval_zero",
     "nul_bytes_text",
     "state_dict_as_ckpt_path",
     "empty_ckpt_path",
@@ -746,6 +767,7 @@ EARLY_ROWS = [
     "hf_init_from_without_weights",
     "unwritable_cache_dir",
     "experiment_with_a_path",
+    "experiment_name_too_long",
     "monitor_never_logged",
 ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -27,8 +28,13 @@ def fitted_run(tmp_path_factory) -> Path:
     corpus.mkdir()
     for i, text in enumerate(TINY_CORPUS):
         (corpus / f"doc{i}.txt").write_text(text)
-    result = run_main("fit", "--config", str(tiny_config(tmp, corpus)))
+    # As in a batch job: no terminal (pipes), the progress bar on, a progress line every 2 steps.
+    progress = ["--trainer.enable_progress_bar", "true", "--progress.every_n_steps", "2"]
+    result = run_main(
+        "fit", "--config", str(tiny_config(tmp, corpus)), *progress, "--progress.every_n_seconds", "0"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
+    (tmp / "fit.log").write_text(result.stdout + result.stderr)
     runs = sorted((tmp / "logs" / "tiny").glob("version_*"))
     assert [r.name for r in runs] == ["version_0"]
     return runs[0]
@@ -59,6 +65,19 @@ def test_fit_writes_the_run_directory(fitted_run: Path):
     last = torch.load(fitted_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6
     assert last["gptlab"]["task"] == "gptlab.tasks.causal_lm.CausalLM"
+
+
+def test_a_fit_without_a_terminal_logs_plain_progress_lines(fitted_run: Path):
+    """Every 2 steps a line with step / max_steps, loss, tokens/s, elapsed and ETA; one per validation."""
+    log = (fitted_run.parents[2] / "fit.log").read_text()
+    assert "\r" not in log, "carriage returns: a terminal progress bar in a log file"
+    lines = re.findall(
+        r"^step (\d+)/6 \(\d+%\) \| loss (\S+) \| ([\d,]+) tok/s \| elapsed \S+ \| ETA \S+$", log, re.M
+    )
+    assert [int(step) for step, *_ in lines] == [2, 4, 6], log[-3000:]
+    assert all(math.isfinite(float(loss)) and int(rate.replace(",", "")) > 0 for _, loss, rate in lines)
+    validations = re.findall(r"^validation at step (\d+): val/loss=\S+, val/ppl=\S+$", log, re.M)
+    assert validations == ["0", "3", "6"], log[-3000:]  # the sanity check (step 0), then each validation
 
 
 def test_load_from_checkpoint_needs_no_arguments(fitted_run: Path):

@@ -278,3 +278,23 @@ def test_the_readme_data_examples_run_as_written(tmp_path, monkeypatch):
         dm = ready(getattr(importlib.import_module(module), name)(**args))
         assert len(dm.train_dataset) > 0 and dm.val_dataset is not None
     assert dm.val_dataset.items[0]["prompt"].endswith("Output: ")
+
+
+def test_a_10_mb_field_in_a_tsv_or_csv_loads_and_an_unclosed_quote_is_named(tmp_path):
+    """The csv module's 128 KiB field limit is no data error: a long text loads as from .jsonl.
+
+    A csv whose quote never closes (what the limit guards against) still fails in one line, at
+    the line the quote opens.
+    """
+    from gptlab.data.sources import read_table
+
+    long = "word " * 2_000_000  # 10 MB
+    for suffix, sep in ((".tsv", "\t"), (".csv", ",")):
+        path = tmp_path / f"long{suffix}"
+        path.write_text(f"text{sep}label\nshort{sep}pos\n{long}{sep}neg\n")
+        rows = [record for _, record in read_table(path, ["text", "label"])]
+        assert [len(r["text"]) for r in rows] == [5, len(long)] and rows[1]["label"] == "neg"
+    broken = tmp_path / "broken.csv"
+    broken.write_text('text,label\n"never closed,pos\n' + "more,neg\n" * 50_000)
+    with pytest.raises(DataError, match=r"broken.csv line 2: 1 fields, but the header has 2"):
+        list(read_table(broken, ["text", "label"]))

@@ -18,7 +18,14 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from conftest import REPO, TINY_CORPUS, shared_data, tiny_config
 from gptlab import callbacks as gcallbacks
-from gptlab.callbacks import Compile, ProgressBar, SampleGeneration, Throughput, measure_matmul_flops
+from gptlab.callbacks import (
+    Compile,
+    ProgressBar,
+    ProgressLog,
+    SampleGeneration,
+    Throughput,
+    measure_matmul_flops,
+)
 from gptlab.cli import GPTLabCLI, main
 from gptlab.data import SeededShuffleSampler
 from gptlab.errors import CheckpointError
@@ -267,6 +274,50 @@ def test_throughput_leaves_validation_out(monkeypatch):
     trainer.global_step = 1
     callback.on_train_batch_end(trainer, module, None, batch, 1)  # t=51
     assert module.logged == {"train/tokens_per_sec": 10.0, "train/samples_per_sec": 2.0}
+
+
+class Terminal:
+    """A stream that is (or is not) a terminal, for ProgressLog's `when: auto`."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_lines_come_every_n_steps_or_seconds_whichever_is_later(monkeypatch):
+    lines: list[str] = []
+    monkeypatch.setattr(gcallbacks, "rank_zero_info", lines.append)
+    now = [0.0]
+    monkeypatch.setattr(gcallbacks.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(gcallbacks.sys, "stdout", Terminal(False))  # `> run.log`
+    callback = ProgressLog(every_n_steps=2, every_n_seconds=10)
+    trainer = SimpleNamespace(
+        is_global_zero=True, progress_bar_callback=object(), world_size=2, global_step=0,
+        estimated_stepping_batches=100,
+    )  # fmt: skip
+    callback.on_train_start(trainer, FakeModule(flops_per_token=1))
+    batch = {"input_ids": torch.empty(4, 8, dtype=torch.long, device="meta")}
+    printed = []
+    for step in range(1, 9):  # 3 s per step: 2 steps are too soon, 4 steps (12 s) are enough
+        now[0] += 3.0
+        trainer.global_step = step
+        loss = {"loss": torch.tensor(float(step))}
+        callback.on_train_batch_end(trainer, FakeModule(flops_per_token=1), loss, batch, step - 1)
+        printed.append(len(lines))
+    assert printed == [0, 0, 0, 1, 1, 1, 1, 2]
+    # Steps 1-4 in 12 s: the mean loss of those steps, 4 x 4 x 8 positions x 2 ranks / 12 s.
+    assert lines[0] == "step 4/100 (4%) | loss 2.5000 | 21 tok/s | elapsed 0:00:12 | ETA 0:04:48"
+    assert lines[1].startswith("step 8/100 (8%) | loss 6.5000 |")
+    # Both streams a terminal and a bar shown: no lines (unless asked for).
+    monkeypatch.setattr(gcallbacks.sys, "stdout", Terminal(True))
+    monkeypatch.setattr(gcallbacks.sys, "stderr", Terminal(True))
+    callback.on_train_start(trainer, FakeModule(flops_per_token=1))
+    assert not callback.active
+    callback.when = "always"
+    callback.on_train_start(trainer, FakeModule(flops_per_token=1))
+    assert callback.active
 
 
 def test_peak_flops_table(monkeypatch):

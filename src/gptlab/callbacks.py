@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -367,6 +370,113 @@ class ProgressBar(RichProgressBar):
     def _update_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._skip_metrics:
             super()._update_metrics(trainer, pl_module)
+
+
+def _clock(seconds: float) -> str:
+    """`seconds` as H:MM:SS (hours unbounded), the form nanoGPT-style logs and `time` use."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class ProgressLog(L.Callback):
+    """Plain progress lines for a log file: what a batch job, `nohup` or `> run.log` shows.
+
+    Lightning's rich bar redraws one terminal line in place; written to a file it shows nothing
+    until the end. Where there is no terminal to draw on, this callback prints (rank 0, to
+    stderr like Lightning's own messages) one line at a steady cadence, every `every_n_steps`
+    optimizer steps or every `every_n_seconds`, whichever comes later:
+
+        step 120/400 (30%) | loss 2.3456 | 14,203 tok/s | elapsed 0:12:34 | ETA 0:29:20
+
+    and after each validation one line with its metrics, `validation at step 120: val/loss=...`.
+    `loss` is the mean training loss over the steps since the previous line (rank 0's batches);
+    tokens/s counts the positions fed to the model by all ranks over that interval, everything
+    included (validations, saves), which is also the rate the ETA assumes. gptlab's CLI always
+    adds it (`progress.*`).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        every_n_seconds: float = 30.0,
+        when: Literal["auto", "always", "never"] = "auto",
+    ) -> None:
+        """
+        Args:
+            every_n_steps: at least this many optimizer steps between two lines.
+            every_n_seconds: at least this many seconds between two lines (a fast run would
+                otherwise print thousands of lines).
+            when: "auto" prints lines when stdout or stderr is not a terminal, or no progress bar
+                is shown; "always" prints them beside the bar too; "never" turns them off.
+        """
+        problems = []
+        if every_n_steps < 1:
+            problems.append(f"progress.every_n_steps={every_n_steps} must be >= 1")
+        if every_n_seconds < 0:
+            problems.append(f"progress.every_n_seconds={every_n_seconds} must be >= 0")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.every_n_steps = every_n_steps
+        self.every_n_seconds = every_n_seconds
+        self.when = when
+        self.active = False
+
+    def _wanted(self, trainer: L.Trainer) -> bool:
+        if self.when != "auto":
+            return self.when == "always"
+        terminal = all(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr))
+        return not (terminal and trainer.progress_bar_callback is not None)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.active = trainer.is_global_zero and self._wanted(trainer)
+        # A resumed run starts its clock and counts here: rates and the ETA are this process's.
+        self._start = self._last_time = time.monotonic()
+        self._first_step = self._last_step = trainer.global_step
+        self._tokens = 0
+        self._loss_sum: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self.active:
+            return
+        seq_len = pl_module.positions_fed(batch["input_ids"].shape[1])  # host-side shape: no sync
+        self._tokens += batch["input_ids"].shape[0] * seq_len * trainer.world_size
+        loss = outputs.get("loss") if isinstance(outputs, dict) else None
+        if isinstance(loss, torch.Tensor):
+            # Lightning divides each micro-batch's loss by accumulate_grad_batches: the sum over a
+            # step is the step's mean. Added on the device, read only when a line is printed.
+            loss = loss.detach().float()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        step, now = trainer.global_step, time.monotonic()
+        if step - self._last_step >= self.every_n_steps and now - self._last_time >= self.every_n_seconds:
+            self._print_line(trainer, step, now)
+
+    def _print_line(self, trainer: L.Trainer, step: int, now: float) -> None:
+        total = trainer.estimated_stepping_batches  # max_steps, or what max_epochs amounts to
+        known = isinstance(total, int) or math.isfinite(total)
+        parts = [f"step {step}/{int(total)} ({step / total:.0%})" if known and total else f"step {step}"]
+        if self._loss_sum is not None:
+            parts.append(f"loss {self._loss_sum.item() / (step - self._last_step):.4f}")
+        parts.append(f"{self._tokens / max(now - self._last_time, 1e-9):,.0f} tok/s")
+        elapsed = now - self._start
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if known and step > self._first_step:
+            parts.append(f"ETA {_clock(elapsed / (step - self._first_step) * max(total - step, 0))}")
+        rank_zero_info(" | ".join(parts))
+        self._last_time, self._last_step = now, step
+        self._tokens, self._loss_sum = 0, None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.active or trainer.sanity_checking:  # the task prints the validation at step 0
+            return
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if metrics:
+            text = ", ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items()))
+            rank_zero_info(f"validation at step {trainer.global_step}: {text}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The last steps since the previous line, so that a finished log ends at its final step.
+        if self.active and trainer.global_step > self._last_step:
+            self._print_line(trainer, trainer.global_step, time.monotonic())
 
 
 class Checkpoint(ModelCheckpoint):

@@ -12,8 +12,10 @@ What it adds to LightningCLI:
 - fine-tuning: a task's `label_names` come from the data module (`data.label_names`), and with
   `init_from` the backbone config and the tokenizer come from the pretraining run when the YAML
   does not give them; evaluating a checkpoint reuses its backbone config and label names;
-- every run logs throughput and MFU (`throughput.*`, gptlab.callbacks.Throughput);
-- every fit saves `last.ckpt` every `preemption.every_n_steps` steps and on SIGTERM / SIGUSR1
+- every run logs throughput and MFU (`throughput.*`, gptlab.callbacks.Throughput), and prints plain
+  progress lines where there is no terminal (`progress.*`, gptlab.callbacks.ProgressLog);
+- every fit saves `last.ckpt` every 30 minutes (`preemption.every_n_minutes`; every N steps with
+  `preemption.every_n_steps`) and on SIGTERM / SIGUSR1
   (then exits 75, gptlab.resilience.REQUEUE_EXIT_CODE), and stops at a non-finite loss
   (`nonfinite_loss.policy`);
 - a sharded FSDP checkpoint (a folder) is consolidated on the fly for evaluation under any other
@@ -50,7 +52,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from gptlab.adapters import require_peft
-from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, Throughput
+from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, ProgressLog, Throughput
 from gptlab.checkpointing import install_atomic_checkpoints, require_complete
 from gptlab.config_check import check_config_files, one_line_parser_error
 from gptlab.data import DataModule
@@ -677,6 +679,8 @@ class GPTLabCLI(LightningCLI):
         )
         # Always on, like the checkpoint callback: tokens/s, samples/s and MFU for every task.
         parser.add_lightning_class_args(Throughput, "throughput")
+        # Always on: plain progress lines where no terminal shows the bar (a batch job's log).
+        parser.add_lightning_class_args(ProgressLog, "progress")
         # Always on: the learning rate of every parameter group at every logging step (`lr/...`).
         parser.add_lightning_class_args(LearningRate, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
@@ -824,6 +828,13 @@ class GPTLabCLI(LightningCLI):
             raise ConfigError(
                 f"--experiment {experiment!r}: give a plain name (no '/', '\\' or '..'): runs land in "
                 f"{cfg.logs}/<experiment>/version_N; to write them elsewhere, set --logs"
+            )
+        # It becomes a folder name: longer than the filesystem allows, the logger's mkdir fails deep
+        # inside Lightning ("File name too long"). 255 bytes is the limit of ext4, XFS, btrfs, APFS.
+        if len(os.fsencode(experiment)) > 255:
+            raise ConfigError(
+                f"--experiment is {len(os.fsencode(experiment))} bytes long ({experiment[:40]!r}...), but it "
+                f"names a folder and folder names are at most 255 bytes: give a shorter name"
             )
         trainer = cfg.trainer
         accumulate = trainer.get("accumulate_grad_batches")

@@ -147,6 +147,11 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
         raise CheckpointError(
             f"checkpoint {path} does not exist: check the path (runs live in logs/<experiment>/)"
         )
+    if path.stat().st_size == 0:  # torch says only "EOFError" (no message) for it
+        raise CheckpointError(
+            f"checkpoint {path} is an empty file (0 bytes): a save that never happened or a failed copy; "
+            f"use another checkpoint of the run"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -171,7 +176,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
             f"numbers, strings)"
         ) from None
     except Exception as err:  # truncated file, not a torch file, ...
-        reason = str(err).splitlines()[0].split(". ")[0][:200]  # torch's first sentence says it
+        reason = (str(err).splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence says it
         raise CheckpointError(
             f"checkpoint {path} cannot be loaded safely ({type(err).__name__}: {reason}); "
             f"it may be truncated or not a gptlab checkpoint: use another checkpoint of the run"

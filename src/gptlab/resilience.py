@@ -1,7 +1,8 @@
 """Keeping a run correct through preemption and numerical blow-ups (docs/design.md §6.2).
 
-    every optimizer step ── Preemption: save last.ckpt every N steps; on SIGTERM / SIGUSR1 save
-                          │             it at the end of the step, then exit REQUEUE_EXIT_CODE
+    every optimizer step ── Preemption: save last.ckpt every 30 minutes (and / or every N steps);
+                          │             on SIGTERM / SIGUSR1 save it at the end of the step, then
+                          │             exit REQUEUE_EXIT_CODE
                           └ NonFiniteLoss: a NaN / inf loss stops the run before it touches the
                                            weights (default), or every rank skips that step
 
@@ -13,6 +14,7 @@ and stop together.
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Literal
@@ -39,19 +41,22 @@ class Preempted(SystemExit):
     """Raised on every rank after the preemption checkpoint is written; exits REQUEUE_EXIT_CODE."""
 
 
-def _reduce_any(trainer: L.Trainer, device: torch.device, flag: bool | torch.Tensor) -> bool:
-    """True when `flag` holds on any rank. One host sync; a collective only with several ranks."""
+def _reduce_any(trainer: L.Trainer, device: torch.device, *flags: bool | torch.Tensor) -> list[bool]:
+    """For each flag, whether it holds on any rank. One host sync; one collective with several ranks."""
     if trainer.world_size == 1:
-        return bool(flag)
-    value = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(())
-    return bool(trainer.strategy.reduce(value.clone(), reduce_op="sum").item() > 0)
+        return [bool(flag) for flag in flags]
+    value = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in flags])
+    return (trainer.strategy.reduce(value, reduce_op="sum") > 0).tolist()
 
 
 class Preemption(L.Callback):
     """Periodic `last.ckpt` and a graceful stop on SIGTERM / SIGUSR1 (preemption, SLURM time limit).
 
-    - every `every_n_steps` optimizer steps, `<run>/checkpoints/last.ckpt` is written (the file
-      `fit --ckpt_path last` resumes from), bounding what a crash or kill loses;
+    - `<run>/checkpoints/last.ckpt` (the file `fit --ckpt_path last` resumes from) is written once
+      `every_n_minutes` of training passed since the last save of any kind (default 30), and
+      every `every_n_steps` optimizer steps if asked: whether or when the run validates, a crash
+      or kill loses at most that much (a run that validates only at its end would otherwise save
+      nothing before it);
     - a signal in `signals` only sets a flag; at the end of the optimizer step in progress
       (after the weights change, so within one step) every rank saves `last.ckpt` and the process
       exits with `exit_code`. Resuming from it continues exactly (same batches, dropout, LR).
@@ -64,16 +69,23 @@ class Preemption(L.Callback):
     the README, "Resume and preemption".
     """
 
+    # The clock of `every_n_minutes`: monotonic, so that a changed system time moves no save.
+    _clock = staticmethod(time.monotonic)
+
     def __init__(
         self,
         every_n_steps: int | None = None,
+        every_n_minutes: float | None = 30.0,
         signals: list[str] | None = None,
         exit_code: int = REQUEUE_EXIT_CODE,
     ) -> None:
         """
         Args:
-            every_n_steps: save `last.ckpt` every N optimizer steps (None or 0: only where the
-                `checkpoint.*` callback saves it, after each validation).
+            every_n_steps: also save `last.ckpt` every N optimizer steps (None or 0: no
+                step-based save).
+            every_n_minutes: save `last.ckpt` at the end of the first step that ends this many
+                minutes of training after the previous save (validation saves included); None or 0:
+                no time-based save. Under DDP a save is due when it is due on any rank.
             signals: signal names that save and stop at the end of the current step; default
                 ["SIGTERM", "SIGUSR1"] (what SLURM sends on preemption and with `--signal`).
                 An empty list leaves the signal handlers to Lightning.
@@ -83,6 +95,10 @@ class Preemption(L.Callback):
         problems = []
         if every_n_steps is not None and every_n_steps < 0:
             problems.append(f"preemption.every_n_steps={every_n_steps} must be >= 0 (0: no periodic save)")
+        if every_n_minutes is not None and not every_n_minutes >= 0:  # NaN too
+            problems.append(
+                f"preemption.every_n_minutes={every_n_minutes} must be >= 0 (0: no time-based save)"
+            )
         names = ["SIGTERM", "SIGUSR1"] if signals is None else list(signals)
         unknown = [n for n in names if not isinstance(getattr(signal, n, None), signal.Signals)]
         if unknown:
@@ -99,11 +115,13 @@ class Preemption(L.Callback):
         if problems:
             raise ConfigError("; ".join(problems))
         self.every_n_steps = every_n_steps or 0
+        self.every_n_minutes = every_n_minutes or 0.0
         self.signals = [getattr(signal, n) for n in names]
         self.exit_code = exit_code
         self.received: int | None = None
         self._last_step = -1
         self._saved_step = -1
+        self._saved_time = self._clock()  # of the last save, or of the start of training
         self._tokens_at_step: torch.Tensor | None = None  # the task's tokens_seen at the last step
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -129,6 +147,7 @@ class Preemption(L.Callback):
             # `on_advance_start`). The epoch is closed: the next one starts normally.
             loop.reset_restart_stage()
         self._last_step = trainer.global_step
+        self._saved_time = self._clock()
         self._tokens_at_step = self._tokens_seen(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -138,9 +157,11 @@ class Preemption(L.Callback):
         self._last_step = step
         if trainer.accumulate_grad_batches > 1:  # only a save between micro-batches needs it
             self._tokens_at_step = self._tokens_seen(pl_module)
-        # Every rank takes part in the reduction at every step, so all see the same answer.
-        stop = _reduce_any(trainer, pl_module.device, self.received is not None)
-        periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        # Every rank takes part in the reduction at every step, so all see the same answer (each
+        # rank's clock is its own: a save is due when it is due on any of them).
+        late = self.every_n_minutes > 0 and self._clock() - self._saved_time >= 60 * self.every_n_minutes
+        stop, late = _reduce_any(trainer, pl_module.device, self.received is not None, late)
+        periodic = late or (self.every_n_steps > 0 and step % self.every_n_steps == 0)
         if not (stop or periodic):
             return
         path = self.save_last(trainer)
@@ -152,9 +173,12 @@ class Preemption(L.Callback):
                 f"gptlab: {name}: saved {path} at step {step}; exiting {self.exit_code} to be requeued"
             )
             raise Preempted(self.exit_code)
+        if late:  # rare (every_n_minutes), and a batch job's log should show that it is safe
+            rank_zero_info(f"gptlab: saved {path} at step {step} (preemption.every_n_minutes)")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._saved_step = trainer.global_step
+        self._saved_time = self._clock()
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
         if progress is None:  # a weights-only checkpoint: no loop state to put right
             return
@@ -268,7 +292,7 @@ class NonFiniteLoss(L.Callback):
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        bad = _reduce_any(trainer, loss.device, ~torch.isfinite(loss.detach()))
+        (bad,) = _reduce_any(trainer, loss.device, ~torch.isfinite(loss.detach()))
         if not bad:
             return
         # global_step counts completed optimizer steps: this is step global_step + 1.

@@ -359,6 +359,11 @@ def _read_delimited(
     path: Path, columns: Sequence[str], suffix: str, names: Sequence[str] | None
 ) -> Iterator[tuple[str, dict]]:
     options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ","}
+    # The csv module refuses fields over 128 KiB (`_csv.Error: field larger than field limit`), a
+    # guard against an unclosed quote swallowing the rest of a file. Such a file still fails here,
+    # at the field-count check of the line the quote opens, so a long text loads as from .jsonl.
+    # (The limit is process-wide; 2**31 - 1, the largest a C long holds everywhere.)
+    csv.field_size_limit(2**31 - 1)
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, **options)
         line = 0
