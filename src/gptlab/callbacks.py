@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 
+from gptlab._lightning import progress_bar_settings, save_final_checkpoint, should_update_logs
 from gptlab.decoding import generate
 from gptlab.errors import CheckpointError, ConfigError
 
@@ -354,11 +355,11 @@ class ProgressBar(RichProgressBar):
     @classmethod
     def like(cls, bar: RichProgressBar) -> ProgressBar:
         """This bar with the settings of `bar` (Lightning's default, or one a config chose)."""
-        return cls(bar.refresh_rate, bar._leave, bar.theme, bar._console_kwargs)
+        return cls(*progress_bar_settings(bar))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # The same test Lightning's logger connector applies right after this hook.
-        self._skip_metrics = not (trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+        self._skip_metrics = not (should_update_logs(trainer) or trainer.fast_dev_run)
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:
@@ -431,7 +432,7 @@ class Checkpoint(ModelCheckpoint):
         if getattr(self, "_without_validation", False):
             # The README's next commands read best.ckpt: without a monitored metric it is the
             # final state (Lightning would write none at all).
-            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+            save_final_checkpoint(self, trainer)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         try:

@@ -49,6 +49,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from gptlab._lightning import add_subcommand, subcommand_parser
 from gptlab.adapters import require_peft
 from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, Throughput
 from gptlab.checkpointing import install_atomic_checkpoints, require_complete
@@ -444,7 +445,7 @@ class GPTLabCLI(LightningCLI):
                 f"gptlab: warning: printed without what init_from / ckpt_path would add ({err})",
                 file=sys.stderr,
             )
-        printer = self._subcommand_parsers[subcommand] if subcommand else parser
+        printer = subcommand_parser(self, subcommand) if subcommand else parser
         sys.stdout.write(printer.dump(cfg, skip_none=False))
         raise SystemExit(0)
 
@@ -459,7 +460,7 @@ class GPTLabCLI(LightningCLI):
         # `export` is dispatched by `main()` before LightningCLI (it is not a Trainer method);
         # listed here so that `main.py --help` shows every command.
         export = LightningArgumentParser(description=EXPORT_HELP)
-        parser._subcommands_action.add_subcommand("export", export, help=EXPORT_HELP)
+        add_subcommand(parser, "export", export, help=EXPORT_HELP)
 
     def instantiate_classes(self) -> None:
         try:
