@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -340,6 +341,20 @@ _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 # ----------------------------------------------------------------------------- progress bar
+class _QuietLightning(logging.Filter):
+    """Drops Lightning's advertising tips at start ("💡 Tip: ... litlogger", "... litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning() -> None:
+    """Install `_QuietLightning` on the logger that emits the tips (once per process)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _QuietLightning) for f in logger.filters):
+        logger.addFilter(_QuietLightning())
+
+
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar, whose numbers are refreshed when they change, not every batch.
 

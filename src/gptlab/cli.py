@@ -1,36 +1,22 @@
 """gptlab's LightningCLI: `python main.py {fit,validate,test,predict} --config ...` (and `export`).
 
-What it adds to LightningCLI:
+Wiring of the pieces that make a command (docs/design.md §5.1):
 
-- runs land in `logs/<experiment>/version_N/` (TensorBoard events, `config.yaml`, `checkpoints/`
-  with `best.ckpt` by the monitored metric and `last.ckpt`, the tokenizer, `reports/`);
-- `test`/`validate`/`predict --ckpt_path <run>/checkpoints/X.ckpt` need no --config: the run's own
-  `config.yaml` and `tokenizer/` are used, and outputs go back into that run directory;
-- `fit --ckpt_path last` resumes the newest run of the experiment in place, from its newest complete
-  checkpoint; checkpoints are written atomically (gptlab.checkpointing);
-- `test` writes `reports/test_report.{txt,md,json}` and prints the report;
-- fine-tuning: a task's `label_names` come from the data module (`data.label_names`), and with
-  `init_from` the backbone config and the tokenizer come from the pretraining run when the YAML
-  does not give them; evaluating a checkpoint reuses its backbone config and label names;
-- every run logs throughput and MFU (`throughput.*`, gptlab.callbacks.Throughput);
-- every fit saves `last.ckpt` every `preemption.every_n_steps` steps and on SIGTERM / SIGUSR1
-  (then exits 75, gptlab.resilience.REQUEUE_EXIT_CODE), and stops at a non-finite loss
-  (`nonfinite_loss.policy`);
-- a sharded FSDP checkpoint (a folder) is consolidated on the fly for evaluation under any other
-  strategy (e.g. on one device);
-- user errors (`GPTLabError`, a parser error, a Lightning MisconfigurationException) print one
-  line and exit 2 instead of a traceback; config files are checked for duplicate keys and YAML
-  syntax first (gptlab.config_check);
-- every checkpoint a command names (`--ckpt_path`, `init_from`) must load with
-  `weights_only=True`: a crafted pickle is refused before Lightning or anything else reads it, and
-  the trainer loads checkpoints with `weights_only=True` too;
-- the log directory must be creatable and writable before anything is built.
+    argv --gptlab.argv (run config of a checkpoint, quoting)--> check_config_files --> parse
+         --> _parse_ckpt_path: the checkpoint read once (gptlab.resolve.read_checkpoint), its task
+             and conflicting overrides refused, its hyperparameters applied
+         --> before_instantiate_classes: check_settings, loggers pointed at the run folder,
+             gptlab.resolve.resolve (backbone, tokenizer, label names, block_size, remote-code
+             consent), a new run's version_N claimed (gptlab.runs.RunClaim)
+         --> instantiate --> run (a failure before the first batch removes what it wrote)
+         --> after_test: the report written into the run folder
+
+User errors print one line and exit 2 (`main`).
 """
 
 from __future__ import annotations
 
 import errno
-import logging
 import sys
 import tempfile
 import warnings
@@ -46,7 +32,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from gptlab._lightning import add_subcommand, subcommand_parser
-from gptlab.adapters import require_peft
 from gptlab.argv import (
     EVAL_SUBCOMMANDS,
     config_files,
@@ -57,13 +42,13 @@ from gptlab.argv import (
     user_asks_for_remote_code,
     with_run_config,
 )
-from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, Throughput
+from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, Throughput, quiet_lightning
 from gptlab.checkpointing import install_atomic_checkpoints
-from gptlab.config_check import check_config_files, check_settings, one_line_parser_error
+from gptlab.config_check import OneLineParser, check_config_files, check_settings
 from gptlab.data import DataModule
-from gptlab.errors import CheckpointError, ConfigError, GPTLabError
-from gptlab.loading import is_sharded_checkpoint, save_consolidated
-from gptlab.reports import write_report
+from gptlab.errors import ConfigError, GPTLabError
+from gptlab.loading import consolidated_copy, is_sharded_checkpoint
+from gptlab.reports import publish_report
 from gptlab.resilience import NonFiniteLoss, Preemption
 from gptlab.resolve import (
     CheckpointRecord,
@@ -77,11 +62,10 @@ from gptlab.resolve import (
 from gptlab.runs import (
     RunClaim,
     RunDirectory,
-    check_writable_dir,
+    configure_loggers,
     is_run_config,
     latest_checkpoint,
     remove_traces,
-    retarget_loggers,
     run_dir_of,
 )
 from gptlab.tasks import TaskModule
@@ -103,41 +87,9 @@ EXPORT_HELP = (
 )
 
 
-class _QuietLightning(logging.Filter):
-    """Drops Lightning's advertising tips at start ("💡 Tip: ... litlogger", "... litmodels")."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
-
-
-def quiet_lightning() -> None:
-    """Install `_QuietLightning` on the logger that emits the tips (once per process)."""
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _QuietLightning) for f in logger.filters):
-        logger.addFilter(_QuietLightning())
-
-
 def _label_names_of(datamodule: Any) -> list[str] | None:
     # Data modules of labelled data (classification, token classification) expose `label_names`.
     return getattr(datamodule, "label_names", None)
-
-
-class _Parser(LightningArgumentParser):
-    """LightningArgumentParser whose errors are one line (a ConfigError) instead of usage + a wall."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error:
-            # A nested parser (a class's init_args tried as one Union subtype): jsonargparse
-            # collects its error into the top-level one, which is shortened below.
-            return super().error(message, ex)
-        argv = getattr(self, "_gptlab_argv", None) or sys.argv[1:]
-        subcommand = argv[0] if argv and not argv[0].startswith("-") else None
-        if "peft" in message:
-            # A peft config class that cannot be imported: say which package is missing.
-            require_peft()
-        error = ConfigError(one_line_parser_error(message, argv, subcommand))
-        error.parser_message = message  # what `quote_text_value` reads to retry a parse
-        raise error from None
 
 
 class GPTLabCLI(LightningCLI):
@@ -181,7 +133,7 @@ class GPTLabCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_callback=RunDirectory,
             seed_everything_default=1337,
-            parser_class=_Parser,
+            parser_class=OneLineParser,
             # The task owns optimizer and scheduler (injected through its constructor).
             auto_configure_optimizers=False,
             args=args,
@@ -390,47 +342,17 @@ class GPTLabCLI(LightningCLI):
             cfg.ckpt_path = ckpt = str(found) if found is not None else None
             if found is not None:
                 self._record(str(found))  # resolved just now: not checked while parsing
-        if ckpt == "":
-            raise ConfigError(
-                "--ckpt_path is empty: give a checkpoint file, `last` (fit: resume the newest run), or "
-                "leave the option out"
-            )
-        # (a remote URL, s3://..., is left to Lightning's fsspec loading, with weights_only below)
-        local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
-        if local and not Path(ckpt).exists():
-            raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
         # Lightning passes weights_only=None to torch.load, which an environment variable
         # (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) can turn into full unpickling: ask for safe loading.
         if "weights_only" in cfg and cfg.weights_only is None:
             cfg.weights_only = True
-        run = run_dir_of(ckpt)
-        if run is None:
-            check_writable_dir(logs, "--logs", "set --logs to a directory you can write to")
-        else:
-            check_writable_dir(
-                run, "run directory", "copy the run to a writable place and give --ckpt_path from there"
-            )
         check_settings(self.subcommand, cfg, ckpt)
-        self._configure_loggers(cfg, run)
+        run = run_dir_of(ckpt)
+        # (a remote URL, s3://..., is left to Lightning's fsspec loading, with weights_only)
+        local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
+        configure_loggers(cfg, run)
         self._resolve(cfg, ckpt if local else None, printing=False)
         self._claim.claim(cfg.trainer)
-
-    def _configure_loggers(self, cfg: Namespace, run: Path | None) -> None:
-        """Runs land in logs/<experiment>/version_N; resuming or evaluating a checkpoint writes
-        into that checkpoint's run directory."""
-        save_dir, name, version = (
-            (run.parent.parent, run.parent.name, run.name) if run else (Path(cfg.logs), cfg.experiment, None)
-        )
-        if cfg.trainer.logger in (None, True):
-            cfg.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(
-                    save_dir=str(save_dir), name=name, version=version, default_hp_metric=False
-                ),
-            )
-        elif run is not None:
-            # The user's logger(s) stay: only where they write moves to the run directory.
-            retarget_loggers(cfg.trainer, save_dir, name, version)
 
     def _resolve(self, cfg: Namespace, ckpt: str | None, printing: bool) -> None:
         """Fill in what the config leaves to the checkpoints and the model (gptlab.resolve)."""
@@ -472,20 +394,12 @@ class GPTLabCLI(LightningCLI):
         kwargs = self.config_init[self.subcommand]
         ckpt = kwargs.get("ckpt_path")
         if (
-            not ckpt
-            or not is_sharded_checkpoint(ckpt)
-            or isinstance(self.trainer.strategy, ModelParallelStrategy)
+            ckpt
+            and is_sharded_checkpoint(ckpt)
+            and not isinstance(self.trainer.strategy, ModelParallelStrategy)
         ):
-            return
-        if self.subcommand == "fit":
-            raise CheckpointError(
-                f"--ckpt_path {ckpt} is a sharded FSDP checkpoint: resume it with the FSDP strategy "
-                f"(--config configs/trainer/fsdp.yaml), or start a new run from its weights with "
-                f"--model.init_args.init_from {ckpt}"
-            )
-        self._consolidated_dir = tempfile.TemporaryDirectory(prefix="gptlab-consolidated-")
-        self._ckpt_source = str(ckpt)
-        kwargs["ckpt_path"] = str(save_consolidated(ckpt, Path(self._consolidated_dir.name) / "model.ckpt"))
+            self._consolidated_dir, path = consolidated_copy(ckpt, resuming=self.subcommand == "fit")
+            self._ckpt_source, kwargs["ckpt_path"] = str(ckpt), str(path)
 
     before_fit = before_validate = before_test = before_predict = _ckpt_for_strategy
 
@@ -495,17 +409,8 @@ class GPTLabCLI(LightningCLI):
         run = Path(self.trainer.log_dir) if report is not None else None
         if report is None or not self.trainer.is_global_zero:
             return
-        ckpt = self._ckpt_source or self.trainer.ckpt_path
         # The config files this command read (the run's own config.yaml when none was given).
-        configs = config_files(self._argv)
-        report.meta.update(
-            checkpoint=str(ckpt) if ckpt else "(weights as initialised)",
-            config=" + ".join(configs) if configs else "(command line)",
-            run_dir=str(run),
-        )
-        paths = write_report(report, run / "reports")
-        print(report.to_text())
-        print("report written to " + ", ".join(str(p) for p in paths))
+        publish_report(report, run, self._ckpt_source or self.trainer.ckpt_path, config_files(self._argv))
 
 
 def main(args: ArgsType = None) -> None:

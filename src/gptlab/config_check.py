@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+from lightning.pytorch.cli import LightningArgumentParser
 
+from gptlab.adapters import require_peft
 from gptlab.argv import EVAL_SUBCOMMANDS
-from gptlab.errors import ConfigError
-from gptlab.runs import check_writable_dir
+from gptlab.errors import CheckpointError, ConfigError
+from gptlab.runs import check_writable_dir, run_dir_of
 
 
 class _KeyLinesLoader(yaml.SafeLoader):
@@ -199,6 +202,22 @@ def check_settings(subcommand: str | None, cfg: Any, ckpt: str | None) -> None:
         cfg: the subcommand's parsed config (a jsonargparse Namespace).
         ckpt: `--ckpt_path` as given (after `last` was resolved for fit).
     """
+    if ckpt == "":
+        raise ConfigError(
+            "--ckpt_path is empty: give a checkpoint file, `last` (fit: resume the newest run), or "
+            "leave the option out"
+        )
+    # (a remote URL, s3://..., is left to Lightning's fsspec loading)
+    local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
+    if local and not Path(ckpt).exists():
+        raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
+    run = run_dir_of(ckpt)
+    if run is None:
+        check_writable_dir(Path(cfg.logs), "--logs", "set --logs to a directory you can write to")
+    else:
+        check_writable_dir(
+            run, "run directory", "copy the run to a writable place and give --ckpt_path from there"
+        )
     experiment = str(cfg.experiment)
     if (
         not experiment
@@ -247,3 +266,21 @@ def check_settings(subcommand: str | None, cfg: Any, ckpt: str | None) -> None:
             f"(that name means the {ckpt} of a fit in the same process); give the file, e.g. "
             f"--ckpt_path {example} (its run's config.yaml is found beside it)"
         )
+
+
+class OneLineParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors are one line (a ConfigError) instead of usage + a wall."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            # A nested parser (a class's init_args tried as one Union subtype): jsonargparse
+            # collects its error into the top-level one, which is shortened below.
+            return super().error(message, ex)
+        argv = getattr(self, "_gptlab_argv", None) or sys.argv[1:]
+        subcommand = argv[0] if argv and not argv[0].startswith("-") else None
+        if "peft" in message:
+            # A peft config class that cannot be imported: say which package is missing.
+            require_peft()
+        error = ConfigError(one_line_parser_error(message, argv, subcommand))
+        error.parser_message = message  # what `quote_text_value` reads to retry a parse
+        raise error from None

@@ -15,6 +15,7 @@ import importlib
 import io
 import pickle
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +311,16 @@ def load_hf_weights(backbone: torch.nn.Module, directory: str | Path) -> None:
             f"configure the backbone like the saved model (see its config.json)"
         )
     adapters.load_base_state_dict(target, source)
+
+
+def consolidated_copy(ckpt: str | Path, resuming: bool) -> tuple[tempfile.TemporaryDirectory, Path]:
+    """A sharded FSDP checkpoint as one file in a new temporary folder (kept while the folder
+    object lives), for evaluation under a strategy that cannot read folders; `resuming` refuses."""
+    if resuming:
+        raise CheckpointError(
+            f"--ckpt_path {ckpt} is a sharded FSDP checkpoint: resume it with the FSDP strategy "
+            f"(--config configs/trainer/fsdp.yaml), or start a new run from its weights with "
+            f"--model.init_args.init_from {ckpt}"
+        )
+    folder = tempfile.TemporaryDirectory(prefix="gptlab-consolidated-")
+    return folder, save_consolidated(ckpt, Path(folder.name) / "model.ckpt")

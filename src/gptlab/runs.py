@@ -299,6 +299,22 @@ def recorded_config(text: str) -> Any:
     return config
 
 
+def configure_loggers(cfg: Namespace, run: Path | None) -> None:
+    """Runs land in logs/<experiment>/version_N; resuming or evaluating a checkpoint writes
+    into that checkpoint's run directory (`run`). `cfg`: the subcommand's parsed config."""
+    save_dir, name, version = (
+        (run.parent.parent, run.parent.name, run.name) if run else (Path(cfg.logs), cfg.experiment, None)
+    )
+    if cfg.trainer.logger in (None, True):
+        cfg.trainer.logger = Namespace(
+            class_path="lightning.pytorch.loggers.TensorBoardLogger",
+            init_args=Namespace(save_dir=str(save_dir), name=name, version=version, default_hp_metric=False),
+        )
+    elif run is not None:
+        # The user's logger(s) stay: only where they write moves to the run directory.
+        retarget_loggers(cfg.trainer, save_dir, name, version)
+
+
 class RunDirectory(SaveConfigCallback):
     """Writes `config.yaml` and the tokenizer into the run directory when `fit` starts.
 
