@@ -6,13 +6,20 @@
     steps   --steps optimizer steps, AdamW 3e-4, the first --warmup steps not measured
 
     gptlab    python main.py fit --config configs/finetune/sst2_smollm2.yaml (in-process GPTLabCLI)
+    gptlab-bidirectional, gptlab-repeat
+              the same with --model.init_args.context bidirectional / repeat (r = 1)
     trainer   transformers' Trainer on get_peft_model(LlamaForSequenceClassification)
+    trainer-grouped
+              the same Trainer with train_sampling_strategy="group_by_length" (the former
+              group_by_length: true), transformers' own answer to padding waste: batches of
+              similar lengths, drawn from the same rows
     loop      the same peft model in a plain PyTorch loop (the reference of docs/pretrained.md)
 
-All three train on the same batches in the same order: gptlab's own seeded order of SST-2
-(gptlab.data.SeededShuffleSampler, what the gptlab variant draws), handed to the other two as a
-fixed order; the script checks that every variant saw the same real tokens at every step, since
-activation memory follows the longest batch a run meets. Each variant runs in its own process
+All but trainer-grouped train on the same batches in the same order: gptlab's own seeded order of
+SST-2 (gptlab.data.SeededShuffleSampler, what the gptlab variant draws), handed to the others as a
+fixed order; the script checks that these variants saw the same real tokens at every step, since
+activation memory follows the longest batch a run meets (trainer-grouped regroups the same rows:
+the same real tokens in all, checked too). Each variant runs in its own process
 (peak RSS is a per-process high-water mark) with the same number of threads; the variants
 alternate for --rounds rounds so that a change in the machine's load hits all of them alike.
 Measured over the steps after the warm-up: real tokens (attention mask) per CPU-second of the
@@ -89,7 +96,7 @@ def peft_model():
     return get_peft_model(model, LoraConfig(task_type="SEQ_CLS", **LORA)), tokenizer
 
 
-def run_gptlab(steps: int, warmup: int) -> Window:
+def run_gptlab(steps: int, warmup: int, context: str = "causal") -> Window:
     import lightning as L
 
     from gptlab.cli import GPTLabCLI
@@ -109,6 +116,7 @@ def run_gptlab(steps: int, warmup: int) -> Window:
             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--data.init_args.batch_size", str(BATCH), "--data.init_args.block_size", str(MAX_LEN),
+            "--model.init_args.context", context,
         ]  # fmt: skip
         cli = GPTLabCLI(args=args, run=False)
         cli.trainer.callbacks.append(Meter())
@@ -116,7 +124,7 @@ def run_gptlab(steps: int, warmup: int) -> Window:
     return window
 
 
-def run_trainer(steps: int, warmup: int) -> Window:
+def run_trainer(steps: int, warmup: int, grouped: bool = False) -> Window:
     import datasets
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
@@ -132,6 +140,8 @@ def run_trainer(steps: int, warmup: int) -> Window:
 
     class InOrder(Trainer):
         def _get_train_sampler(self, *args, **kwargs):  # the rows are already in gptlab's order
+            if grouped:  # ... regrouped by length by the Trainer's own sampler
+                return super()._get_train_sampler(*args, **kwargs)
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     def collate(features):
@@ -152,6 +162,7 @@ def run_trainer(steps: int, warmup: int) -> Window:
             warmup_steps=max(1, steps // 10), lr_scheduler_type="cosine", weight_decay=0.01,
             logging_steps=steps, save_strategy="no", report_to=[], use_cpu=True,
             dataloader_num_workers=0, seed=SEED, max_grad_norm=1.0,
+            train_sampling_strategy="group_by_length" if grouped else "random",
         )  # fmt: skip
         InOrder(
             model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Meter()]
@@ -186,7 +197,15 @@ def run_loop(steps: int, warmup: int) -> Window:
     return window
 
 
-VARIANTS = {"gptlab": run_gptlab, "trainer": run_trainer, "loop": run_loop}
+VARIANTS = {
+    "gptlab": run_gptlab,
+    "gptlab-bidirectional": lambda steps, warmup: run_gptlab(steps, warmup, "bidirectional"),
+    "gptlab-repeat": lambda steps, warmup: run_gptlab(steps, warmup, "repeat"),
+    "trainer": run_trainer,
+    "trainer-grouped": lambda steps, warmup: run_trainer(steps, warmup, grouped=True),
+    "loop": run_loop,
+}
+REGROUPED = ("trainer-grouped",)  # the same rows in other batches
 
 
 def child(variant: str, steps: int, warmup: int, threads: int) -> None:
@@ -209,7 +228,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=["gptlab", "trainer", "loop"], choices=list(VARIANTS)
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -231,9 +252,12 @@ def main() -> None:
             result = json.loads(lines[-1][len("RESULT ") :])
             print(f"  {result}", flush=True)
             results[variant].append(result)
-    seen = {(v, tuple(r["per_step"])) for v, runs in results.items() for r in runs}
+    seen = {(v, tuple(r["per_step"])) for v, runs in results.items() for r in runs if v not in REGROUPED}
     if len({steps for _, steps in seen}) != 1:
         raise SystemExit(f"the variants trained on different batches (real tokens per step): {sorted(seen)}")
+    totals = {v: sum(r["per_step"]) for v, runs in results.items() for r in runs}
+    if len(set(totals.values())) != 1:
+        raise SystemExit(f"the variants trained on different rows (real tokens in all): {totals}")
     summary = {}
     for variant, runs in results.items():
         tokens = sum(r["tokens"] for r in runs)
@@ -247,7 +271,12 @@ def main() -> None:
     for variant, s in summary.items():
         cells = f"{s['tokens_per_cpu_s']:.1f} | {s['tokens_per_s']:.1f} | {s['peak_rss_gb']:.2f} GB"
         print(f"| {variant} | {cells} |")
-    others = [v for v in summary if v != "gptlab"]
+    for variant in ("gptlab-bidirectional", "gptlab-repeat"):
+        if variant in summary and "gptlab" in summary:
+            cost = summary["gptlab"]["tokens_per_cpu_s"] / summary[variant]["tokens_per_cpu_s"]
+            print(f"{variant} / gptlab (causal): {cost:.3f}x CPU-seconds per step (same batches)")
+            summary.setdefault("context_cost", {})[variant] = cost
+    others = [v for v in summary if not v.startswith("gptlab") and v != "context_cost"]
     if "gptlab" in summary and others:
         fastest = max(others, key=lambda v: summary[v]["tokens_per_cpu_s"])
         smallest = min(others, key=lambda v: summary[v]["peak_rss_gb"])

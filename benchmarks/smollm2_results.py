@@ -1,9 +1,15 @@
 """SST-2 and CoNLL-2003 with a real pretrained LM: SmolLM2-135M + LoRA, full fine-tune, random init.
 
-    rows     lora     configs/finetune/{sst2,conll2003}_smollm2.yaml as shipped (LoRA r 16, all linears)
+    rows     lora     configs/finetune/{sst2,conll2003}_smollm2.yaml as shipped (LoRA r 16, all linears),
+                      causal context
+             bidirectional, repeat   the same LoRA fine-tune with --model.init_args.context bidirectional
+                      (no causal mask, padding masked) or repeat (the text twice, read on the second copy)
              full     the same with --model.init_args.peft null and lr 5e-5 (every weight trains)
              random   the same architecture (SmolLM2's config.json) from random weights, full training
     each     python main.py fit ... --trainer.max_steps N    then    python main.py test --ckpt_path last.ckpt
+             (with --val-every K: validation every K steps and `test` on best.ckpt, the step chosen
+             on the validation split by the config's checkpoint.monitor; the test set is read once)
+    seeds    --seeds S1 S2 ...: one fit per seed (seed_everything); the table gives mean and sd
 
 Every phase is a plain `python main.py ...` subprocess (printed before it runs). Measured per run:
 the test score (SST-2 test.tsv accuracy, CoNLL-2003 eng.testb entity F1, conlleval), trainable
@@ -41,10 +47,15 @@ ARCHITECTURE = (
 )  # fmt: skip
 
 
+ROWS = ["lora", "bidirectional", "repeat", "full", "random"]
+
+
 def row_args(row: str) -> list[str]:
     """Command-line overrides of the shipped config for one row."""
     if row == "lora":
-        return []
+        return ["--model.init_args.context", "causal"]
+    if row in ("bidirectional", "repeat"):
+        return ["--model.init_args.context", row]
     full = ["--model.init_args.peft", "null"]
     if row == "full":
         return [*full, "--model.init_args.optimizer.init_args.lr", "5e-5"]
@@ -92,11 +103,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--rows", nargs="+", default=["lora", "full", "random"], choices=["lora", "full", "random"]
-    )
+    parser.add_argument("--rows", nargs="+", default=["lora", "full", "random"], choices=ROWS)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every fit (batch 16)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[None], help="seed_everything of each fit")
+    parser.add_argument(
+        "--val-every", type=int, default=None, help="validate every K steps and test best.ckpt"
+    )
     parser.add_argument("--work", default="logs/smollm2_results", help="runs, logs and results.json")
     args = parser.parse_args()
     if not (SMOLLM2 / "config.json").is_file():
@@ -105,56 +118,74 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results_file = work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    for task in args.tasks:
+    every = args.val_every or args.steps
+    for task, row, seed in [(t, r, s) for t in args.tasks for r in args.rows for s in args.seeds]:
         config, metric, _ = TASKS[task]
-        for row in args.rows:
-            name = f"{task}_{row}"
-            logs = work / name
-            if (logs / "done").is_file():
-                continue
-            overrides = [
-                "--trainer.max_steps",
-                str(args.steps),
-                "--trainer.val_check_interval",
-                str(args.steps),
-                "--trainer.num_sanity_val_steps",
-                "0",  # one validation, at the end
-            ]
-            common = ["--config", config, "--logs", str(logs), "--trainer.enable_progress_bar", "false"]
-            fit_log = work / f"{name}.fit.log"
-            seconds, rss = run(
-                [sys.executable, "main.py", "fit", *common, *row_args(row), *overrides], fit_log
-            )
-            run_dir = sorted(logs.glob("*/version_*"))[-1]
-            ckpt = run_dir / "checkpoints" / "last.ckpt"
-            run([sys.executable, "main.py", "test", "--ckpt_path", str(ckpt)], work / f"{name}.test.log")
-            report = json.loads((run_dir / "reports" / "test_report.json").read_text())
-            counts = re.search(r"gptlab: ([\d,]+) trainable parameters of ([\d,]+)", fit_log.read_text())
-            batch = 16
-            results[name] = {
-                "task": task,
-                "row": row,
-                "score": report["metrics"][metric],
-                "metric": metric,
-                "trainable_params": int(counts.group(1).replace(",", "")) if counts else None,
-                "total_params": int(counts.group(2).replace(",", "")) if counts else None,
-                "peak_rss_gb": rss / 1e9,
-                "s_per_step": seconds_per_step(run_dir, batch),
-                "steps": args.steps,
-                "examples_seen": args.steps * batch,
-                "fit_wall_s": seconds,
-                "command": " ".join(["python main.py fit", *common, *row_args(row), *overrides]),
-                "run": str(run_dir),
-            }
-            results_file.write_text(json.dumps(results, indent=2) + "\n")
-            (logs / "done").write_text("")
-    print("\n| task | row | score | trainable params | peak RSS | s/step | steps | examples seen |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in results.values():
-        sps = f"{r['s_per_step']:.2f}" if r["s_per_step"] else "-"
+        name = f"{task}_{row}" + (f"_seed{seed}" if seed is not None else "")
+        logs = work / name
+        if (logs / "done").is_file():
+            continue
+        overrides = [
+            "--trainer.max_steps",
+            str(args.steps),
+            "--trainer.val_check_interval",
+            str(every),
+            "--trainer.num_sanity_val_steps",
+            "0",  # no validation before training
+            *(["--seed_everything", str(seed)] if seed is not None else []),
+        ]
+        common = ["--config", config, "--logs", str(logs), "--trainer.enable_progress_bar", "false"]
+        fit_log = work / f"{name}.fit.log"
+        seconds, rss = run([sys.executable, "main.py", "fit", *common, *row_args(row), *overrides], fit_log)
+        run_dir = sorted(logs.glob("*/version_*"))[-1]
+        ckpt = run_dir / "checkpoints" / ("best.ckpt" if args.val_every else "last.ckpt")
+        run([sys.executable, "main.py", "test", "--ckpt_path", str(ckpt)], work / f"{name}.test.log")
+        report = json.loads((run_dir / "reports" / "test_report.json").read_text())
+        counts = re.search(r"gptlab: ([\d,]+) trainable parameters of ([\d,]+)", fit_log.read_text())
+        batch = 16
+        results[name] = {
+            "task": task,
+            "row": row,
+            "seed": seed,
+            "checkpoint": ckpt.name,
+            "score": report["metrics"][metric],
+            "metric": metric,
+            "trainable_params": int(counts.group(1).replace(",", "")) if counts else None,
+            "total_params": int(counts.group(2).replace(",", "")) if counts else None,
+            "peak_rss_gb": rss / 1e9,
+            "s_per_step": seconds_per_step(run_dir, batch),
+            "steps": args.steps,
+            "examples_seen": args.steps * batch,
+            "fit_wall_s": seconds,
+            "command": " ".join(["python main.py fit", *common, *row_args(row), *overrides]),
+            "run": str(run_dir),
+        }
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+        (logs / "done").write_text("")
+    print_table(results.values())
+
+
+def print_table(results) -> None:
+    """One Markdown row per (task, row, steps): the mean and sd of the score over its seeds."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["task"], r["row"], r["steps"]), []).append(r)
+    columns = (
+        "task | row | score (mean ± sd) | seeds | trainable params | peak RSS | s/step | steps | examples"
+    )
+    print(f"\n| {columns} |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (task, row, steps), rs in groups.items():
+        scores = [r["score"] for r in rs]
+        sd = f" ± {statistics.stdev(scores):.4f}" if len(scores) > 1 else ""
+        each = ", ".join(f"{x:.4f}" for x in scores)
+        sps = [r["s_per_step"] for r in rs if r["s_per_step"]]
         print(
-            f"| {TASKS[r['task']][2]} | {r['row']} | {r['score']:.4f} | {r['trainable_params']:,} | "
-            f"{r['peak_rss_gb']:.2f} GB | {sps} | {r['steps']} | {r['examples_seen']:,} |"
+            f"| {TASKS[task][2]} | {row} | {statistics.mean(scores):.4f}{sd} ({each}) | {len(rs)} | "
+            f"{rs[0]['trainable_params']:,} | {max(r['peak_rss_gb'] for r in rs):.2f} GB | "
+            f"{statistics.mean(sps) if sps else float('nan'):.2f} | {steps} | {rs[0]['examples_seen']:,} |"
         )
 
 

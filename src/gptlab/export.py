@@ -280,6 +280,16 @@ def to_hf_classifier(task, tokenizer) -> PreTrainedModel:
             f"token's state only, so this classifier has no exact transformers equivalent; fine-tune with "
             f"model.init_args.pooling: last to export it, or use gptlab's test / predict"
         )
+    context = task.context
+    if context.mode == "repeat" or (
+        context.mode == "bidirectional" and len(task.bidirectional) != task.backbone.num_layers
+    ):
+        raise CheckpointError(
+            f"context {context.describe()}: a transformers classifier reads each text once, "
+            f"{'with one attention mask for all layers' if context.mode != 'repeat' else 'not repeated'}, "
+            f"so this classifier has no exact transformers equivalent; use gptlab's test / predict, or "
+            f"fine-tune with context: bidirectional (all layers) or causal to export it"
+        )
     backbone = task.backbone
     if adapters.is_adapted(backbone):
         # transformers' pipeline loads plain models: a peft classifier exports merged
@@ -291,6 +301,10 @@ def to_hf_classifier(task, tokenizer) -> PreTrainedModel:
     config.num_labels = linear.out_features  # before id2label: a count mismatch resets the names
     config.id2label = dict(enumerate(task.label_names))
     config.label2id = {name: i for i, name in enumerate(task.label_names)}
+    if context.mode == "bidirectional":
+        # transformers' own switch (config field): masks without the causal part, and SDPA told
+        # is_causal=False where no mask is built; check_classifier_export checks both cases.
+        config.is_causal = False
     if kind == "sequence":
         multi = getattr(task, "multi_label", False)
         # the pipeline applies sigmoid for multi-label, softmax otherwise
@@ -355,7 +369,9 @@ def check_classifier_export(task, directory: Path, tokenizer) -> float:
     """Load `directory` as transformers' classifier and compare its logits with the task's; max |diff|.
 
     The probe is a right-padded batch of three rows of different lengths, as gptlab's data modules
-    build them; token logits are compared at real tokens only (padding is ignored by both).
+    build them, and its longest row alone without a mask (as a pipeline runs one text: attention
+    takes another path there); token logits are compared at real tokens only (padding is ignored
+    by both).
     """
     kind = _head_task(task)
     if tokenizer.pad_token_id in tokenizer("", add_special_tokens=True)["input_ids"]:
@@ -380,8 +396,11 @@ def check_classifier_export(task, directory: Path, tokenizer) -> float:
         batch = {"input_ids": input_ids.to(param.device), "attention_mask": attention_mask.to(param.device)}
         ours = task(batch).float().cpu()
         theirs = hf(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        alone = hf(input_ids=input_ids[:1]).logits.float()  # (1, ...): the full row, no mask
     if kind == "token":
         ours, theirs = ours[attention_mask.bool()], theirs[attention_mask.bool()]  # (real tokens, C)
+        alone = alone[0]  # (T, C): every token of the first row is real
+    ours, theirs = torch.cat([ours, ours[: len(alone)]]), torch.cat([theirs, alone])
     return _logits_diff(ours, theirs, type(hf).__name__)
 
 

@@ -23,13 +23,17 @@ class Backbone(nn.Module, ABC):
 
     Contract:
 
-    - ``forward(input_ids (B, T) int64, attention_mask (B, T) int64 | None = None) -> (B, T, H)``:
-      hidden states after the final norm. ``attention_mask`` is 1 on real tokens, 0 on padding.
-      ``None`` means "no padding that matters": training batches are right-padded, so with causal
-      attention no real token ever sees a pad, and implementations may take a faster path.
+    - ``forward(input_ids (B, T) int64, attention_mask (B, T) int64 | None = None,
+      bidirectional: range | None = None) -> (B, T, H)``: hidden states after the final norm.
+      ``attention_mask`` is 1 on real tokens, 0 on padding. ``None`` means "no padding that
+      matters": training batches are right-padded, so with causal attention no real token ever
+      sees a pad, and implementations may take a faster path. ``bidirectional``: the layers (indices
+      into the block stack) whose attention has no causal mask; padding stays masked there, so
+      callers pass the mask whenever a batch is padded (tasks/context.py probes this at start).
     - ``logits(hidden (B, T, H)) -> (B, T, V)``: the output projection (LM head).
     - ``hidden_size``: H. ``vocab_size``: V (rows of the output projection).
     - ``block_size``: the longest context the model accepts, or None if it is not known.
+    - ``num_layers``: how many transformer blocks (the range ``bidirectional`` indexes).
     - ``block_class``: the repeated transformer block class; FSDP wraps each instance as one unit
       and activation checkpointing recomputes it.
     - ``num_flops_per_token(seq_len)``: training FLOPs per token (forward + backward), for MFU.
@@ -40,7 +44,13 @@ class Backbone(nn.Module, ABC):
     padding_free: bool = False
 
     @abstractmethod
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        bidirectional: range | None = None,
+    ) -> torch.Tensor:
         """Return final-normed hidden states (B, T, H) for ``input_ids`` (B, T)."""
 
     @abstractmethod
@@ -61,6 +71,11 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def block_size(self) -> int | None:
         """Maximum context length in tokens, or None if the model does not state one."""
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer blocks: the instances of ``block_class``."""
+        return sum(isinstance(m, self.block_class) for m in self.modules())
 
     @property
     @abstractmethod

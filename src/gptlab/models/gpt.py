@@ -359,6 +359,8 @@ class GPT(Backbone):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        *,
+        bidirectional: range | None = None,
     ) -> torch.Tensor:
         """Hidden states (B, T, n_embd) after the final LayerNorm.
 
@@ -373,11 +375,16 @@ class GPT(Backbone):
                 generation): positions then count real tokens only and pads are never attended.
             cache: a KVCache from ``new_cache`` for incremental decoding; the new tokens attend to
                 everything cached before them and ``cache.pos`` advances by T.
+            bidirectional: the blocks (indices) whose attention has no causal mask: every token
+                attends to every real token of its row (whole-text context for classifiers,
+                tasks/context.py). Padding is masked only when ``attention_mask`` is given.
         """
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
         S = past + T  # total positions the new tokens can see
         self._check_lengths(B, T, S, attention_mask, cache)
+        if bidirectional is not None and cache is not None:
+            raise ValueError("bidirectional attention reads the whole row at once: it takes no KV cache")
         device = input_ids.device
 
         # Position ids. Without a mask: past .. S-1, shared by the batch. With one: count real tokens
@@ -394,17 +401,26 @@ class GPT(Backbone):
             attn_mask, is_causal = None, False  # one new token may see every cached key
         else:
             attn_mask, is_causal = self._build_attn_mask(attention_mask, past, T, device), False
+        # Blocks in `bidirectional` see every real key: no mask at all without padding (the fused
+        # non-causal kernels), else the padding mask alone.
+        layer_args = [(attn_mask, is_causal)] * len(self.transformer.h)
+        if bidirectional is not None:
+            full = (
+                None if attention_mask is None else self._build_attn_mask(attention_mask, 0, T, device, False)
+            )
+            for i in bidirectional:
+                layer_args[i] = (full, False)
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.transformer.h:
+        for block, (mask, causal) in zip(self.transformer.h, layer_args, strict=True):
             if recompute:
                 # Non-reentrant checkpointing (the one torch recommends) restores the RNG state, so
                 # the recomputed dropout masks are the forward's.
-                x = checkpoint(block, x, attn_mask, is_causal, cache, use_reentrant=False)
+                x = checkpoint(block, x, mask, causal, cache, use_reentrant=False)
             else:
-                x = block(x, attn_mask, is_causal, cache)  # (B, T, C)
+                x = block(x, mask, causal, cache)  # (B, T, C)
         if cache is not None:
             cache.pos = S  # every layer wrote at the same offset; advance once
         return self.transformer.ln_f(x)  # (B, T, C)
@@ -452,22 +468,23 @@ class GPT(Backbone):
 
     @staticmethod
     def _build_attn_mask(
-        attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device
+        attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device, causal: bool = True
     ) -> torch.Tensor:
         """Boolean SDPA mask, True where query (at positions past .. past+T-1) may attend key.
 
-        Causal AND key-is-real. Every query may also attend to itself: a padded query would otherwise
-        see no key at all, its softmax would be 0/0 and the NaN would reach the loss through the
-        backward pass even though the position is ignored. Real queries see themselves anyway.
+        Causal (unless ``causal`` is False) AND key-is-real. Every query may also attend to itself:
+        a padded query would otherwise see no key at all, its softmax would be 0/0 and the NaN would
+        reach the loss through the backward pass even though the position is ignored. Real queries
+        see themselves anyway.
         """
         S = past + T
         q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-        causal = k_pos <= q_pos  # (T, S)
+        allowed = k_pos <= q_pos if causal else torch.ones(T, S, dtype=torch.bool, device=device)  # (T, S)
         if attention_mask is None:
-            return causal[None, None]  # (1, 1, T, S): a cache prefill without padding
+            return allowed[None, None]  # (1, 1, T, S): a cache prefill without padding
         real = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-        return (causal & real) | (k_pos == q_pos)  # (B, 1, T, S)
+        return (allowed & real) | (k_pos == q_pos)  # (B, 1, T, S)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())

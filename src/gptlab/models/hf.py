@@ -162,6 +162,7 @@ class HFBackbone(Backbone):
         self._takes_position_ids = "position_ids" in params
         self._takes_use_cache = "use_cache" in params
         self._block_class = _find_block_class(self.model)
+        self._num_layers = sum(isinstance(m, self._block_class) for m in self.model.modules())
         config = self.model.config
         self._logits_divisor = getattr(config, _LOGITS_DIVISOR, None)
         multipliers = [getattr(config, k, None) for k in _LOGITS_MULTIPLIERS]
@@ -212,6 +213,10 @@ class HFBackbone(Backbone):
     def block_class(self) -> type[nn.Module]:
         return self._block_class
 
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers  # counted once: forward checks bidirectional ranges against it
+
     def num_flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, ``6 N + 12 L H T`` (PaLM appendix B).
 
@@ -225,24 +230,43 @@ class HFBackbone(Backbone):
         out = self.model.get_output_embeddings().weight
         if id(out) in embedding_params:  # tied: the lm_head matmul still costs 6 V H per token
             n_params += out.numel()
-        n_layer = sum(isinstance(m, self._block_class) for m in self.model.modules())
-        return transformer_flops_per_token(n_params, n_layer, self.hidden_size, seq_len)
+        return transformer_flops_per_token(n_params, self.num_layers, self.hidden_size, seq_len)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        bidirectional: range | None = None,
+    ) -> torch.Tensor:
         """Final hidden states (B, T, H) of the base model (already final-normed for GPT-2, Llama).
 
         With an ``attention_mask``, position ids count real tokens only (cumsum - 1), as
         ``generate`` does, so a left-padded row gets the same positions it would have alone; HF
-        base models otherwise number positions 0..T-1 regardless of padding.
+        base models otherwise number positions 0..T-1 regardless of padding. ``bidirectional``
+        must be every layer (transformers' ``is_causal`` switch has no per-layer form).
         """
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_use_cache:
             kwargs["use_cache"] = False  # no KV cache during training: it would only cost memory
+        if bidirectional is not None:
+            if bidirectional != range(self.num_layers):
+                raise ConfigError(
+                    f"model.init_args.context.layers: an HFBackbone is made bidirectional through "
+                    f"transformers' is_causal, which applies to all {self.num_layers} layers, not to "
+                    f"layers {bidirectional.start}..{bidirectional.stop - 1}: leave layers out (ranges "
+                    f"work on gptlab's GPT)"
+                )
+            # transformers' own switch (a forward argument since 5.x): the masks it builds are
+            # bidirectional with padding kept, and SDPA gets is_causal=False also where no mask is
+            # built (the module's own is_causal=True would otherwise apply: docs/design.md).
+            kwargs["is_causal"] = False
         if attention_mask is None or not self._takes_position_ids:
             return self.model.base_model(**kwargs).last_hidden_state  # (B, T, H)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         real = attention_mask.bool()
-        if not self.padding_free or bool(real.all()):
+        packs = self.padding_free and (bidirectional is None or self._packs_bidirectional)
+        if not packs or bool(real.all()):
             return self.model.base_model(**kwargs, position_ids=positions).last_hidden_state
         # Padding-free: the real tokens of all rows as one row (1, N). With no attention mask and
         # no cache, transformers starts a new sequence wherever a position id does not follow
@@ -251,9 +275,36 @@ class HFBackbone(Backbone):
         kwargs.update(
             input_ids=input_ids[real][None], attention_mask=None, position_ids=positions[real][None]
         )
+        if bidirectional is not None:
+            # transformers' bidirectional masks do not split packed rows (every token would see
+            # every other row): give the block-diagonal mask itself, one block per row.
+            kwargs["attention_mask"] = self._block_diagonal_mask(real)
         packed = self.model.base_model(**kwargs).last_hidden_state  # (1, N, H)
         hidden = packed.new_zeros(*input_ids.shape, packed.size(-1))
         return hidden.index_put((real,), packed[0])  # (B, T, H)
+
+    @property
+    def _packs_bidirectional(self) -> bool:
+        # A packed bidirectional row takes our own 4D block-diagonal mask (boolean for SDPA, additive
+        # for eager), the same for every layer: so only models whose layers all attend in full.
+        # Sliding-window or hybrid layers (Mistral, Gemma 2) and other attention implementations
+        # (flash, flex) run bidirectional batches padded, with transformers' own masks.
+        config = self.model.config
+        full = getattr(config, "sliding_window", None) is None and all(
+            t == "full_attention" for t in getattr(config, "layer_types", None) or ()
+        )
+        return full and config._attn_implementation in ("sdpa", "eager")
+
+    def _block_diagonal_mask(self, real: torch.Tensor) -> torch.Tensor:
+        """(1, 1, N, N) mask of a packed row: token i may attend token j when both come from one row."""
+        rows = torch.arange(real.size(0), device=real.device)[:, None].expand_as(real)[real]  # (N,)
+        allowed = (rows[:, None] == rows[None, :])[None, None]  # (1, 1, N, N)
+        if self.model.config._attn_implementation == "sdpa":
+            return allowed
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=real.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own logits from hidden states: (B, T, H) -> (B, T, V).

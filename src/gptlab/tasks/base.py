@@ -41,6 +41,15 @@ from gptlab.models import Backbone, HFBackbone
 from gptlab.optim import WarmupCosine, apply_lr_scales, canonical_name, no_decay_names, param_groups
 from gptlab.reports import Report
 from gptlab.strategies import parallelize
+from gptlab.tasks.context import (
+    MODES,
+    Context,
+    bidirectional_layers,
+    check_bidirectional,
+    last_copy,
+    parse_context,
+    repeat_rows,
+)
 
 
 class PeftConfig:
@@ -77,6 +86,9 @@ STAGES = ("train", "val", "test")
 class TaskModule(L.LightningModule):
     """Base class of gptlab's LightningModules (causal LM, SFT, classification, NER, ...)."""
 
+    #: The contexts (tasks/context.py) this task can be trained with; a language model stays causal.
+    contexts: tuple[str, ...] = MODES
+
     def __init__(
         self,
         backbone: Backbone | None = None,
@@ -86,6 +98,7 @@ class TaskModule(L.LightningModule):
         freeze_backbone: bool = False,
         backbone_lr_scale: float = 1.0,
         peft: PeftConfig | None = None,
+        context: Context | str = "causal",
     ) -> None:
         """
         Args:
@@ -108,6 +121,11 @@ class TaskModule(L.LightningModule):
                 the blocks (`target_modules` overrides). Checkpoints then hold adapters and head
                 only, with a reference to the base weights (`init_from` or the backbone's
                 `name_or_path`). Needs `pip install 'gptlab[peft]'`.
+            context: what each position reads (gptlab.tasks.context): `causal`, `bidirectional`
+                (no causal mask, padding still masked; checked on the backbone at start) or
+                `repeat` (the text twice in one row, the head reading the second copy), or a
+                mapping such as `{mode: repeat, repeats: 2}`. Only tasks that label given text
+                take other contexts than causal.
         """
         super().__init__()
         if backbone is None:
@@ -119,6 +137,13 @@ class TaskModule(L.LightningModule):
             raise ConfigError(f"backbone_lr_scale={backbone_lr_scale} must be >= 0 (0 freezes in effect)")
         if peft is not None:
             _check_peft_args(backbone, peft, init_from, freeze_backbone)
+        self.context = parse_context(context, type(self).__name__, self.contexts)
+        # the backbone layers without causal mask (None unless context is bidirectional)
+        self.bidirectional = bidirectional_layers(self.context, backbone)
+        if self.bidirectional is not None:
+            config = getattr(getattr(backbone, "model", None), "config", None)  # an HFBackbone's family
+            family = f" ({config.model_type})" if config is not None else ""
+            check_bidirectional(backbone, self.bidirectional, type(backbone).__name__ + family)
         given = given_hyperparameters.get()
         if given is not None:
             # LightningCLI records every instantiation link in the hyperparameters, also the data ->
@@ -135,6 +160,8 @@ class TaskModule(L.LightningModule):
         self.save_hyperparameters(
             ignore=[] if from_config else ["backbone", "optimizer", "scheduler", "peft"]
         )
+        if "context" in self.hparams:  # plain YAML values, whichever form was given (loads weights_only)
+            self.hparams["context"] = self.context.as_value()
         self.backbone = backbone
         self.peft_config = peft
         # peft's tuner object, outside the module tree (it would register the backbone twice).
@@ -211,15 +238,24 @@ class TaskModule(L.LightningModule):
 
     # ----------------------------------------------------------------- what subclasses override
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Backbone hidden states (B, T, H) for a batch.
+        """Backbone hidden states (B, T, H) for a batch, in the task's context (tasks/context.py).
 
-        Batches are right-padded (batch contract) and our backbones are causal, so no real token
-        ever attends to padding: passing no mask keeps the fast `is_causal` attention path, unless
-        the backbone is padding-free (it then skips the padding, faster still).
+        Batches are right-padded (batch contract): with causal attention no real token ever attends
+        to padding, so passing no mask keeps the fast `is_causal` attention path, unless the
+        backbone is padding-free (it then skips the padding, faster still). Bidirectional attention
+        would see the padding: it always gets the mask when a batch is padded. `repeat` runs the
+        repeated rows and returns the last copy's states, aligned with the batch's tokens.
         """
-        if self.backbone.padding_free and "attention_mask" in batch:
-            return self.backbone(batch["input_ids"], batch["attention_mask"])
-        return self.backbone(batch["input_ids"])
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        if self.bidirectional is not None:
+            padded = not bool(mask.all())  # (one host sync; no mask at all selects the fused kernels)
+            return self.backbone(ids, mask if padded else None, bidirectional=self.bidirectional)
+        repeats = self.context.repeats if self.context.mode == "repeat" else 0
+        rows, row_mask = repeat_rows(ids, mask, repeats) if repeats else (ids, mask)
+        hidden = self.backbone(rows, row_mask) if self.backbone.padding_free else self.backbone(rows)
+        return last_copy(hidden, mask, repeats) if repeats else hidden
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Task outputs (usually logits) for a batch."""
@@ -380,6 +416,28 @@ class TaskModule(L.LightningModule):
             method = type(self.peft_config).__name__ if self.peft_config else None
             adapted = f", {method} adapters on a frozen base" if method else ""
             self.print(f"gptlab: {trainable:,} trainable parameters of {total:,} ({share:.2f}%){adapted}")
+            if self.context.mode != "causal":
+                self.print(f"gptlab: context {self.context.describe()}: {self.describe_context(datamodule)}")
+
+    def describe_context(self, datamodule: L.LightningDataModule | None) -> str:
+        """What the context makes each position read, and what it cuts (printed at the start of fit)."""
+        if self.bidirectional is not None:
+            layers = self.bidirectional
+            which = (
+                "every layer"
+                if len(layers) == self.backbone.num_layers
+                else f"layers {layers.start}..{layers.stop - 1}"
+            )
+            return f"no causal mask in {which} of {self.backbone.num_layers}, padding masked"
+        copies = self.context.repeats + 1
+        block = getattr(datamodule, "block_size", None)
+        cut = (
+            f"rows of up to {copies} x {block} = {copies * block} tokens: a text is cut to its first "
+            f"{block} tokens (data.init_args.block_size) before it is repeated"
+            if block is not None
+            else "no block_size known to bound the rows"
+        )
+        return f"each text is read {copies} times in one row and labelled on the last copy; {cut}"
 
     # ----------------------------------------------------------------- peft: base weights
     def load_base(self) -> None:
@@ -421,6 +479,15 @@ class TaskModule(L.LightningModule):
                 f"data.init_args.block_size={block} exceeds the model's block_size={model_block}: "
                 f"lower the data block_size or raise model.init_args.backbone.init_args.block_size"
             )
+        elif self.context.mode == "repeat" and block is not None and model_block is not None:
+            copies = self.context.repeats + 1
+            if copies * block > model_block:
+                problems.append(
+                    f"model.init_args.context: repeat gives each text {copies} times in one row of up to "
+                    f"{copies} x {block} = {copies * block} tokens (data.init_args.block_size={block} per "
+                    f"copy), more than the model's block_size={model_block}: set data.init_args.block_size "
+                    f"to at most {model_block // copies}, or fewer repeats"
+                )
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -488,6 +555,14 @@ class TaskModule(L.LightningModule):
                 checkpoint["gptlab"]["peft"]["adalora"] = adapters.adalora_state(self.peft_tuner)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("context")
+        saved = parse_context(saved, type(self).__name__, MODES)
+        if saved != self.context:
+            raise CheckpointError(
+                f"the checkpoint was trained with context {saved.describe()}, but this model has context "
+                f"{self.context.describe()}: its weights were fitted to what each position read then; "
+                f"set model.init_args.context: {saved.as_value()} (as in its run's config.yaml)"
+            )
         info = checkpoint.get("gptlab", {}).get("peft")
         if self.peft_config is None:
             if info:

@@ -23,6 +23,7 @@ from gptlab.optim import WarmupCosine
 from gptlab.reports import Report, write_text
 from gptlab.runs import predictions_path
 from gptlab.tasks.base import PeftConfig, TaskModule
+from gptlab.tasks.context import Context
 
 
 class CausalLM(TaskModule):
@@ -35,6 +36,8 @@ class CausalLM(TaskModule):
     SFTDataModule's `predict_files`) and writes `<run>/predictions/predictions.jsonl`; the decoding settings
     are those of `gptlab.decoding.generate_batch`.
     """
+
+    contexts = ("causal",)  # next-token prediction reads only the tokens before each position
 
     def __init__(
         self,
@@ -57,6 +60,7 @@ class CausalLM(TaskModule):
         no_repeat_ngram_size: int = 0,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        context: Context | str = "causal",
     ) -> None:
         """
         Args:
@@ -84,6 +88,8 @@ class CausalLM(TaskModule):
             num_beams: > 1 decodes by beam search (transformers' algorithm; temperature 0).
             length_penalty: beam search ranks finished beams by log-probability / length **
                 length_penalty (> 0 favours longer completions).
+            context: `causal` only: a language model predicts each token from the ones before it
+                (other contexts are for classifiers; see TaskModule).
         """
         super().__init__(
             backbone=backbone,
@@ -93,6 +99,7 @@ class CausalLM(TaskModule):
             freeze_backbone=freeze_backbone,
             backbone_lr_scale=backbone_lr_scale,
             peft=peft,
+            context=context,
         )
         self.set_decoding(
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,

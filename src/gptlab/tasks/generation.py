@@ -28,6 +28,7 @@ from gptlab.optim import WarmupCosine
 from gptlab.reports import Report
 from gptlab.tasks.base import PeftConfig
 from gptlab.tasks.causal_lm import CausalLM
+from gptlab.tasks.context import Context
 
 # lm-evaluation-harness's GSM8K "strict-match" filter: the number after "#### ".
 GSM8K_ANSWER = r"#### (\-?[0-9\.\,]+)"
@@ -128,6 +129,7 @@ class Generation(CausalLM):
         no_repeat_ngram_size: int = 0,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        context: Context | str = "causal",
     ) -> None:
         """
         Args:
@@ -161,6 +163,7 @@ class Generation(CausalLM):
             num_beams: > 1 decodes by beam search (transformers' algorithm; temperature 0).
             length_penalty: beam search ranks finished beams by log-probability / length **
                 length_penalty.
+            context: `causal` only (see CausalLM).
         """
         super().__init__(
             backbone=backbone,
@@ -182,6 +185,7 @@ class Generation(CausalLM):
             no_repeat_ngram_size=no_repeat_ngram_size,
             num_beams=num_beams,
             length_penalty=length_penalty,
+            context=context,
         )
         problems = []
         if num_samples < 0:

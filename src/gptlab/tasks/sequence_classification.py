@@ -45,6 +45,7 @@ from gptlab.optim import WarmupCosine
 from gptlab.reports import Report, write_text
 from gptlab.runs import predictions_path
 from gptlab.tasks.base import PeftConfig, TaskModule
+from gptlab.tasks.context import Context
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -77,6 +78,7 @@ class SequenceClassification(TaskModule):
         freeze_backbone: bool = False,
         backbone_lr_scale: float = 1.0,
         peft: PeftConfig | None = None,
+        context: Context | str = "causal",
     ) -> None:
         """
         Args:
@@ -98,6 +100,9 @@ class SequenceClassification(TaskModule):
             freeze_backbone: train the head only.
             backbone_lr_scale: the backbone's learning rate as a fraction of the head's.
             peft: a peft config (e.g. peft.LoraConfig): adapters on a frozen backbone (see TaskModule).
+            context: what each position reads: `causal` (default), `bidirectional` (every token sees
+                the whole text) or `repeat` (the text twice, labelled on the second copy); see
+                TaskModule and docs/fine-tuning.md, "Context".
         """
         if not label_names:
             raise ConfigError(
@@ -108,7 +113,9 @@ class SequenceClassification(TaskModule):
             raise ConfigError(f"pooling={pooling!r} must be 'last' or 'mean'")
         if not 0.0 < threshold < 1.0:
             raise ConfigError(f"threshold={threshold} must be between 0 and 1")
-        super().__init__(backbone, optimizer, scheduler, init_from, freeze_backbone, backbone_lr_scale, peft)
+        super().__init__(
+            backbone, optimizer, scheduler, init_from, freeze_backbone, backbone_lr_scale, peft, context
+        )
         self.label_names = list(label_names)
         self.pooling = pooling
         self.multi_label = multi_label

@@ -36,6 +36,7 @@ from gptlab.optim import WarmupCosine
 from gptlab.reports import Report, write_text
 from gptlab.runs import predictions_path
 from gptlab.tasks.base import PeftConfig, TaskModule
+from gptlab.tasks.context import Context
 
 
 def word_predictions(
@@ -68,6 +69,7 @@ class TokenClassification(TaskModule):
         freeze_backbone: bool = False,
         backbone_lr_scale: float = 1.0,
         peft: PeftConfig | None = None,
+        context: Context | str = "causal",
     ) -> None:
         """
         Args:
@@ -82,13 +84,18 @@ class TokenClassification(TaskModule):
             freeze_backbone: train the head only.
             backbone_lr_scale: the backbone's learning rate as a fraction of the head's.
             peft: a peft config (e.g. peft.LoraConfig): adapters on a frozen backbone (see TaskModule).
+            context: what each position reads: `causal` (default), `bidirectional` (every token sees
+                the whole text) or `repeat` (the text twice, labelled on the second copy); see
+                TaskModule and docs/fine-tuning.md, "Context".
         """
         if not label_names:
             raise ConfigError(
                 f"{type(self).__name__} needs label_names: use a data module that provides them "
                 f"(gptlab.data.TokenClassificationDataModule), or pass label_names"
             )
-        super().__init__(backbone, optimizer, scheduler, init_from, freeze_backbone, backbone_lr_scale, peft)
+        super().__init__(
+            backbone, optimizer, scheduler, init_from, freeze_backbone, backbone_lr_scale, peft, context
+        )
         self.label_names = list(label_names)
         num = len(self.label_names)
         # The tag of a word the model never saw (cut off by truncation).
