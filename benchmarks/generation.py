@@ -32,8 +32,8 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptlab.decoding import generate_batch  # noqa: E402
+from gptlab.loading import load_hf_weights  # noqa: E402
 from gptlab.models import GPT  # noqa: E402
-from gptlab.models.convert import load_hf_weights  # noqa: E402
 
 PRESETS = {
     # GPT-2 small (124M parameters), the usual reference point.

@@ -7,6 +7,7 @@ would spend most of its time importing).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -24,7 +25,7 @@ from gptlab.cli import GPTLabCLI, main
 from gptlab.decoding import generate_batch
 from gptlab.loading import load_backbone_weights
 from gptlab.models import GPT
-from gptlab.tasks import Generation
+from gptlab.tasks import CausalLM, Generation, SequenceClassification, TokenClassification
 from gptlab.tasks.generation import GSM8K_ANSWER, AnswerExactMatch
 
 SFT_CONFIG = REPO / "configs" / "finetune" / "gsm8k_sft.yaml"
@@ -120,6 +121,24 @@ def test_exact_match_defaults_to_whole_completions_with_whitespace_normalised():
         Generation(backbone=GPT(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)).answer_pattern
         == ""
     )
+
+
+def test_generation_takes_the_backbone_options_of_every_task_in_the_same_order():
+    shared = [
+        "backbone",
+        "optimizer",
+        "scheduler",
+        "init_from",
+        "freeze_backbone",
+        "backbone_lr_scale",
+        "peft",
+    ]
+    for task in (Generation, CausalLM, SequenceClassification, TokenClassification):
+        names = [n for n in inspect.signature(task.__init__).parameters if n in shared]
+        assert names == shared, task.__name__
+    backbone = GPT(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    frozen = Generation(backbone=backbone, freeze_backbone=True, backbone_lr_scale=0.5)
+    assert frozen.freeze_backbone and frozen.backbone_lr_scale == 0.5
 
 
 def test_test_report_scores_the_generations(sft_run: Path):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gptlab.errors import ConfigError
+from gptlab.models.hf import HFBackbone
 
 INSTALL = "pip install 'gptlab[peft]'"
 # How peft names the wrapped original layer inside its layers (peft.tuners.tuners_utils.BaseTunerLayer).
@@ -44,8 +45,6 @@ def require_peft(what: str = "model.init_args.peft") -> None:
 
 def adapter_target(backbone: nn.Module) -> nn.Module:
     """The module peft adapts: an HFBackbone's PreTrainedModel, or the backbone itself (our GPT)."""
-    from gptlab.models.hf import HFBackbone
-
     return backbone.model if isinstance(backbone, HFBackbone) else backbone
 
 
@@ -60,8 +59,6 @@ def with_default_targets(backbone: nn.Module, config: Any) -> Any:
     import copy
 
     from peft.utils import constants
-
-    from gptlab.models.hf import HFBackbone
 
     config = copy.deepcopy(config)
     if getattr(config, "target_modules", None) is not None:

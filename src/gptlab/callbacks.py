@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import sys
 import time
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 
+from gptlab._lightning import progress_bar_settings, save_final_checkpoint, should_update_logs
 from gptlab.decoding import generate
 from gptlab.errors import CheckpointError, ConfigError
 
@@ -342,6 +344,20 @@ _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 # ----------------------------------------------------------------------------- progress bar
+class _QuietLightning(logging.Filter):
+    """Drops Lightning's advertising tips at start ("💡 Tip: ... litlogger", "... litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning() -> None:
+    """Install `_QuietLightning` on the logger that emits the tips (once per process)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _QuietLightning) for f in logger.filters):
+        logger.addFilter(_QuietLightning())
+
+
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar, whose numbers are refreshed when they change, not every batch.
 
@@ -357,11 +373,11 @@ class ProgressBar(RichProgressBar):
     @classmethod
     def like(cls, bar: RichProgressBar) -> ProgressBar:
         """This bar with the settings of `bar` (Lightning's default, or one a config chose)."""
-        return cls(bar.refresh_rate, bar._leave, bar.theme, bar._console_kwargs)
+        return cls(*progress_bar_settings(bar))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # The same test Lightning's logger connector applies right after this hook.
-        self._skip_metrics = not (trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+        self._skip_metrics = not (should_update_logs(trainer) or trainer.fast_dev_run)
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:
@@ -541,7 +557,7 @@ class Checkpoint(ModelCheckpoint):
         if getattr(self, "_without_validation", False):
             # The README's next commands read best.ckpt: without a monitored metric it is the
             # final state (Lightning would write none at all).
-            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+            save_final_checkpoint(self, trainer)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         try:

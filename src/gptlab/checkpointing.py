@@ -37,13 +37,16 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from lightning.fabric.utilities.load import _METADATA_FILENAME
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from gptlab._lightning import (
+    METADATA_FILENAME,
+    WrappingCheckpointIO,
+    configured_checkpoint_io,
+    set_wrapped_checkpoint_io,
+)
 from gptlab.errors import CheckpointError
 
 __all__ = [
@@ -121,7 +124,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options (local files only)")
@@ -134,7 +137,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, buffer)
         atomic_write(path, lambda file: file.write(buffer.getbuffer()))
 
-    def remove_checkpoint(self, path: _PATH) -> None:
+    def remove_checkpoint(self, path: str | Path) -> None:
         # A sharded checkpoint is a link to its step folder: remove both (fsspec's recursive rm
         # would refuse to rmtree a link).
         if Path(path).is_symlink():
@@ -238,11 +241,10 @@ def install_atomic_checkpoints(trainer: Trainer) -> None:
     # `Strategy.checkpoint_io` creates a TorchCheckpointIO on first access when none was given
     # (lightning/pytorch/strategies/strategy.py), so the private slot tells "configured" apart.
     # A plain TorchCheckpointIO is Lightning's default and is replaced too.
-    io = strategy._checkpoint_io
-    if isinstance(io, _WrappingCheckpointIO):  # e.g. AsyncCheckpointIO: ours underneath
+    io = configured_checkpoint_io(strategy)
+    if isinstance(io, WrappingCheckpointIO):  # e.g. AsyncCheckpointIO: ours underneath
         if io.checkpoint_io is None or type(io.checkpoint_io) is TorchCheckpointIO:
-            io._checkpoint_io = AtomicCheckpointIO()
-            io._base_checkpoint_io_configured = True
+            set_wrapped_checkpoint_io(io, AtomicCheckpointIO())
     elif io is None or type(io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
     if not any(isinstance(cb, StaleCheckpointCleanup) for cb in trainer.callbacks):
@@ -257,7 +259,7 @@ def _is_legacy_sharded(path: Path) -> bool:
         path.is_dir()
         and not path.is_symlink()
         and not _STEP_FOLDER.fullmatch(path.name)
-        and ((path / _METADATA_FILENAME).is_file())
+        and ((path / METADATA_FILENAME).is_file())
     )
 
 
@@ -278,7 +280,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
         if not any(path.iterdir()):
             return "an empty folder, not a checkpoint (a .ckpt file, or a sharded checkpoint folder)"
         if not any(
-            p.name in (".metadata", _METADATA_FILENAME) or p.suffix == ".distcp" for p in path.iterdir()
+            p.name in (".metadata", METADATA_FILENAME) or p.suffix == ".distcp" for p in path.iterdir()
         ):
             return "a folder without checkpoint files (a .ckpt file, or a sharded folder with .metadata)"
         return f"a sharded checkpoint folder without its {COMPLETE} marker (its save was cut off)"
@@ -315,7 +317,7 @@ def global_step(path: Path) -> int:
     target = path.resolve() if path.is_symlink() else path
     if (target / COMPLETE).is_file():
         return int(json.loads((target / COMPLETE).read_text())["global_step"])
-    meta = target / _METADATA_FILENAME if target.is_dir() else target
+    meta = target / METADATA_FILENAME if target.is_dir() else target
     checkpoint = torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
     return int(checkpoint.get("global_step", -1))
 

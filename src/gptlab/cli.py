@@ -1,92 +1,77 @@
 """gptlab's LightningCLI: `python main.py {fit,validate,test,predict} --config ...` (and `export`).
 
-What it adds to LightningCLI:
+Wiring of the pieces that make a command (docs/design.md §5.1):
 
-- runs land in `logs/<experiment>/version_N/` (TensorBoard events, `config.yaml`, `checkpoints/`
-  with `best.ckpt` by the monitored metric and `last.ckpt`, the tokenizer, `reports/`);
-- `test`/`validate`/`predict --ckpt_path <run>/checkpoints/X.ckpt` need no --config: the run's own
-  `config.yaml` and `tokenizer/` are used, and outputs go back into that run directory;
-- `fit --ckpt_path last` resumes the newest run of the experiment in place, from its newest complete
-  checkpoint; checkpoints are written atomically (gptlab.checkpointing);
-- `test` writes `reports/test_report.{txt,md,json}` and prints the report;
-- fine-tuning: a task's `label_names` come from the data module (`data.label_names`), and with
-  `init_from` the backbone config and the tokenizer come from the pretraining run when the YAML
-  does not give them; evaluating a checkpoint reuses its backbone config and label names;
-- every run logs throughput and MFU (`throughput.*`, gptlab.callbacks.Throughput), and prints plain
-  progress lines where there is no terminal (`progress.*`, gptlab.callbacks.ProgressLog);
-- every fit saves `last.ckpt` every 30 minutes (`preemption.every_n_minutes`; every N steps with
-  `preemption.every_n_steps`) and on SIGTERM / SIGUSR1
-  (then exits 75, gptlab.resilience.REQUEUE_EXIT_CODE), and stops at a non-finite loss
-  (`nonfinite_loss.policy`);
-- a sharded FSDP checkpoint (a folder) is consolidated on the fly for evaluation under any other
-  strategy (e.g. on one device);
-- user errors (`GPTLabError`, a parser error, a Lightning MisconfigurationException) print one
-  line and exit 2 instead of a traceback; config files are checked for duplicate keys and YAML
-  syntax first (gptlab.config_check);
-- every checkpoint a command names (`--ckpt_path`, `init_from`) must load with
-  `weights_only=True`: a crafted pickle is refused before Lightning or anything else reads it, and
-  the trainer loads checkpoints with `weights_only=True` too;
-- the log directory must be creatable and writable before anything is built.
+    argv --gptlab.argv (run config of a checkpoint, quoting)--> check_config_files --> parse
+         --> _parse_ckpt_path: the checkpoint read once (gptlab.resolve.read_checkpoint), its task
+             and conflicting overrides refused, its hyperparameters applied
+         --> before_instantiate_classes: check_settings, loggers pointed at the run folder,
+             gptlab.resolve.resolve (backbone, tokenizer, label names, block_size, remote-code
+             consent), a new run's version_N claimed (gptlab.runs.RunClaim)
+         --> instantiate --> run (a failure before the first batch removes what it wrote)
+         --> after_test: the report written into the run folder
+
+User errors print one line and exit 2 (`main`).
 """
 
 from __future__ import annotations
 
 import errno
-import json
-import logging
-import os
-import re
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jsonargparse import Namespace
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from gptlab.adapters import require_peft
-from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, ProgressLog, Throughput
-from gptlab.checkpointing import install_atomic_checkpoints, require_complete
-from gptlab.config_check import check_config_files, one_line_parser_error
-from gptlab.data import DataModule
-from gptlab.errors import CheckpointError, ConfigError, GPTLabError
-from gptlab.loading import (
-    RUN_CODE_KEYS,
-    is_sharded_checkpoint,
-    load_checkpoint,
-    records_remote_code,
-    require_lightning_checkpoint,
-    save_consolidated,
-    verify_checkpoint,
+from gptlab._lightning import add_subcommand, subcommand_parser
+from gptlab.argv import (
+    EVAL_SUBCOMMANDS,
+    config_files,
+    option,
+    print_config_flags,
+    quote_text_value,
+    tokenizer_option,
+    user_asks_for_remote_code,
+    with_run_config,
 )
-from gptlab.reports import write_report
+from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, ProgressLog, Throughput, quiet_lightning
+from gptlab.checkpointing import install_atomic_checkpoints
+from gptlab.config_check import OneLineParser, check_config_files, check_settings
+from gptlab.data import DataModule
+from gptlab.errors import ConfigError, GPTLabError
+from gptlab.loading import consolidated_copy, is_sharded_checkpoint
+from gptlab.reports import publish_report
 from gptlab.resilience import NonFiniteLoss, Preemption
+from gptlab.resolve import (
+    CheckpointRecord,
+    UserInput,
+    check_overrides,
+    check_task,
+    read_checkpoint,
+    read_init_from,
+    resolve,
+)
 from gptlab.runs import (
-    CLAIMED_RUN_ENV,
-    check_init_from,
-    check_writable_dir,
-    checkpoint_hparams,
-    claim_version,
+    RunClaim,
+    RunDirectory,
+    configure_loggers,
     is_run_config,
     latest_checkpoint,
-    pretrained_backbone,
-    pretrained_tokenizer,
-    remove_empty_parents,
     remove_traces,
     run_dir_of,
-    task_class_of,
 )
 from gptlab.tasks import TaskModule
 from gptlab.tasks.base import use_peft_types
 
-EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+__all__ = ["GPTLabCLI", "main", "user_asks_for_remote_code", "with_run_config"]
 
 
 HELP_DESCRIPTION = (
@@ -102,257 +87,18 @@ EXPORT_HELP = (
 )
 
 
-class _QuietLightning(logging.Filter):
-    """Drops Lightning's advertising tips at start ("💡 Tip: ... litlogger", "... litmodels")."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
-
-
-def quiet_lightning() -> None:
-    """Install `_QuietLightning` on the logger that emits the tips (once per process)."""
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _QuietLightning) for f in logger.filters):
-        logger.addFilter(_QuietLightning())
-
-
-def _leaves(value: Any, prefix: str) -> dict[str, Any]:
-    """{dotted key: value} of the plain values in nested dicts (lists compared whole)."""
-    if not isinstance(value, dict):
-        return {prefix: list(value) if isinstance(value, tuple) else value}
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        out.update(_leaves(item, f"{prefix}.{key}"))
-    return out
-
-
-def _option(argv: list[str], name: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def quote_text_value(argv: list[str], message: str) -> tuple[list[str], str, str] | None:
-    """(argv, quoted, text): argv with the value that a parser `message` refuses as "not a str"
-    quoted as a YAML string, that quoted string and the text as typed.
-
-    Only a value that YAML read as a mapping or list although the key wants text (it contains
-    ": " or starts with "{" / "["), and only where it was written on the command line; None when
-    there is no such value (the error stands).
-    """
-    keys = re.findall(r'Parser key "([^"]+)":\s*\n\s*Expected a <class \'str\'>', message)
-    if not keys:
-        return None
-    name = keys[-1].split(".")[-1]
-    for i, arg in enumerate(argv):
-        option, equals, value = arg.partition("=")
-        if not option.startswith("--") or option.rsplit(".", 1)[-1].lstrip("-") != name:
-            continue
-        if not equals:
-            if i + 1 >= len(argv):
-                continue
-            value = argv[i + 1]
-        if not (": " in value or value.lstrip()[:1] in ("{", "[")) or value.startswith('"'):
-            continue
-        quoted = json.dumps(value)  # a JSON string is a YAML double-quoted string of the same text
-        return [*argv[:i], f"{option}={quoted}", *argv[i + (1 if equals else 2) :]], quoted, value
-    return None
-
-
-def _print_config_flags(argv: list[str]) -> set[str] | None:
-    """The flags of a `--print_config[=flags]` in argv (an empty set without flags), None without one."""
-    for arg in argv:
-        if arg == "--print_config":
-            return set()
-        if arg.startswith("--print_config="):
-            return set(arg.split("=", 1)[1].split(","))
-    return None
-
-
-def with_run_config(argv: list[str]) -> list[str]:
-    """Add `--config <run>/config.yaml` to an evaluation command that names a checkpoint but no config."""
-    if not argv or argv[0] not in EVAL_SUBCOMMANDS:
-        return argv
-    if any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
-        return argv
-    ckpt = _option(argv, "--ckpt_path")
-    run = run_dir_of(ckpt)
-    if ckpt is None:
-        return argv
-    if ckpt in ("best", "last"):
-        raise ConfigError(
-            f"--ckpt_path {ckpt}: a separate `{argv[0]}` has no {ckpt} checkpoint of its own (that name "
-            f"means the {ckpt} of a fit in the same process); give the file, e.g. --ckpt_path "
-            f"logs/<experiment>/version_N/checkpoints/{ckpt}.ckpt (its run's config.yaml is found beside it)"
-        )
-    if ckpt and "://" not in ckpt and not Path(ckpt).exists():
-        raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
-    config = run / "config.yaml" if run is not None else None
-    if config is None or not config.is_file():
-        raise ConfigError(
-            f"--ckpt_path {ckpt}: no run config found next to it (expected {config or '<run>/config.yaml'}); "
-            f"pass the experiment's --config explicitly"
-        )
-    return [argv[0], "--config", str(config), *argv[1:]]
-
-
-def user_asks_for_remote_code(argv: list[str]) -> bool:
-    """Whether the user's own config files or command-line options turn on a run-code setting
-    (`trust_remote_code`). Config files inside a run directory and checkpoints are records of what
-    a run did, not the user's consent to run a model's code now (docs/design.md §6.3).
-    """
-    for i, arg in enumerate(argv):
-        name, eq, value = arg.partition("=")
-        if not eq:
-            value = argv[i + 1] if i + 1 < len(argv) else ""
-        if name in ("-c", "--config"):
-            if is_run_config(value):
-                continue
-            try:
-                data = yaml.safe_load(Path(value).read_text())
-            except (OSError, yaml.YAMLError):
-                continue
-            if records_remote_code(data):
-                return True
-        elif name.startswith("--") and name.endswith(RUN_CODE_KEYS):
-            if str(yaml.safe_load(value or "false")).lower() in ("true", "yes", "1"):
-                return True
-        elif name.startswith("--") and any(key in value for key in RUN_CODE_KEYS):
-            try:
-                if records_remote_code(yaml.safe_load(value)):
-                    return True
-            except yaml.YAMLError:
-                continue
-    return False
-
-
 def _label_names_of(datamodule: Any) -> list[str] | None:
     # Data modules of labelled data (classification, token classification) expose `label_names`.
     return getattr(datamodule, "label_names", None)
 
 
-def retarget_loggers(trainer_cfg: Namespace, save_dir: Path, name: str, version: str) -> None:
-    """Point every configured logger that takes `save_dir` / `version` (TensorBoard, CSV, ...) at
-    `save_dir/name/version`; loggers that write elsewhere (e.g. to a tracking server) are kept as
-    configured. `trainer.logger: false` keeps no logger, with the run as the Trainer's root dir.
-    """
-    import inspect
-
-    if trainer_cfg.logger is False:
-        trainer_cfg.default_root_dir = str(save_dir / name / version)
-        return
-    loggers = trainer_cfg.logger if isinstance(trainer_cfg.logger, list) else [trainer_cfg.logger]
-    for logger in loggers:
-        if not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
-            continue
-        cls = task_class_of(str(logger.get("class_path")))
-        params = inspect.signature(cls).parameters if cls is not None else {}
-        if "save_dir" not in params or "version" not in params:
-            continue
-        logger.init_args.save_dir, logger.init_args.version = str(save_dir), version
-        if "name" in params:
-            logger.init_args.name = name
-
-
-def _recorded(text: str) -> Any:
-    """A saved run config without what a resume sets by itself: `ckpt_path`, the loggers' settings
-    (pointed at the run directory; only their classes are compared) and the data's tokenizer (the
-    run's own `tokenizer/`, written once by the first command)."""
-    config = yaml.safe_load(text) or {}
-    if not isinstance(config, dict):
-        return config
-    config = {k: v for k, v in config.items() if k != "ckpt_path"}
-    trainer = config.get("trainer")
-    if isinstance(trainer, dict) and "logger" in trainer:
-        loggers = trainer["logger"] if isinstance(trainer["logger"], list) else [trainer["logger"]]
-        trainer["logger"] = [x.get("class_path") if isinstance(x, dict) else x for x in loggers]
-    data = config.get("data")
-    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):
-        data["init_args"].pop("tokenizer", None)
-    return config
-
-
-class RunDirectory(SaveConfigCallback):
-    """Writes `config.yaml` and the tokenizer into the run directory when `fit` starts.
-
-    `config.yaml` is always the config of the newest command that trained the run: a resumed run
-    with other settings (e.g. a new `--trainer.max_steps`) moves the previous one to
-    `config.<n>.yaml` (n = 1, 2, ... in order, config.1.yaml being the first run's) and records its
-    own; a resume that changes nothing but `ckpt_path` keeps the file as it is. The tokenizer is
-    written once. Evaluation subcommands write nothing here; `test` writes its reports from the CLI.
-    """
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit":
-            return
-        log_dir = Path(trainer.log_dir)
-        path = log_dir / self.config_filename
-        action = "write"
-        if trainer.is_global_zero and path.exists():
-            ours = self.parser.dump(self.config, skip_none=False)
-            action = "keep" if _recorded(path.read_text()) == _recorded(ours) else "rotate"
-        action = trainer.strategy.broadcast(action)
-        if action == "rotate" and trainer.is_global_zero:
-            n = 1
-            while (log_dir / f"{path.stem}.{n}{path.suffix}").exists():
-                n += 1
-            path.rename(log_dir / f"{path.stem}.{n}{path.suffix}")
-            rank_zero_info(
-                f"gptlab: {path} now records this resumed run; the previous one is {path.stem}.{n}.yaml"
-            )
-        if action != "keep":
-            super().setup(trainer, pl_module, stage)
-        tokenizer_dir = log_dir / "tokenizer"
-        datamodule = trainer.datamodule
-        if trainer.is_global_zero and datamodule is not None and not tokenizer_dir.exists():
-            datamodule.save_tokenizer(tokenizer_dir)
-
-
-class _BatchSeen(Callback):
-    """Notes whether any batch ran in this command: a failure after that is not "before training",
-    and the run keeps its files (the curves of a run that diverged are what explains it).
-    """
-
-    def __init__(self) -> None:
-        self.seen = False
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        self.seen = True
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
-        # The sanity check (validation at step 0) comes before training proper.
-        self.seen = self.seen or not trainer.sanity_checking
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
-        self.seen = True
-
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
-        self.seen = True
-
-
-class _Parser(LightningArgumentParser):
-    """LightningArgumentParser whose errors are one line (a ConfigError) instead of usage + a wall."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error:
-            # A nested parser (a class's init_args tried as one Union subtype): jsonargparse
-            # collects its error into the top-level one, which is shortened below.
-            return super().error(message, ex)
-        argv = getattr(self, "_gptlab_argv", None) or sys.argv[1:]
-        subcommand = argv[0] if argv and not argv[0].startswith("-") else None
-        if "peft" in message:
-            # A peft config class that cannot be imported: say which package is missing.
-            require_peft()
-        error = ConfigError(one_line_parser_error(message, argv, subcommand))
-        error.parser_message = message  # what `quote_text_value` reads to retry a parse
-        raise error from None
-
-
 class GPTLabCLI(LightningCLI):
-    """LightningCLI with gptlab's run layout, checkpoint defaults and reports."""
+    """LightningCLI with gptlab's run layout, checkpoint defaults and reports.
+
+    Wiring only: the argv is rewritten by gptlab.argv, what a command runs is decided by
+    gptlab.resolve (from the checkpoint and init_from records, each read once), and the run
+    folder's lifecycle is gptlab.runs' (RunClaim, RunDirectory).
+    """
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
         if args is None:
@@ -366,25 +112,18 @@ class GPTLabCLI(LightningCLI):
         check_config_files([str(a) for a in self._argv])
         # The checkpoint as given, when evaluation reads a consolidated copy of a sharded one.
         self._ckpt_source: str | None = None
-        # Where a backbone config filled in from a record came from (a checkpoint, init_from).
-        self._backbone_source: str | None = None
-        # The run directory this command claimed (created) and the nearest folder above it that
-        # existed before: what a failure before training removes again.
-        self._claimed: Path | None = None
-        self._versioned_loggers: list[Namespace] = []  # logger init_args given a claimed version
-        self._existed: Path | None = None
-        self._batches = _BatchSeen()
+        self._records: dict[str, CheckpointRecord] = {}  # each checkpoint read once
+        self._claim = RunClaim()
         self._consolidated_dir: tempfile.TemporaryDirectory | None = None
         try:
             self._start(args, run)
         except BaseException:
             # Whatever stopped the command (a bad input, a bug, Ctrl-C) before it trained leaves
             # no half-made run folder behind.
-            self._remove_claimed_run()
+            self._claim.remove_if_untrained()
             raise
         finally:
-            if self._claimed is not None and os.environ.get(CLAIMED_RUN_ENV) == str(self._claimed):
-                del os.environ[CLAIMED_RUN_ENV]
+            self._claim.release()
 
     def _start(self, args: ArgsType, run: bool) -> None:
         super().__init__(
@@ -394,7 +133,7 @@ class GPTLabCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_callback=RunDirectory,
             seed_everything_default=1337,
-            parser_class=_Parser,
+            parser_class=OneLineParser,
             # The task owns optimizer and scheduler (injected through its constructor).
             auto_configure_optimizers=False,
             args=args,
@@ -424,10 +163,10 @@ class GPTLabCLI(LightningCLI):
                 self._argv = parser._gptlab_argv = argv
 
     def _parse(self, parser: LightningArgumentParser, argv: list[str], texts: dict[str, str]) -> None:
-        flags = _print_config_flags(argv)
+        flags = print_config_flags(argv)
         if flags:  # skip_default / skip_unset: jsonargparse's own printing (nothing filled in)
             self.config = parser.parse_args(argv)
-        self.config = parser.parse_args([a for a in argv if _print_config_flags([a]) is None])
+        self.config = parser.parse_args([a for a in argv if print_config_flags([a]) is None])
         for key, value in list(self.config.items()):
             if isinstance(value, str) and value in texts:
                 self.config[key] = texts[value]
@@ -440,13 +179,14 @@ class GPTLabCLI(LightningCLI):
         cfg = self.config[subcommand] if subcommand else self.config
         self.subcommand = subcommand
         try:
-            self._fill_from_checkpoints(cfg, cfg.get("ckpt_path"))
+            ckpt = cfg.get("ckpt_path")
+            self._resolve(cfg, ckpt if ckpt and Path(ckpt).exists() else None, printing=True)
         except GPTLabError as err:
             print(
                 f"gptlab: warning: printed without what init_from / ckpt_path would add ({err})",
                 file=sys.stderr,
             )
-        printer = self._subcommand_parsers[subcommand] if subcommand else parser
+        printer = subcommand_parser(self, subcommand) if subcommand else parser
         sys.stdout.write(printer.dump(cfg, skip_none=False))
         raise SystemExit(0)
 
@@ -461,7 +201,7 @@ class GPTLabCLI(LightningCLI):
         # `export` is dispatched by `main()` before LightningCLI (it is not a Trainer method);
         # listed here so that `main.py --help` shows every command.
         export = LightningArgumentParser(description=EXPORT_HELP)
-        parser._subcommands_action.add_subcommand("export", export, help=EXPORT_HELP)
+        add_subcommand(parser, "export", export, help=EXPORT_HELP)
 
     def instantiate_classes(self) -> None:
         try:
@@ -476,65 +216,39 @@ class GPTLabCLI(LightningCLI):
                 raise
             raise cause from None
         finally:
-            # The loggers have their claimed version now; the config.yaml written into the run
-            # records none, so that fitting from it again starts a new run instead of sharing this one.
-            for args in self._versioned_loggers:
-                args.version = None
+            self._claim.forget_versions()
+
+    def _record(self, ckpt: str) -> CheckpointRecord:
+        if ckpt not in self._records:
+            self._records[ckpt] = read_checkpoint(ckpt)
+        return self._records[ckpt]
 
     def _parse_ckpt_path(self) -> None:
-        # Before anyone unpickles it (Lightning's _parse_ckpt_path below, the trainer later): a
-        # checkpoint that does not load with weights_only=True stops here with one line.
-        ckpt = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        checkpoint = None
-        if ckpt and Path(ckpt).exists():
-            require_complete(ckpt)  # a cut-off or empty file is named as such
-            if not is_sharded_checkpoint(ckpt):
-                # One memory-mapped weights_only load: refuses a crafted pickle, names the task.
-                checkpoint = load_checkpoint(ckpt, mmap=True)
-                require_lightning_checkpoint(ckpt, checkpoint)
-                self._check_task_of_checkpoint(ckpt, checkpoint)
-            else:
-                verify_checkpoint(ckpt)  # before the FSDP strategy hands the folder to DCP
-        # LightningCLI re-applies the checkpoint's hyperparameters over the parsed config, which
-        # undoes command-line options such as `test --ckpt_path X --model.init_args.max_new_tokens 64`.
+        # Before anyone unpickles it (the trainer later): a checkpoint that does not load with
+        # weights_only=True stops here with one line; the same read gives its hyperparameters.
+        cfg = self.config[self.config.subcommand] if self.config.get("subcommand") else None
+        ckpt = cfg.get("ckpt_path") if cfg is not None else None
+        record = self._record(ckpt) if ckpt and Path(ckpt).exists() else None
+        if record is None or record.sharded:
+            return
+        model = cfg.get("model")
+        check_task(record, model.get("class_path") if isinstance(model, Namespace) else None)
+        # LightningCLI puts the checkpoint's hyperparameters over the parsed config, which undoes
+        # command-line options such as `test --ckpt_path X --model.init_args.max_new_tokens 64`.
         # The checkpoint of a gptlab run was written from that run's config.yaml: when it is the
         # config in use, the hyperparameters are already there and the command line must win.
-        run = run_dir_of(_option(self._argv, "--ckpt_path"))
-        configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
-        if run is not None and any(Path(c) == run / "config.yaml" for c in configs):
+        run = run_dir_of(option(self._argv, "--ckpt_path"))
+        if run is not None and any(Path(c) == run / "config.yaml" for c in config_files(self._argv)):
             return
-        if checkpoint is not None:
-            # Any other config would be overwritten by the checkpoint's values without a word.
-            self._refuse_overrides_of_checkpoint(ckpt, checkpoint.get("hyper_parameters") or {})
-        super()._parse_ckpt_path()
-
-    def _refuse_overrides_of_checkpoint(self, ckpt: str, hparams: dict[str, Any]) -> None:
-        """Model values of the config / command line that differ from the checkpoint's, named."""
-        model = self.config[self.config.subcommand].get("model")
         init_args = model.get("init_args") if isinstance(model, Namespace) else None
-        if not isinstance(init_args, Namespace):
-            return
-        ours = _leaves(init_args.as_dict(), "model.init_args")
-        theirs = _leaves({k: v for k, v in hparams.items() if not k.startswith("_")}, "model.init_args")
-        differ = [
-            (k, ours[k], theirs[k])
-            for k in ours
-            if k in theirs and ours[k] is not None and ours[k] != theirs[k]
-        ]
-        if not differ:
-            return
-        shown = "; ".join(f"{k}: {a!r} here, {b!r} in the checkpoint" for k, a, b in differ[:3])
-        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
-        run = run_dir_of(ckpt)
-        hint = (
-            f"drop --config to use the run's own {run / 'config.yaml'} (command-line options then win)"
-            if run is not None and (run / "config.yaml").is_file()
-            else "give the values the checkpoint was trained with"
-        )
-        raise ConfigError(
-            f"--ckpt_path {ckpt} was trained with other model settings than this config: {shown}{more}; "
-            f"the checkpoint's would silently replace them: {hint}, or make them agree"
-        )
+        if isinstance(init_args, Namespace):
+            check_overrides(record, init_args.as_dict())  # not replaced without a word
+        # What LightningCLI._parse_ckpt_path does, from the record instead of a second read.
+        hparams = {k: v for k, v in record.hparams.items() if k != "_instantiator"}
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        if hparams:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -546,75 +260,6 @@ class GPTLabCLI(LightningCLI):
             trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar.like(bar)
         return trainer
 
-    def _check_task_of_checkpoint(self, ckpt: str, checkpoint: dict) -> None:
-        """A checkpoint of another task than the configured model is refused, naming both.
-
-        Otherwise Lightning would rebuild the checkpoint's task over the config (and fail later on
-        whatever the data module lacks) or load mismatching weights.
-        """
-        model = self.config[self.config.subcommand].get("model")
-        configured = model.get("class_path") if isinstance(model, Namespace) else None
-        if not configured:
-            return
-        written_by = checkpoint.get("gptlab", {}).get("task") or checkpoint.get("hyper_parameters", {}).get(
-            "_class_path"
-        )
-        if not written_by:
-            return
-        ours, theirs = task_class_of(configured), task_class_of(written_by)
-        if ours is not None and theirs is not None and ours is not theirs:
-            raise CheckpointError(
-                f"--ckpt_path {ckpt} is a checkpoint of {theirs.__module__}.{theirs.__name__}, but the "
-                f"config's model is {ours.__module__}.{ours.__name__}: use that run's own config (drop "
-                f"--config; <run>/config.yaml is found beside the checkpoint) or a checkpoint of this task"
-            )
-
-    def _claim_run_dirs(self, cfg: Namespace) -> None:
-        """Give every TensorBoard / CSV logger of a new run a version_N this process created itself."""
-        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
-        claimed: dict[Path, int] = {}
-        for logger in loggers:
-            if not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
-                continue
-            cls = task_class_of(str(logger.get("class_path")))
-            args = logger.init_args
-            if (
-                cls is None
-                or not issubclass(cls, CSVLogger | TensorBoardLogger)
-                or args.get("version") is not None
-            ):
-                continue
-            name = args.get("name", "lightning_logs")
-            root = Path(args.get("save_dir") or ".") / (name or "")
-            inherited = os.environ.get(CLAIMED_RUN_ENV)
-            if inherited and Path(inherited).parent == root:
-                args.version = Path(inherited).name  # a rank launched by rank 0: its directory
-                self._versioned_loggers.append(args)
-                continue
-            if rank_zero_only.rank != 0:
-                continue  # launched by another tool: rank 0's directory reaches it by broadcast
-            if root not in claimed:
-                existed = root
-                while not existed.exists() and existed != existed.parent:
-                    existed = existed.parent
-                claimed[root] = claim_version(root)
-                if self._claimed is None:
-                    self._claimed, self._existed = root / f"version_{claimed[root]}", existed
-                    os.environ[CLAIMED_RUN_ENV] = str(self._claimed)
-            args.version = f"version_{claimed[root]}"
-            self._versioned_loggers.append(args)
-
-    def _remove_claimed_run(self) -> None:
-        """Remove the run directory this command claimed (and the empty folders it created above
-        it), unless the run trained: a failure before the first batch leaves nothing behind."""
-        if self._claimed is None or self._batches.seen:
-            return
-        remove_traces(self._claimed, None)  # keeps everything once a checkpoint was written
-        if not self._claimed.exists() and self._existed is not None:
-            remove_empty_parents(self._claimed.parent, self._existed)
-
     def _run_subcommand(self, subcommand: str) -> None:
         # A command that fails before its first batch (bad data found in setup, a model / data
         # mismatch) leaves no half-made run behind: Lightning creates the logger's directory and event file
@@ -623,9 +268,9 @@ class GPTLabCLI(LightningCLI):
         logger = self.trainer.logger if self.trainer.is_global_zero else None
         log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
         before = set(log_dir.rglob("*")) if log_dir is not None and log_dir.exists() else None
-        if log_dir is not None and log_dir == self._claimed:
+        if log_dir is not None and log_dir == self._claim.claimed:
             before = None  # claimed (created empty) by this command
-        batches = self._batches
+        batches = self._claim.batches
         self.trainer.callbacks.append(batches)
         try:
             try:
@@ -698,229 +343,52 @@ class GPTLabCLI(LightningCLI):
             # Nothing to resume is not an error: the first run of a preemptible job starts fresh.
             cfg.ckpt_path = ckpt = str(found) if found is not None else None
             if found is not None:
-                verify_checkpoint(found)  # resolved just now: not checked while parsing
-        if ckpt == "":
-            raise ConfigError(
-                "--ckpt_path is empty: give a checkpoint file, `last` (fit: resume the newest run), or "
-                "leave the option out"
-            )
-        # (a remote URL, s3://..., is left to Lightning's fsspec loading, with weights_only below)
-        local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
-        if local and not Path(ckpt).exists():
-            raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
+                self._record(str(found))  # resolved just now: not checked while parsing
         # Lightning passes weights_only=None to torch.load, which an environment variable
         # (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) can turn into full unpickling: ask for safe loading.
         if "weights_only" in cfg and cfg.weights_only is None:
             cfg.weights_only = True
+        check_settings(self.subcommand, cfg, ckpt)
         run = run_dir_of(ckpt)
-        if run is None:
-            check_writable_dir(logs, "--logs", "set --logs to a directory you can write to")
-        else:
-            check_writable_dir(
-                run, "run directory", "copy the run to a writable place and give --ckpt_path from there"
-            )
-        self._check_settings(cfg, ckpt)
-        # Resuming or evaluating a checkpoint writes into that checkpoint's run directory.
-        save_dir, name, version = (
-            (run.parent.parent, run.parent.name, run.name) if run else (logs, cfg.experiment, None)
-        )
-        if cfg.trainer.logger in (None, True):
-            cfg.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(
-                    save_dir=str(save_dir), name=name, version=version, default_hp_metric=False
-                ),
-            )
-        elif run is not None:
-            # The user's logger(s) stay: only where they write moves to the run directory.
-            retarget_loggers(cfg.trainer, save_dir, name, version)
-        self._fill_from_checkpoints(cfg, ckpt)
-        self._refuse_recorded_remote_code(cfg, ckpt)
-        self._claim_run_dirs(cfg)
-        if self.subcommand == "fit" and run is not None:
-            self._resume_with_run_tokenizer(cfg, run)
-        # Evaluate with the tokenizer the run trained with, unless one is given explicitly.
-        explicit = any("tokenizer" in a for a in self._argv)
-        if self.subcommand in EVAL_SUBCOMMANDS and run and (run / "tokenizer").is_dir() and not explicit:
-            if "tokenizer" in cfg.data.get("init_args", {}):
-                cfg.data.init_args.tokenizer = str(run / "tokenizer")
+        # (a remote URL, s3://..., is left to Lightning's fsspec loading, with weights_only)
+        local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
+        configure_loggers(cfg, run)
+        self._resolve(cfg, ckpt if local else None, printing=False)
+        self._claim.claim(cfg.trainer)
 
-    def _fill_from_checkpoints(self, cfg: Namespace, ckpt: str | None) -> None:
-        """Fill in what the config leaves to the checkpoints and the model: backbone, tokenizer,
-        label names, the data's block_size.
-
-        - no backbone: the one recorded by `--ckpt_path` (evaluating or resuming a run), else by
-          `init_from` (a gptlab checkpoint's run config, or a Hugging Face config.json);
-        - `init_from` and a tokenizer *recipe*: the pretraining tokenizer instead (a recipe would
-          train a new vocabulary that the pretrained embeddings do not know);
-        - evaluating a checkpoint with no label_names given: the checkpoint's, so that its output
-          ids keep their meaning;
-        - no data block_size (TextDataModule's default): the backbone's block_size.
-        """
+    def _resolve(self, cfg: Namespace, ckpt: str | None, printing: bool) -> None:
+        """Fill in what the config leaves to the checkpoints and the model (gptlab.resolve)."""
         model = cfg.model.get("init_args") if isinstance(cfg.get("model"), Namespace) else None
         data = cfg.data.get("init_args") if isinstance(cfg.get("data"), Namespace) else None
         if model is None:
             return
-        ckpt = ckpt if ckpt and Path(ckpt).is_file() else None
-        init_from = model.get("init_from")
-        if init_from and self.subcommand == "fit" and ckpt:
-            recorded = checkpoint_hparams(ckpt).get("init_from")
-            if recorded != init_from:
-                # TaskModule.setup loads init_from only for a new run: the checkpoint wins.
-                rank_zero_warn(
-                    f"gptlab: model.init_args.init_from={init_from} is not used: --ckpt_path {ckpt} resumes "
-                    f"that run with its own weights (init_from only initialises a new run); drop one of them"
-                )
-        if init_from and self.subcommand == "fit":
-            backbone_args = model.get("backbone") and model.backbone.get("init_args")
-            check_init_from(
-                init_from, trust_remote_code=bool(backbone_args and backbone_args.get("trust_remote_code"))
-            )
-        if "backbone" in model and model.backbone is None and (ckpt or init_from):
-            source = ckpt or init_from
-            backbone = pretrained_backbone(source)
+        record = self._record(ckpt) if ckpt else None
+        backbone = model.get("backbone")
+        backbone_args = backbone.get("init_args") if isinstance(backbone, Namespace) else None
+        init_from = None
+        if model.get("init_from"):
+            need = "backbone" in model and backbone is None and (record is None or record.sharded)
+            trust = bool(backbone_args and backbone_args.get("trust_remote_code"))
+            init_from = read_init_from(model.init_from, self.subcommand, need, trust)
+        user = UserInput(
+            tokenizer_option=tokenizer_option(self._argv),
+            asks_remote_code=user_asks_for_remote_code(self._argv),
+            run_configs=tuple(c for c in config_files(self._argv) if is_run_config(c)),
+        )
+        plain = data.as_dict() if data is not None else None
+        out = resolve(self.subcommand, model.as_dict(), plain, record, init_from, user, printing=printing)
+        for line in out.warnings:
+            rank_zero_warn(line)
+        for line in out.announce:
+            rank_zero_info(line)
+        if out.backbone is not None:
             # init_args stay plain values (a dict-typed argument such as config_overrides must not
             # become a Namespace).
-            model.backbone = Namespace(
-                class_path=backbone["class_path"], init_args=Namespace(**backbone.get("init_args", {}))
-            )
-            self._backbone_source = str(source)
-            rank_zero_info(f"gptlab: backbone {model.backbone.class_path} configured as in {source}")
-        backbone = model.get("backbone")
-        if data is not None and data.get("block_size", 0) is None and isinstance(backbone, Namespace):
-            # One source of truth: the data's sequence length is the model's unless the data sets
-            # its own (at most the model's, checked by TaskModule.check_data).
-            model_block = (backbone.get("init_args") or Namespace()).get("block_size")
-            if isinstance(model_block, int):
-                data.block_size = model_block
-        if init_from and data is not None and "tokenizer" in data and not isinstance(data.tokenizer, str):
-            tokenizer = pretrained_tokenizer(init_from)
-            if tokenizer is None:
-                raise ConfigError(
-                    f"init_from={init_from}: no tokenizer found with it (expected <run>/tokenizer next to "
-                    f"a gptlab checkpoint, or tokenizer files in a Hugging Face directory), and a tokenizer "
-                    f"recipe would not match the pretrained embeddings: set data.init_args.tokenizer to "
-                    f"the pretraining tokenizer's directory"
-                )
-            data.tokenizer = str(tokenizer)
-            rank_zero_info(f"gptlab: tokenizer {tokenizer} (from init_from)")
-        if (
-            self.subcommand in EVAL_SUBCOMMANDS
-            and ckpt
-            and data is not None
-            and "label_names" in data
-            and data.label_names is None
-        ):
-            names = checkpoint_hparams(ckpt).get("label_names")
-            if names:
-                data.label_names = list(names)
-
-    def _check_settings(self, cfg: Namespace, ckpt: str | None) -> None:
-        """Settings that can only fail later (at the first step, the first save, the first
-        validation), checked before anything is built."""
-        experiment = str(cfg.experiment)
-        if (
-            not experiment
-            or experiment in (".", "..")
-            or any(c in experiment for c in "/\\")
-            or ".." in experiment
-        ):
-            raise ConfigError(
-                f"--experiment {experiment!r}: give a plain name (no '/', '\\' or '..'): runs land in "
-                f"{cfg.logs}/<experiment>/version_N; to write them elsewhere, set --logs"
-            )
-        # It becomes a folder name: longer than the filesystem allows, the logger's mkdir fails deep
-        # inside Lightning ("File name too long"). 255 bytes is the limit of ext4, XFS, btrfs, APFS.
-        if len(os.fsencode(experiment)) > 255:
-            raise ConfigError(
-                f"--experiment is {len(os.fsencode(experiment))} bytes long ({experiment[:40]!r}...), but it "
-                f"names a folder and folder names are at most 255 bytes: give a shorter name"
-            )
-        trainer = cfg.trainer
-        accumulate = trainer.get("accumulate_grad_batches")
-        if accumulate is not None and accumulate < 1:
-            raise ConfigError(
-                f"trainer.accumulate_grad_batches={accumulate} must be at least 1 (1: no accumulation)"
-            )
-        interval = trainer.get("val_check_interval")
-        if interval is not None and interval <= 0:
-            raise ConfigError(
-                f"trainer.val_check_interval={interval} must be positive: a number of training batches (int) "
-                f"or a fraction of an epoch in (0, 1]; to validate less, raise it, or set "
-                f"trainer.limit_val_batches to 0 for no validation"
-            )
-        if self.subcommand == "fit" and trainer.get("max_steps") == 0:
-            raise ConfigError(
-                "trainer.max_steps=0 trains nothing: give the number of optimizer steps, or -1 to "
-                "train for trainer.max_epochs"
-            )
-        data = cfg.data.get("init_args") if isinstance(cfg.get("data"), Namespace) else None
-        cache = data.get("cache_dir") if data is not None else None
-        if isinstance(cache, str) and cache:
-            check_writable_dir(
-                Path(cache).expanduser(),
-                "data.init_args.cache_dir",
-                "set data.init_args.cache_dir to a directory you can write to",
-            )
-        if self.subcommand in EVAL_SUBCOMMANDS and ckpt in ("best", "last"):
-            found = sorted(
-                (Path(cfg.logs) / experiment).glob(f"version_*/checkpoints/{ckpt}.ckpt"),
-                key=lambda p: int(p.parts[-3].split("_")[1]) if p.parts[-3].split("_")[1].isdigit() else -1,
-            )
-            example = found[-1] if found else f"{cfg.logs}/{experiment}/version_N/checkpoints/{ckpt}.ckpt"
-            raise ConfigError(
-                f"--ckpt_path {ckpt}: a separate `{self.subcommand}` has no {ckpt} checkpoint of its own "
-                f"(that name means the {ckpt} of a fit in the same process); give the file, e.g. "
-                f"--ckpt_path {example} (its run's config.yaml is found beside it)"
-            )
-
-    def _resume_with_run_tokenizer(self, cfg: Namespace, run: Path) -> None:
-        """A resumed run keeps the tokenizer it trained with (`<run>/tokenizer`): a recipe would be
-        retrained on today's training files, and a changed corpus moves token ids under the weights."""
-        data = cfg.data.get("init_args") if isinstance(cfg.get("data"), Namespace) else None
-        saved = run / "tokenizer"
-        if data is None or "tokenizer" not in data or not saved.is_dir():
-            return
-        given = [
-            a.split("=")[0] for a in self._argv if a.split("=")[0].startswith("--data.") and "tokenizer" in a
-        ]
-        if given and str(data.tokenizer) != str(saved):
-            raise ConfigError(
-                f"{given[0]}: resuming {run} continues with the tokenizer it trained with ({saved}); "
-                f"another tokenizer would change the meaning of the token ids under its weights: drop "
-                f"{given[0]}, or start a new run (without --ckpt_path) from its weights with "
-                f"--model.init_args.init_from"
-            )
-        if str(data.tokenizer) != str(saved):
-            rank_zero_info(f"gptlab: resuming with the run's tokenizer {saved}")
-        data.tokenizer = str(saved)
-
-    def _refuse_recorded_remote_code(self, cfg: Namespace, ckpt: str | None) -> None:
-        """A backbone that would run its model's own code (trust_remote_code) must be asked for by
-        the user's own config or command line, never by a checkpoint or a run folder's config.yaml.
-        """
-        model = cfg.model.get("init_args") if isinstance(cfg.get("model"), Namespace) else None
-        backbone = model.get("backbone") if model is not None else None
-        if not isinstance(backbone, Namespace) or not records_remote_code(backbone.get("init_args")):
-            return
-        if user_asks_for_remote_code(self._argv):
-            return
-        configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
-        records = [c for c in configs if is_run_config(c)]
-        source = self._backbone_source or (records[0] if records else f"the checkpoint {ckpt}")
-        init_args = {**backbone.init_args.as_dict(), "trust_remote_code": True}
-        flow = json.dumps({"class_path": backbone.class_path, "init_args": init_args})
-        how = (
-            "--model.init_args.backbone.init_args.trust_remote_code true"
-            if records and not self._backbone_source
-            else f"--model.init_args.backbone '{flow}'"
-        )
-        raise ConfigError(
-            f"model.init_args.backbone.init_args.trust_remote_code: true comes from {source}, not from "
-            f"your config or command line; a checkpoint or a run folder is a record, not consent to "
-            f"run the model's own code: if you trust that code, add {how} to the command (or set it in "
-            f"your own config)"
-        )
+            init_args = Namespace(**out.backbone.get("init_args", {}))
+            model.backbone = Namespace(class_path=out.backbone["class_path"], init_args=init_args)
+        for key in ("block_size", "tokenizer", "label_names"):
+            if getattr(out, key) is not None:
+                data[key] = getattr(out, key)
 
     # ----------------------------------------------------------------- sharded checkpoints
     def _ckpt_for_strategy(self) -> None:
@@ -928,20 +396,12 @@ class GPTLabCLI(LightningCLI):
         kwargs = self.config_init[self.subcommand]
         ckpt = kwargs.get("ckpt_path")
         if (
-            not ckpt
-            or not is_sharded_checkpoint(ckpt)
-            or isinstance(self.trainer.strategy, ModelParallelStrategy)
+            ckpt
+            and is_sharded_checkpoint(ckpt)
+            and not isinstance(self.trainer.strategy, ModelParallelStrategy)
         ):
-            return
-        if self.subcommand == "fit":
-            raise CheckpointError(
-                f"--ckpt_path {ckpt} is a sharded FSDP checkpoint: resume it with the FSDP strategy "
-                f"(--config configs/trainer/fsdp.yaml), or start a new run from its weights with "
-                f"--model.init_args.init_from {ckpt}"
-            )
-        self._consolidated_dir = tempfile.TemporaryDirectory(prefix="gptlab-consolidated-")
-        self._ckpt_source = str(ckpt)
-        kwargs["ckpt_path"] = str(save_consolidated(ckpt, Path(self._consolidated_dir.name) / "model.ckpt"))
+            self._consolidated_dir, path = consolidated_copy(ckpt, resuming=self.subcommand == "fit")
+            self._ckpt_source, kwargs["ckpt_path"] = str(ckpt), str(path)
 
     before_fit = before_validate = before_test = before_predict = _ckpt_for_strategy
 
@@ -951,17 +411,8 @@ class GPTLabCLI(LightningCLI):
         run = Path(self.trainer.log_dir) if report is not None else None
         if report is None or not self.trainer.is_global_zero:
             return
-        ckpt = self._ckpt_source or self.trainer.ckpt_path
         # The config files this command read (the run's own config.yaml when none was given).
-        configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
-        report.meta.update(
-            checkpoint=str(ckpt) if ckpt else "(weights as initialised)",
-            config=" + ".join(configs) if configs else "(command line)",
-            run_dir=str(run),
-        )
-        paths = write_report(report, run / "reports")
-        print(report.to_text())
-        print("report written to " + ", ".join(str(p) for p in paths))
+        publish_report(report, run, self._ckpt_source or self.trainer.ckpt_path, config_files(self._argv))
 
 
 def main(args: ArgsType = None) -> None:

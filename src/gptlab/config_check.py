@@ -14,17 +14,27 @@ Two gaps this closes (docs/bad_inputs.md):
   Union subtype it tried (70+ lines for one misspelt option). The facts are in there: the key
   path, the class and the innermost reason; `one_line_parser_error` keeps those, adds the file
   and line where the key was written, and says where to look for the accepted options.
+
+After parsing, `check_settings` refuses settings that would only fail later (at the first step,
+save or validation), before anything is built.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
+from lightning.pytorch.cli import LightningArgumentParser
 
-from gptlab.errors import ConfigError
+from gptlab.adapters import require_peft
+from gptlab.argv import EVAL_SUBCOMMANDS
+from gptlab.errors import CheckpointError, ConfigError
+from gptlab.runs import check_writable_dir, run_dir_of
 
 
 class _KeyLinesLoader(yaml.SafeLoader):
@@ -182,3 +192,103 @@ def one_line_parser_error(message: str, argv: list[str], subcommand: str | None)
     known = subcommand in ("fit", "validate", "test", "predict", "export")
     help_cmd = f"main.py {subcommand} --help" if known else "main.py --help"
     return f"{text}; see `{help_cmd}` for the accepted keys and types"
+
+
+def check_settings(subcommand: str | None, cfg: Any, ckpt: str | None) -> None:
+    """Settings that can only fail later (at the first step, the first save, the first
+    validation), checked before anything is built.
+
+    Args:
+        subcommand: fit / validate / test / predict.
+        cfg: the subcommand's parsed config (a jsonargparse Namespace).
+        ckpt: `--ckpt_path` as given (after `last` was resolved for fit).
+    """
+    if ckpt == "":
+        raise ConfigError(
+            "--ckpt_path is empty: give a checkpoint file, `last` (fit: resume the newest run), or "
+            "leave the option out"
+        )
+    # (a remote URL, s3://..., is left to Lightning's fsspec loading)
+    local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
+    if local and not Path(ckpt).exists():
+        raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
+    run = run_dir_of(ckpt)
+    if run is None:
+        check_writable_dir(Path(cfg.logs), "--logs", "set --logs to a directory you can write to")
+    else:
+        check_writable_dir(
+            run, "run directory", "copy the run to a writable place and give --ckpt_path from there"
+        )
+    experiment = str(cfg.experiment)
+    if (
+        not experiment
+        or experiment in (".", "..")
+        or any(c in experiment for c in "/\\")
+        or ".." in experiment
+    ):
+        raise ConfigError(
+            f"--experiment {experiment!r}: give a plain name (no '/', '\\' or '..'): runs land in "
+            f"{cfg.logs}/<experiment>/version_N; to write them elsewhere, set --logs"
+        )
+    # It becomes a folder name: longer than the filesystem allows, the logger's mkdir fails deep
+    # inside Lightning ("File name too long"). 255 bytes is the limit of ext4, XFS, btrfs, APFS.
+    if len(os.fsencode(experiment)) > 255:
+        raise ConfigError(
+            f"--experiment is {len(os.fsencode(experiment))} bytes long ({experiment[:40]!r}...), but it "
+            f"names a folder and folder names are at most 255 bytes: give a shorter name"
+        )
+    trainer = cfg.trainer
+    accumulate = trainer.get("accumulate_grad_batches")
+    if accumulate is not None and accumulate < 1:
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={accumulate} must be at least 1 (1: no accumulation)"
+        )
+    interval = trainer.get("val_check_interval")
+    if interval is not None and interval <= 0:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} must be positive: a number of training batches (int) "
+            f"or a fraction of an epoch in (0, 1]; to validate less, raise it, or set "
+            f"trainer.limit_val_batches to 0 for no validation"
+        )
+    if subcommand == "fit" and trainer.get("max_steps") == 0:
+        raise ConfigError(
+            "trainer.max_steps=0 trains nothing: give the number of optimizer steps, or -1 to "
+            "train for trainer.max_epochs"
+        )
+    data = cfg.data.get("init_args") if hasattr(cfg.get("data"), "get") else None
+    cache = data.get("cache_dir") if data is not None else None
+    if isinstance(cache, str) and cache:
+        check_writable_dir(
+            Path(cache).expanduser(),
+            "data.init_args.cache_dir",
+            "set data.init_args.cache_dir to a directory you can write to",
+        )
+    if subcommand in EVAL_SUBCOMMANDS and ckpt in ("best", "last"):
+        found = sorted(
+            (Path(cfg.logs) / experiment).glob(f"version_*/checkpoints/{ckpt}.ckpt"),
+            key=lambda p: int(p.parts[-3].split("_")[1]) if p.parts[-3].split("_")[1].isdigit() else -1,
+        )
+        example = found[-1] if found else f"{cfg.logs}/{experiment}/version_N/checkpoints/{ckpt}.ckpt"
+        raise ConfigError(
+            f"--ckpt_path {ckpt}: a separate `{subcommand}` has no {ckpt} checkpoint of its own "
+            f"(that name means the {ckpt} of a fit in the same process); give the file, e.g. "
+            f"--ckpt_path {example} (its run's config.yaml is found beside it)"
+        )
+
+
+class OneLineParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors are one line (a ConfigError) instead of usage + a wall."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            # A nested parser (a class's init_args tried as one Union subtype): jsonargparse
+            # collects its error into the top-level one, which is shortened below.
+            return super().error(message, ex)
+        argv = getattr(self, "_gptlab_argv", None) or sys.argv[1:]
+        subcommand = argv[0] if argv and not argv[0].startswith("-") else None
+        if "peft" in message:
+            # A peft config class that cannot be imported: say which package is missing.
+            require_peft()
+        error = ConfigError(one_line_parser_error(message, argv, subcommand))
+        error.parser_message = message  # what `quote_text_value` reads to retry a parse
+        raise error from None

@@ -15,21 +15,23 @@ import importlib
 import io
 import pickle
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 
 from gptlab import adapters
+from gptlab._lightning import METADATA_FILENAME, load_distributed_checkpoint
 from gptlab.errors import CheckpointError
-from gptlab.models import Backbone
+from gptlab.models import GPT, Backbone, HFBackbone
+from gptlab.models.convert import from_gpt2_state_dict
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """True for a folder checkpoint written by FSDP with `save_distributed_checkpoint=True`."""
     path = Path(path)
-    return path.is_dir() and (path / _METADATA_FILENAME).is_file()
+    return path.is_dir() and (path / METADATA_FILENAME).is_file()
 
 
 # What torch.distributed.checkpoint pickles into a folder's `.metadata`: its own dataclasses and
@@ -84,7 +86,7 @@ def verify_sharded_checkpoint(path: str | Path) -> None:
                 with open(what, "rb") as file:
                     file.seek(info.offset)
                     torch.load(io.BytesIO(file.read(info.length)), map_location="cpu", weights_only=True)
-        what = path / _METADATA_FILENAME
+        what = path / METADATA_FILENAME
         torch.load(what, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means: do not let DCP unpickle it
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
@@ -104,14 +106,14 @@ def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise CheckpointError(
-            f"checkpoint {path} is not a sharded checkpoint folder (no {_METADATA_FILENAME} inside); "
+            f"checkpoint {path} is not a sharded checkpoint folder (no {METADATA_FILENAME} inside); "
             f"pass a .ckpt file or a folder written by the FSDP strategy"
         )
     from torch.distributed.checkpoint.api import CheckpointException
 
     verify_sharded_checkpoint(path)
     try:
-        checkpoint = _load_distributed_checkpoint(path)
+        checkpoint = load_distributed_checkpoint(path)
     # A missing shard, a truncated file, a foreign folder; DCP's own error is a BaseException.
     except (Exception, CheckpointException) as err:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -217,8 +219,6 @@ def load_backbone_weights(backbone: Backbone, source: str | Path) -> None:
     """Copy pretrained weights into `backbone` from a gptlab `.ckpt` or a Hugging Face model directory."""
     source = Path(source)
     if source.is_dir():
-        from gptlab.models.convert import load_hf_weights
-
         load_hf_weights(backbone, source)
         return
     checkpoint = load_checkpoint(source)
@@ -265,3 +265,67 @@ def require_lightning_checkpoint(ckpt: str, checkpoint: Any) -> None:
         f"logs/<experiment>/version_N/checkpoints/*.ckpt; start from bare weights by loading them into "
         f"the backbone in Python"
     )
+
+
+def load_hf_weights(backbone: torch.nn.Module, directory: str | Path) -> None:
+    """Copy the weights of a Hugging Face model directory into an existing backbone, in place.
+
+    For our GPT the directory must hold a GPT-2 model of the same shape (e.g. one that
+    `main.py export` wrote); for an HFBackbone, any model of the same architecture.
+    """
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    # Custom model code in the directory runs only if the backbone itself was built trusting it.
+    trust = bool(getattr(backbone, "trust_remote_code", False))
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=trust)
+    except ValueError as err:
+        if "custom code" not in str(err):
+            raise
+        raise CheckpointError(
+            f"{directory} holds a model with its own code (auto_map in config.json), which gptlab does "
+            f"not run unless the backbone sets trust_remote_code: true; do that only for code you trust"
+        ) from None
+    if isinstance(backbone, HFBackbone):
+        target, source = backbone.model, hf.state_dict()
+    elif isinstance(backbone, GPT):
+        try:
+            source = from_gpt2_state_dict(hf.state_dict(), hf.config).state_dict()
+        except (ValueError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"{directory}: cannot load into gptlab's GPT: {err}") from None
+        target = backbone
+        if not backbone.config.bias:
+            # A bias-free GPT exports zero biases; anything else would be silently dropped.
+            own = adapters.base_state_dict(target)
+            extra = {k: v for k, v in source.items() if k not in own}
+            if any(v.abs().max() > 0 for v in extra.values()):
+                raise CheckpointError(f"{directory}: the model has non-zero biases; set the GPT's bias: true")
+            source = {k: v for k, v in source.items() if k in own}
+    else:
+        raise CheckpointError(f"cannot load {directory} into a {type(backbone).__name__}")
+    # Base weights under their plain names, also when peft adapters wrap some layers.
+    expected = {k: tuple(v.shape) for k, v in adapters.base_state_dict(target).items()}
+    found = {k: tuple(v.shape) for k, v in source.items()}
+    if expected != found:
+        diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
+        raise CheckpointError(
+            f"{directory}: weights do not match the configured backbone (first differences: {diff}); "
+            f"configure the backbone like the saved model (see its config.json)"
+        )
+    adapters.load_base_state_dict(target, source)
+
+
+def consolidated_copy(ckpt: str | Path, resuming: bool) -> tuple[tempfile.TemporaryDirectory, Path]:
+    """A sharded FSDP checkpoint as one file in a new temporary folder (kept while the folder
+    object lives), for evaluation under a strategy that cannot read folders; `resuming` refuses."""
+    if resuming:
+        raise CheckpointError(
+            f"--ckpt_path {ckpt} is a sharded FSDP checkpoint: resume it with the FSDP strategy "
+            f"(--config configs/trainer/fsdp.yaml), or start a new run from its weights with "
+            f"--model.init_args.init_from {ckpt}"
+        )
+    folder = tempfile.TemporaryDirectory(prefix="gptlab-consolidated-")
+    return folder, save_consolidated(ckpt, Path(folder.name) / "model.ckpt")

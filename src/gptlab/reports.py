@@ -99,6 +99,19 @@ def write_report(report: Report, directory: str | os.PathLike, stem: str = "test
     return paths
 
 
+def publish_report(report: Report, run: Path, checkpoint: str | None, configs: list[str]) -> None:
+    """Record where `report` came from (checkpoint, config files, run), write it into
+    `run/reports` and print it: what `main.py test` ends with."""
+    report.meta.update(
+        checkpoint=str(checkpoint) if checkpoint else "(weights as initialised)",
+        config=" + ".join(configs) if configs else "(command line)",
+        run_dir=str(run),
+    )
+    paths = write_report(report, run / "reports")
+    print(report.to_text())
+    print("report written to " + ", ".join(str(p) for p in paths))
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` (parents created) atomically: the old file or the new one, never half."""
     path = Path(path)

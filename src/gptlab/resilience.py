@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from gptlab._lightning import batch_progress_state, close_restarted_epoch, loop_position
 from gptlab.errors import ConfigError, GPTLabError
 
 # sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": the run saved its
@@ -132,12 +133,8 @@ class Preemption(L.Callback):
         # After Lightning's own registration (Trainer._run registers before training starts).
         for signum in self.signals:
             signal.signal(signum, self._on_signal)
-        loop = trainer.fit_loop
-        if (
-            loop.restarted_mid_epoch
-            and loop.epoch_loop.restarted_on_train_batch_end
-            and loop.epoch_loop.batch_progress.is_last_batch
-        ):
+        position = loop_position(trainer)
+        if position.restarted_mid_epoch and position.restarted_on_train_batch_end and position.is_last_batch:
             # Resumed from a save at an epoch's last batch (on_train_batch_end: ours, periodic or on a
             # signal): Lightning's `FitLoop.reset` has counted that epoch finished, but the loop stays
             # "restarted mid-epoch" until the next epoch is over, so `on_advance_start` neither
@@ -145,7 +142,7 @@ class Preemption(L.Callback):
             # that epoch would then record it as not begun, and a run resumed from one of those
             # labels its batches one epoch lower (lightning/pytorch/loops/fit_loop.py, `reset` and
             # `on_advance_start`). The epoch is closed: the next one starts normally.
-            loop.reset_restart_stage()
+            close_restarted_epoch(trainer)
         self._last_step = trainer.global_step
         self._saved_time = self._clock()
         self._tokens_at_step = self._tokens_seen(pl_module)
@@ -179,15 +176,14 @@ class Preemption(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._saved_step = trainer.global_step
         self._saved_time = self._clock()
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        progress = batch_progress_state(checkpoint)
         if progress is None:  # a weights-only checkpoint: no loop state to put right
             return
-        loop = trainer.fit_loop
-        batches, epochs = loop.epoch_loop.batch_progress, loop.epoch_progress.current
+        position = loop_position(trainer)
         if (
-            batches.is_last_batch
-            and batches.current.completed == batches.current.ready
-            and (epochs.completed == epochs.started)
+            position.is_last_batch
+            and position.batches_completed == position.batches_ready
+            and not position.epoch_started
         ):
             # Saved after an epoch's last batch and after the fit loop counted that epoch as
             # finished, before the next one started: the state of a run that stopped at max_steps
@@ -199,7 +195,7 @@ class Preemption(L.Callback):
             # `on_run_start`). The next epoch has not started: record it so.
             progress["current"] = {key: 0 for key in progress["current"]}
             progress["is_last_batch"] = False
-        partial = 0 if batches.is_last_batch else batches.current.ready % trainer.accumulate_grad_batches
+        partial = 0 if position.is_last_batch else position.batches_ready % trainer.accumulate_grad_batches
         datamodule = trainer.datamodule
         state = checkpoint.get(type(datamodule).__qualname__) if datamodule is not None else None
         if partial and isinstance(state, dict) and "train_batches_consumed" in state:

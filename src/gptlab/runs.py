@@ -8,19 +8,27 @@
         predictions/predictions.<ext>  what `predict` wrote (`predictions_path`)
 
 Also what a run (or a Hugging Face model directory) given as `init_from` records: its backbone
-config (`pretrained_backbone`), hyperparameters (`checkpoint_hparams`) and tokenizer.
+config (`pretrained_backbone`), hyperparameters (`checkpoint_hparams`) and tokenizer; and a
+command's own run folder: `RunClaim` (version_N created, removed again when the command fails
+before its first batch), `RunDirectory` (config.yaml and tokenizer written when fit starts),
+`retarget_loggers` (a resumed or evaluated run's loggers write into it).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Trainer
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from gptlab.checkpointing import resume_checkpoint
 from gptlab.errors import CheckpointError, ConfigError
@@ -96,8 +104,11 @@ def hf_directory_config(source: str | Path) -> dict[str, Any]:
     return config
 
 
-def pretrained_backbone(source: str | Path) -> dict[str, Any]:
-    """The backbone config (class_path + init_args) of a gptlab checkpoint or a Hugging Face directory."""
+def pretrained_backbone(source: str | Path, hparams: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The backbone config (class_path + init_args) of a gptlab checkpoint or a Hugging Face directory.
+
+    `hparams`: the checkpoint's hyperparameters when already read (it is then not opened again).
+    """
     source = Path(source)
     if source.is_dir():
         config = hf_directory_config(source)
@@ -112,7 +123,7 @@ def pretrained_backbone(source: str | Path) -> dict[str, Any]:
             "class_path": "gptlab.models.HFBackbone",
             "init_args": {"model_type": config["model_type"], "config_overrides": overrides},
         }
-    backbone = checkpoint_hparams(source).get("backbone")
+    backbone = (checkpoint_hparams(source) if hparams is None else hparams).get("backbone")
     if not isinstance(backbone, dict) or "class_path" not in backbone:
         raise ConfigError(
             f"{source} does not record its backbone config (it was not written by `main.py fit`): "
@@ -246,3 +257,189 @@ def predictions_path(trainer: Trainer, name: str) -> Path:
         stem, _, suffix = name.rpartition(".")
         name = f"{stem}.rank{trainer.global_rank}.{suffix}"
     return directory / name
+
+
+# --------------------------------------------------------------------------- a command's run folder
+def retarget_loggers(trainer_cfg: Namespace, save_dir: Path, name: str, version: str) -> None:
+    """Point every configured logger that takes `save_dir` / `version` (TensorBoard, CSV, ...) at
+    `save_dir/name/version`; loggers that write elsewhere (e.g. to a tracking server) are kept as
+    configured. `trainer.logger: false` keeps no logger, with the run as the Trainer's root dir.
+    """
+    if trainer_cfg.logger is False:
+        trainer_cfg.default_root_dir = str(save_dir / name / version)
+        return
+    loggers = trainer_cfg.logger if isinstance(trainer_cfg.logger, list) else [trainer_cfg.logger]
+    for logger in loggers:
+        if not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
+            continue
+        cls = task_class_of(str(logger.get("class_path")))
+        params = inspect.signature(cls).parameters if cls is not None else {}
+        if "save_dir" not in params or "version" not in params:
+            continue
+        logger.init_args.save_dir, logger.init_args.version = str(save_dir), version
+        if "name" in params:
+            logger.init_args.name = name
+
+
+def recorded_config(text: str) -> Any:
+    """A saved run config without what a resume sets by itself: `ckpt_path`, the loggers' settings
+    (pointed at the run directory; only their classes are compared) and the data's tokenizer (the
+    run's own `tokenizer/`, written once by the first command)."""
+    config = yaml.safe_load(text) or {}
+    if not isinstance(config, dict):
+        return config
+    config = {k: v for k, v in config.items() if k != "ckpt_path"}
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict) and "logger" in trainer:
+        loggers = trainer["logger"] if isinstance(trainer["logger"], list) else [trainer["logger"]]
+        trainer["logger"] = [x.get("class_path") if isinstance(x, dict) else x for x in loggers]
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):
+        data["init_args"].pop("tokenizer", None)
+    return config
+
+
+def configure_loggers(cfg: Namespace, run: Path | None) -> None:
+    """Runs land in logs/<experiment>/version_N; resuming or evaluating a checkpoint writes
+    into that checkpoint's run directory (`run`). `cfg`: the subcommand's parsed config."""
+    save_dir, name, version = (
+        (run.parent.parent, run.parent.name, run.name) if run else (Path(cfg.logs), cfg.experiment, None)
+    )
+    if cfg.trainer.logger in (None, True):
+        cfg.trainer.logger = Namespace(
+            class_path="lightning.pytorch.loggers.TensorBoardLogger",
+            init_args=Namespace(save_dir=str(save_dir), name=name, version=version, default_hp_metric=False),
+        )
+    elif run is not None:
+        # The user's logger(s) stay: only where they write moves to the run directory.
+        retarget_loggers(cfg.trainer, save_dir, name, version)
+
+
+class RunDirectory(SaveConfigCallback):
+    """Writes `config.yaml` and the tokenizer into the run directory when `fit` starts.
+
+    `config.yaml` is always the config of the newest command that trained the run: a resumed run
+    with other settings (e.g. a new `--trainer.max_steps`) moves the previous one to
+    `config.<n>.yaml` (n = 1, 2, ... in order, config.1.yaml being the first run's) and records its
+    own; a resume that changes nothing but `ckpt_path` keeps the file as it is. The tokenizer is
+    written once. Evaluation subcommands write nothing here; `test` writes its reports from the CLI.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        log_dir = Path(trainer.log_dir)
+        path = log_dir / self.config_filename
+        action = "write"
+        if trainer.is_global_zero and path.exists():
+            ours = self.parser.dump(self.config, skip_none=False)
+            action = "keep" if recorded_config(path.read_text()) == recorded_config(ours) else "rotate"
+        action = trainer.strategy.broadcast(action)
+        if action == "rotate" and trainer.is_global_zero:
+            n = 1
+            while (log_dir / f"{path.stem}.{n}{path.suffix}").exists():
+                n += 1
+            path.rename(log_dir / f"{path.stem}.{n}{path.suffix}")
+            rank_zero_info(
+                f"gptlab: {path} now records this resumed run; the previous one is {path.stem}.{n}.yaml"
+            )
+        if action != "keep":
+            super().setup(trainer, pl_module, stage)
+        tokenizer_dir = log_dir / "tokenizer"
+        datamodule = trainer.datamodule
+        if trainer.is_global_zero and datamodule is not None and not tokenizer_dir.exists():
+            datamodule.save_tokenizer(tokenizer_dir)
+
+
+class BatchSeen(Callback):
+    """Notes whether any batch ran in this command: a failure after that is not "before training",
+    and the run keeps its files (the curves of a run that diverged are what explains it).
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.seen = True
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
+        # The sanity check (validation at step 0) comes before training proper.
+        self.seen = self.seen or not trainer.sanity_checking
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
+        self.seen = True
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
+        self.seen = True
+
+
+class RunClaim:
+    """The run folder a new command creates (`claim`) and removes again when it fails before its
+    first batch (`remove_if_untrained`): nothing half-made stays behind."""
+
+    def __init__(self) -> None:
+        self.claimed: Path | None = None
+        """The run directory this command created."""
+        self.existed: Path | None = None
+        """The nearest folder above it that existed before."""
+        self.versioned: list[Namespace] = []
+        """Logger init_args given a claimed version."""
+        self.batches = BatchSeen()
+        """Whether any batch ran (then the run keeps its files)."""
+
+    def claim(self, trainer_cfg: Namespace) -> None:
+        """Give every TensorBoard / CSV logger of a new run a version_N this process created itself."""
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        loggers = trainer_cfg.logger if isinstance(trainer_cfg.logger, list) else [trainer_cfg.logger]
+        claimed: dict[Path, int] = {}
+        for logger in loggers:
+            if not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
+                continue
+            cls = task_class_of(str(logger.get("class_path")))
+            args = logger.init_args
+            if (
+                cls is None
+                or not issubclass(cls, CSVLogger | TensorBoardLogger)
+                or args.get("version") is not None
+            ):
+                continue
+            name = args.get("name", "lightning_logs")
+            root = Path(args.get("save_dir") or ".") / (name or "")
+            inherited = os.environ.get(CLAIMED_RUN_ENV)
+            if inherited and Path(inherited).parent == root:
+                args.version = Path(inherited).name  # a rank launched by rank 0: its directory
+                self.versioned.append(args)
+                continue
+            if rank_zero_only.rank != 0:
+                continue  # launched by another tool: rank 0's directory reaches it by broadcast
+            if root not in claimed:
+                existed = root
+                while not existed.exists() and existed != existed.parent:
+                    existed = existed.parent
+                claimed[root] = claim_version(root)
+                if self.claimed is None:
+                    self.claimed, self.existed = root / f"version_{claimed[root]}", existed
+                    os.environ[CLAIMED_RUN_ENV] = str(self.claimed)
+            args.version = f"version_{claimed[root]}"
+            self.versioned.append(args)
+
+    def remove_if_untrained(self) -> None:
+        """Remove the run directory this command claimed (and the empty folders it created above
+        it), unless the run trained: a failure before the first batch leaves nothing behind."""
+        if self.claimed is None or self.batches.seen:
+            return
+        remove_traces(self.claimed, None)  # keeps everything once a checkpoint was written
+        if not self.claimed.exists() and self.existed is not None:
+            remove_empty_parents(self.claimed.parent, self.existed)
+
+    def forget_versions(self) -> None:
+        """The loggers have their claimed version now; the config.yaml written into the run
+        records none, so that fitting from it again starts a new run instead of sharing this one."""
+        for args in self.versioned:
+            args.version = None
+
+    def release(self) -> None:
+        """Stop handing the claimed directory to processes started from now on."""
+        if self.claimed is not None and os.environ.get(CLAIMED_RUN_ENV) == str(self.claimed):
+            del os.environ[CLAIMED_RUN_ENV]

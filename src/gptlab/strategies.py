@@ -31,11 +31,16 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load, _distributed_checkpoint_save
-from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from gptlab._lightning import (
+    METADATA_FILENAME,
+    distributed_checkpoint_load,
+    distributed_checkpoint_save,
+    fill_auto_data_parallel_size,
+    saves_sharded,
+)
 from gptlab.checkpointing import atomic_write, mark_complete, new_step_folder, point_to, remove_sharded
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.loading import is_sharded_checkpoint
@@ -100,8 +105,7 @@ class FSDP(ModelParallelStrategy):
         # Lightning's "auto" is one data-parallel group per node (meant for 2-D parallelism with
         # tensor parallel inside a node); plain FSDP shards over every process. Both sizes are known
         # here: the accelerator connector set the devices and nodes before launching.
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = self.num_nodes * self.num_processes
+        fill_auto_data_parallel_size(self, self.num_nodes * self.num_processes)
         super().setup_environment()
         self.shard_mesh = self.device_mesh["data_parallel"]
         if self.hybrid_sharding:
@@ -128,7 +132,7 @@ class FSDP(ModelParallelStrategy):
         and consolidation read it through the link like a folder (gptlab.checkpointing).
         """
         path = Path(self.broadcast(str(filepath)))
-        if storage_options is not None or not self._save_distributed_checkpoint:
+        if storage_options is not None or not saves_sharded(self):
             if self.is_global_zero and path.is_symlink():
                 remove_sharded(path)  # Lightning would rmtree the link and fail
             self.barrier("gptlab_full_save")
@@ -141,9 +145,9 @@ class FSDP(ModelParallelStrategy):
         # by its FileSystemWriter), the rest into meta.pt by rank 0.
         converted = {"state_dict": checkpoint.pop("state_dict")}
         converted.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-        _distributed_checkpoint_save(converted, folder)
+        distributed_checkpoint_save(converted, folder)
         if self.is_global_zero:
-            atomic_write(folder / _METADATA_FILENAME, lambda file: torch.save(checkpoint, file))
+            atomic_write(folder / METADATA_FILENAME, lambda file: torch.save(checkpoint, file))
         self.barrier("gptlab_shards_written")
         if self.is_global_zero:
             mark_complete(folder, step, self.world_size)
@@ -171,13 +175,13 @@ class FSDP(ModelParallelStrategy):
         full = get_model_state_dict(self.model)
         keep = set(module.saved_keys(full))
         state = {"state_dict": {k: v for k, v in full.items() if k in keep}}
-        _distributed_checkpoint_load(state, path)
+        distributed_checkpoint_load(state, path)
         missing, unexpected = self.model.load_state_dict(state["state_dict"], strict=False)
         if unexpected or keep & set(missing):
             raise CheckpointError(f"sharded checkpoint {path} does not match the model's adapters and heads")
         for i, optimizer in enumerate(self.optimizers):
             optimizer_state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
-            _distributed_checkpoint_load(optimizer_state, path)
+            distributed_checkpoint_load(optimizer_state, path)
             set_optimizer_state_dict(
                 self.model,
                 optimizer,
@@ -185,7 +189,7 @@ class FSDP(ModelParallelStrategy):
                 options=StateDictOptions(cpu_offload=True),
             )
         safe = True if weights_only is None else weights_only
-        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=safe)
+        return torch.load(path / METADATA_FILENAME, map_location="cpu", weights_only=safe)
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero and Path(filepath).is_symlink():

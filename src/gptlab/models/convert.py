@@ -3,13 +3,12 @@
 Our parameter names are GPT-2's (both follow OpenAI's checkpoint), so the mapping is the identity
 on names. The one real difference: GPT-2 implements its linear layers as ``Conv1D``, which stores
 the weight as (in_features, out_features), the transpose of ``nn.Linear``. Used by the parity test,
-the Hugging Face export and loading a GPT-2 directory into our GPT.
+the Hugging Face export and loading a GPT-2 directory into our GPT (gptlab.loading).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from transformers import GPT2Config
@@ -119,58 +118,3 @@ def from_gpt2_state_dict(state_dict: Mapping[str, torch.Tensor], config: GPT2Con
     sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])
     gpt.load_state_dict(sd, strict=True)
     return gpt
-
-
-def load_hf_weights(backbone: torch.nn.Module, directory: str | Path) -> None:
-    """Copy the weights of a Hugging Face model directory into an existing backbone, in place.
-
-    For our GPT the directory must hold a GPT-2 model of the same shape (e.g. one that
-    `main.py export` wrote); for an HFBackbone, any model of the same architecture.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from gptlab.adapters import base_state_dict, load_base_state_dict
-    from gptlab.errors import CheckpointError
-    from gptlab.models.hf import HFBackbone
-
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(f"{directory} is not a Hugging Face model directory (no config.json)")
-    # Custom model code in the directory runs only if the backbone itself was built trusting it.
-    trust = bool(getattr(backbone, "trust_remote_code", False))
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=trust)
-    except ValueError as err:
-        if "custom code" not in str(err):
-            raise
-        raise CheckpointError(
-            f"{directory} holds a model with its own code (auto_map in config.json), which gptlab does "
-            f"not run unless the backbone sets trust_remote_code: true; do that only for code you trust"
-        ) from None
-    if isinstance(backbone, HFBackbone):
-        target, source = backbone.model, hf.state_dict()
-    elif isinstance(backbone, GPT):
-        try:
-            source = from_gpt2_state_dict(hf.state_dict(), hf.config).state_dict()
-        except (ValueError, KeyError, AttributeError) as err:
-            raise CheckpointError(f"{directory}: cannot load into gptlab's GPT: {err}") from None
-        target = backbone
-        if not backbone.config.bias:
-            # A bias-free GPT exports zero biases; anything else would be silently dropped.
-            own = base_state_dict(target)
-            extra = {k: v for k, v in source.items() if k not in own}
-            if any(v.abs().max() > 0 for v in extra.values()):
-                raise CheckpointError(f"{directory}: the model has non-zero biases; set the GPT's bias: true")
-            source = {k: v for k, v in source.items() if k in own}
-    else:
-        raise CheckpointError(f"cannot load {directory} into a {type(backbone).__name__}")
-    # Base weights under their plain names, also when peft adapters wrap some layers.
-    expected = {k: tuple(v.shape) for k, v in base_state_dict(target).items()}
-    found = {k: tuple(v.shape) for k, v in source.items()}
-    if expected != found:
-        diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
-        raise CheckpointError(
-            f"{directory}: weights do not match the configured backbone (first differences: {diff}); "
-            f"configure the backbone like the saved model (see its config.json)"
-        )
-    load_base_state_dict(target, source)

@@ -24,10 +24,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torchmetrics import MeanMetric, MetricCollection
 
 from gptlab import adapters
+from gptlab._lightning import attached_trainer, given_hyperparameters
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.loading import (
     is_sharded_checkpoint,
@@ -144,7 +144,7 @@ class TaskModule(L.LightningModule):
             config = getattr(getattr(backbone, "model", None), "config", None)  # an HFBackbone's family
             family = f" ({config.model_type})" if config is not None else ""
             check_bidirectional(backbone, self.bidirectional, type(backbone).__name__ + family)
-        given = _given_hyperparameters.get()
+        given = given_hyperparameters.get()
         if given is not None:
             # LightningCLI records every instantiation link in the hyperparameters, also the data ->
             # model.label_names link for tasks without that argument (jsonargparse drops it for
@@ -400,7 +400,7 @@ class TaskModule(L.LightningModule):
 
     # ----------------------------------------------------------------- setup and checks
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        datamodule = self.trainer.datamodule if attached_trainer(self) is not None else None
         if datamodule is not None:
             self.tokenizer = getattr(datamodule, "tokenizer", None)
             self.check_data(datamodule)
@@ -494,8 +494,8 @@ class TaskModule(L.LightningModule):
     def configure_model(self) -> None:
         # Sharding is the strategy's business (gptlab.strategies): under FSDP each instance of
         # `backbone.block_class` becomes one unit; under any other strategy this does nothing.
-        if self._trainer is not None:
-            parallelize(self, self._trainer.strategy)
+        if attached_trainer(self) is not None:
+            parallelize(self, self.trainer.strategy)
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):

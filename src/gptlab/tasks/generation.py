@@ -112,6 +112,9 @@ class Generation(CausalLM):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = WarmupCosine,
         init_from: str | None = None,
+        freeze_backbone: bool = False,
+        backbone_lr_scale: float = 1.0,
+        peft: PeftConfig | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -121,7 +124,6 @@ class Generation(CausalLM):
         seed: int = 0,
         answer_pattern: str = "",
         num_samples: int = 5,
-        peft: PeftConfig | None = None,
         num_return_sequences: int = 1,
         min_new_tokens: int = 0,
         no_repeat_ngram_size: int = 0,
@@ -138,6 +140,9 @@ class Generation(CausalLM):
             scheduler: called with the optimizer, stepped every optimizer step; None: constant lr.
             init_from: start from a pretrained gptlab checkpoint (`.ckpt`) or a Hugging Face model
                 directory (e.g. one written by `main.py export`). Only used by `fit`.
+            freeze_backbone: train only the task head; the backbone keeps its (pretrained) weights.
+            backbone_lr_scale: the backbone's learning rate as a fraction of the optimizer's lr.
+            peft: a peft config (e.g. peft.LoraConfig): adapters on a frozen backbone (see TaskModule).
             max_new_tokens: tokens generated per prompt at most (test and predict).
             temperature: 0 decodes greedily (reproducible evaluation); > 0 samples.
             top_k: sample among the k most likely tokens only (None: all).
@@ -151,7 +156,6 @@ class Generation(CausalLM):
                 report states which was used. (A str, not str | None: jsonargparse reads an
                 optional string starting with "#" as a YAML comment, i.e. None.)
             num_samples: test generations shown in the report.
-            peft: a peft config (e.g. peft.LoraConfig): adapters on a frozen backbone (see TaskModule).
             num_return_sequences: completions per prompt (best beams, or samples); the test metrics
                 score the first, predictions.jsonl lists them all.
             min_new_tokens: no EOS before this many new tokens.
@@ -166,6 +170,8 @@ class Generation(CausalLM):
             optimizer=optimizer,
             scheduler=scheduler,
             init_from=init_from,
+            freeze_backbone=freeze_backbone,
+            backbone_lr_scale=backbone_lr_scale,
             peft=peft,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
