@@ -265,8 +265,16 @@ class HFBackbone(Backbone):
             return self.model.base_model(**kwargs).last_hidden_state  # (B, T, H)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         real = attention_mask.bool()
-        packs = self.padding_free and (bidirectional is None or self._packs_bidirectional)
-        if not packs or bool(real.all()):
+        if bool(real.all()) or (bidirectional is None and not self.padding_free):
+            return self.model.base_model(**kwargs, position_ids=positions).last_hidden_state
+        if bidirectional is not None and not self._own_bidirectional_mask:
+            # Sliding-window or hybrid layers: transformers' own bidirectional masks, padded rows.
+            return self.model.base_model(**kwargs, position_ids=positions).last_hidden_state
+        if bidirectional is not None and not self.padding_free:
+            # Padded rows: the padding mask as a 4D mask of our own (transformers 5.0's mask builders
+            # let padding through with is_causal=False); every query also sees itself (no empty row).
+            eye = torch.eye(real.size(1), dtype=torch.bool, device=real.device)
+            kwargs["attention_mask"] = self._attention_mask_4d(real[:, None, None, :] | eye)  # (B, 1, T, T)
             return self.model.base_model(**kwargs, position_ids=positions).last_hidden_state
         # Padding-free: the real tokens of all rows as one row (1, N). With no attention mask and
         # no cache, transformers starts a new sequence wherever a position id does not follow
@@ -278,14 +286,15 @@ class HFBackbone(Backbone):
         if bidirectional is not None:
             # transformers' bidirectional masks do not split packed rows (every token would see
             # every other row): give the block-diagonal mask itself, one block per row.
-            kwargs["attention_mask"] = self._block_diagonal_mask(real)
+            rows = torch.arange(real.size(0), device=real.device)[:, None].expand_as(real)[real]  # (N,)
+            kwargs["attention_mask"] = self._attention_mask_4d((rows[:, None] == rows[None, :])[None, None])
         packed = self.model.base_model(**kwargs).last_hidden_state  # (1, N, H)
         hidden = packed.new_zeros(*input_ids.shape, packed.size(-1))
         return hidden.index_put((real,), packed[0])  # (B, T, H)
 
     @property
-    def _packs_bidirectional(self) -> bool:
-        # A packed bidirectional row takes our own 4D block-diagonal mask (boolean for SDPA, additive
+    def _own_bidirectional_mask(self) -> bool:
+        # A padded or packed bidirectional batch gets a 4D mask of ours (boolean for SDPA, additive
         # for eager), the same for every layer: so only models whose layers all attend in full.
         # Sliding-window or hybrid layers (Mistral, Gemma 2) and other attention implementations
         # (flash, flex) run bidirectional batches padded, with transformers' own masks.
@@ -295,14 +304,12 @@ class HFBackbone(Backbone):
         )
         return full and config._attn_implementation in ("sdpa", "eager")
 
-    def _block_diagonal_mask(self, real: torch.Tensor) -> torch.Tensor:
-        """(1, 1, N, N) mask of a packed row: token i may attend token j when both come from one row."""
-        rows = torch.arange(real.size(0), device=real.device)[:, None].expand_as(real)[real]  # (N,)
-        allowed = (rows[:, None] == rows[None, :])[None, None]  # (1, 1, N, N)
+    def _attention_mask_4d(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean (B, 1, T, S) mask, True where a query may attend a key, as the attention takes it."""
         if self.model.config._attn_implementation == "sdpa":
             return allowed
         dtype = next(self.model.parameters()).dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=real.device).masked_fill(
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
         )
 
