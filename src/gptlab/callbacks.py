@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 
+from gptlab.checkpointing import repoint_checkpoint_state
 from gptlab.decoding import generate
 from gptlab.errors import CheckpointError, ConfigError
 
@@ -432,6 +433,11 @@ class Checkpoint(ModelCheckpoint):
             # The README's next commands read best.ckpt: without a monitored metric it is the
             # final state (Lightning would write none at all).
             self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # A resume of the run's own files under another spelling of its folder (relative vs
+        # absolute, moved, copied) continues last.ckpt / best.ckpt instead of writing -v1 files.
+        super().load_state_dict(repoint_checkpoint_state(state_dict, self.dirpath))
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         try:

@@ -1,0 +1,47 @@
+"""A run folder is the run's record: what resumes, exports and refusals may do to it.
+
+- a resume continues the run's own `last.ckpt` / `best.ckpt`, however its checkpoint is spelled
+  (relative, absolute, `last`) and wherever the run folder was moved or copied;
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from tiny_runs import run_cli
+
+
+def _copy_run(tiny_runs, tmp_path: Path, task: str = "causal_lm") -> Path:
+    run = tmp_path / "logs" / task / "version_0"
+    shutil.copytree(tiny_runs.runs[task], run)
+    return run
+
+
+def _step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def test_a_resume_continues_the_runs_own_checkpoints_however_it_is_named(
+    tiny_runs, tmp_path, capsys, monkeypatch
+):
+    # A copied run folder (its checkpoints record the original folder), then the same run resumed
+    # through an absolute path, a relative one and `--ckpt_path last`: always last.ckpt / best.ckpt.
+    run = _copy_run(tiny_runs, tmp_path)
+    folder = run / "checkpoints"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["logs"] = str(tmp_path / "logs")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    spellings = [str(folder / "last.ckpt"), "logs/causal_lm/version_0/checkpoints/last.ckpt", "last"]
+    for steps, ckpt in enumerate(spellings, start=3):
+        code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", ckpt,
+                            "--trainer.max_steps", str(steps))  # fmt: skip
+        assert code == 0, err
+        assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"], (ckpt, err)
+        assert _step(folder / "last.ckpt") == steps, ckpt
+        assert _step(folder / "best.ckpt") <= steps
