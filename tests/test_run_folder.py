@@ -2,16 +2,21 @@
 
 - a resume continues the run's own `last.ckpt` / `best.ckpt`, however its checkpoint is spelled
   (relative, absolute, `last`) and wherever the run folder was moved or copied;
+- one fit at a time trains a run folder: a second is refused, a crashed holder's lock is taken over;
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 import yaml
 
+from conftest import REPO
 from tiny_runs import run_cli
 
 
@@ -45,3 +50,35 @@ def test_a_resume_continues_the_runs_own_checkpoints_however_it_is_named(
         assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"], (ckpt, err)
         assert _step(folder / "last.ckpt") == steps, ckpt
         assert _step(folder / "best.ckpt") <= steps
+
+
+def test_a_second_fit_of_the_same_run_is_refused_and_a_crashed_holders_lock_is_not(
+    tiny_runs, tmp_path, capsys
+):
+    run = _copy_run(tiny_runs, tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["logs"] = str(tmp_path / "logs")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # Another process holds the run, as a fit training it does (gptlab.runs.hold_run).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, time\nfrom pathlib import Path\nfrom gptlab.runs import hold_run\n"
+         f"with hold_run(Path({str(run)!r})):\n    print('held', flush=True)\n    time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last",
+                            "--trainer.max_steps", "3")  # fmt: skip
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"the run {run} is being trained by process {holder.pid}" in err, err
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    finally:
+        holder.kill()  # a crash: its lock file stays behind
+        holder.wait()
+    assert (run / ".fit.lock").exists()
+    code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last", "--trainer.max_steps", "3")
+    assert code == 0, err
+    assert _step(run / "checkpoints" / "last.ckpt") == 3
+    assert not (run / ".fit.lock").exists()

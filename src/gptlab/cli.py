@@ -29,6 +29,7 @@ What it adds to LightningCLI:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -72,6 +73,7 @@ from gptlab.runs import (
     check_writable_dir,
     checkpoint_hparams,
     claim_version,
+    hold_run,
     is_run_config,
     latest_checkpoint,
     pretrained_backbone,
@@ -373,6 +375,7 @@ class GPTLabCLI(LightningCLI):
         self._existed: Path | None = None
         self._batches = _BatchSeen()
         self._consolidated_dir: tempfile.TemporaryDirectory | None = None
+        self._held = contextlib.ExitStack()  # the run folder a resume holds (gptlab.runs.hold_run)
         try:
             self._start(args, run)
         except BaseException:
@@ -383,6 +386,7 @@ class GPTLabCLI(LightningCLI):
         finally:
             if self._claimed is not None and os.environ.get(CLAIMED_RUN_ENV) == str(self._claimed):
                 del os.environ[CLAIMED_RUN_ENV]
+            self._held.close()
 
     def _start(self, args: ArgsType, run: bool) -> None:
         super().__init__(
@@ -716,6 +720,8 @@ class GPTLabCLI(LightningCLI):
                 run, "run directory", "copy the run to a writable place and give --ckpt_path from there"
             )
         self._check_settings(cfg, ckpt)
+        if self.subcommand == "fit" and run is not None and rank_zero_only.rank == 0:
+            self._held.enter_context(hold_run(run))  # one fit per run folder at a time
         # Resuming or evaluating a checkpoint writes into that checkpoint's run directory.
         save_dir, name, version = (
             (run.parent.parent, run.parent.name, run.name) if run else (logs, cfg.experiment, None)

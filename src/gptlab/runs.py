@@ -2,6 +2,7 @@
 
     logs/<experiment>/version_N/       claimed atomically by `claim_version`
         config.yaml                    the run's config (`is_run_config`)
+        .fit.lock                      held while a `fit` trains the run (`hold_run`)
         checkpoints/*.ckpt             `run_dir_of(ckpt)` is the run; `latest_checkpoint` resumes
         tokenizer/                     `pretrained_tokenizer`
         reports/                       test reports
@@ -13,16 +14,19 @@ config (`pretrained_backbone`), hyperparameters (`checkpoint_hparams`) and token
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
 
 from gptlab.checkpointing import resume_checkpoint
+from gptlab.data.cache import ClaimHeld, claim
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.loading import is_sharded_checkpoint, load_checkpoint, verify_checkpoint
 
@@ -194,6 +198,29 @@ def claim_version(root: Path) -> int:
             return version
         except FileExistsError:
             version += 1
+
+
+RUN_LOCK = ".fit.lock"
+
+
+@contextlib.contextmanager
+def hold_run(run: Path) -> Iterator[None]:
+    """Hold `run` for one `fit` while the body runs; a second `fit` of the same run is refused.
+
+    Two resumes of one run would both write its `last.ckpt`, each over the other's steps. The
+    lock is the data cache's claim file (gptlab.data.cache.claim, not waiting): a holder that
+    crashed leaves it behind, and it is taken over when its pid is dead on this host (or, from
+    another host, when its heartbeat stopped), or when it was copied with the run folder.
+    """
+    try:
+        with claim(run / RUN_LOCK, what=f"the run {run}", wait=False):
+            yield
+    except ClaimHeld as held:
+        raise ConfigError(
+            f"--ckpt_path: the run {run} is being trained by {held.holder} (lock {held.path}); "
+            f"two fits of one run would overwrite each other's checkpoints: wait for it to finish, "
+            f"or start a new run (without --ckpt_path)"
+        ) from None
 
 
 def remove_empty_parents(directory: Path, stop: Path) -> None:
