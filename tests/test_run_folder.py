@@ -3,10 +3,12 @@
 - a resume continues the run's own `last.ckpt` / `best.ckpt`, however its checkpoint is spelled
   (relative, absolute, `last`) and wherever the run folder was moved or copied;
 - one fit at a time trains a run folder: a second is refused, a crashed holder's lock is taken over;
+- `export --overwrite` replaces only what an earlier export wrote, never a run's base model;
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -82,3 +84,49 @@ def test_a_second_fit_of_the_same_run_is_refused_and_a_crashed_holders_lock_is_n
     assert code == 0, err
     assert _step(run / "checkpoints" / "last.ckpt") == 3
     assert not (run / ".fit.lock").exists()
+
+
+def test_export_overwrite_replaces_only_the_files_an_earlier_export_wrote(tiny_runs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    run = _copy_run(tiny_runs, tmp_path)
+    last = str(run / "checkpoints" / "last.ckpt")
+    out = tmp_path / "export"
+    assert run_cli(capsys, "export", "--ckpt_path", last, "--out", str(out))[0] == 0
+    # The user's own files beside an earlier export stay; the export's own files are replaced.
+    (out / "NOTES.md").write_text("mine")
+    (out / "scripts").mkdir()
+    (out / "scripts" / "serve.sh").write_text("mine too")
+    (out / "model.safetensors").write_bytes(b"stale")
+    code, err = run_cli(capsys, "export", "--ckpt_path", last, "--out", str(out), "--overwrite", "true")
+    assert code == 0, err
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "scripts" / "serve.sh").read_text() == "mine too"
+    assert (out / "model.safetensors").read_bytes() != b"stale"
+    AutoModelForCausalLM.from_pretrained(out)
+
+    def refused(target: Path, needle: str) -> None:
+        before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+        code, err = run_cli(capsys, "export", "--ckpt_path", last, "--out", str(target), "--overwrite", "true")
+        # (a clash is seen once the new files are written: transformers' progress lines come first)
+        assert code == 2 and err.count("gptlab: error:") == 1 and needle in err.strip().splitlines()[-1], err
+        assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+
+    # A save_pretrained directory that gptlab never wrote (no list of an export's files).
+    theirs = tmp_path / "theirs"
+    AutoModelForCausalLM.from_pretrained(out).save_pretrained(theirs)
+    refused(theirs, f"no gptlab_export.json listing the files an export wrote")
+    # A file of the user's where this export would write one of its own.
+    (out / "NOTES.md").unlink()
+    info = json.loads((out / "gptlab_export.json").read_text())
+    info["files"].remove("tokenizer.json")
+    (out / "gptlab_export.json").write_text(json.dumps(info))
+    refused(out, "tokenizer.json is not a file of the earlier export there")
+    info["files"].append("tokenizer.json")
+    (out / "gptlab_export.json").write_text(json.dumps(info))
+    # The base model of a run recorded under the same logs root (init_from; peft adapters' base).
+    other = tmp_path / "logs" / "finetune" / "version_0"
+    other.mkdir(parents=True)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["init_args"]["init_from"] = str(out)
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    refused(out, f"--out {out} is the base model of a run ({other / 'config.yaml'} starts from it)")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch import Trainer
 
 from gptlab.checkpointing import resume_checkpoint
@@ -140,6 +141,37 @@ def check_init_from(source: str | Path, trust_remote_code: bool = False) -> None
             f"(logs/<experiment>/version_N/checkpoints/*.ckpt) or a Hugging Face model directory"
         )
     verify_checkpoint(path)
+
+
+# Keys of a run's config that name the weights it starts from (a peft run's base among them).
+_BASE_KEYS = ("init_from", "name_or_path")
+
+
+def bases_of_runs(logs: Path) -> dict[Path, Path]:
+    """{resolved base path: the run config naming it} for every run under the logs root `logs`.
+
+    What a run reads its weights from (`init_from`, an HFBackbone's `name_or_path`, hence a peft
+    run's base): replacing it would silently change what those runs' checkpoints mean. Relative
+    paths are taken from the working directory, as `fit` took them.
+    """
+    found: dict[Path, Path] = {}
+
+    def walk(node: Any, config: Path) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _BASE_KEYS and isinstance(value, str) and value:
+                    found.setdefault(Path(value).expanduser().resolve(), config)
+                walk(value, config)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, config)
+
+    for config in sorted(Path(logs).glob("*/version_*/config*.yaml")):
+        try:
+            walk(yaml.safe_load(config.read_text()), config)
+        except (OSError, yaml.YAMLError):
+            continue  # an unreadable record names no base
+    return found
 
 
 def pretrained_tokenizer(source: str | Path) -> Path | None:
