@@ -4,6 +4,8 @@
   (relative, absolute, `last`) and wherever the run folder was moved or copied;
 - one fit at a time trains a run folder: a second is refused, a crashed holder's lock is taken over;
 - `export --overwrite` replaces only what an earlier export wrote, never a run's base model;
+- a refused or failed resume leaves the run folder as it was (config.yaml included), and the
+  refusal of other model settings holds for `--ckpt_path last` too, with advice that works.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
+import pytest
 import torch
 import yaml
 
@@ -130,3 +134,44 @@ def test_export_overwrite_replaces_only_the_files_an_earlier_export_wrote(tiny_r
     config["model"]["init_args"]["init_from"] = str(out)
     (other / "config.yaml").write_text(yaml.safe_dump(config))
     refused(out, f"--out {out} is the base model of a run ({other / 'config.yaml'} starts from it)")
+
+
+def test_a_refused_or_failed_resume_leaves_the_run_folder_as_it_was(tiny_runs, tmp_path, capsys):
+    run = _copy_run(tiny_runs, tmp_path, "classification")
+    last = run / "checkpoints" / "last.ckpt"
+    config = yaml.safe_load(tiny_runs.configs["classification"].read_text())
+    config["logs"] = str(tmp_path / "logs")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    before = files()
+    # Other model settings than the checkpoint's: refused for `last` as for the file's path, and
+    # the advice names the command that resumes with the run's own settings.
+    for ckpt in ("last", str(last)):
+        code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", ckpt,
+                            "--model.init_args.head_bias", "false", "--trainer.max_steps", "3")  # fmt: skip
+        assert code == 2 and len(err.strip().splitlines()) == 1, (ckpt, err)
+        assert "model.init_args.head_bias: False here, True in the checkpoint" in err, err
+        assert f"main.py fit --ckpt_path {last}" in err, err
+        assert files() == before, ckpt
+    # The run's own config with a model change on the command line: refused the same way (the
+    # checkpoint would not load into the changed model), nothing of the run changed.
+    code, err = run_cli(capsys, "fit", "--ckpt_path", str(last), "--model.init_args.head_bias", "false",
+                        "--trainer.max_steps", "3")  # fmt: skip
+    assert code == 2 and "model.init_args.head_bias: False here, True in the checkpoint" in err, err
+    assert files() == before
+    # A resume that fails after its config was read, before its first batch (a bug at train
+    # start): config.yaml is not rewritten, and no earlier config is moved or lost.
+    from gptlab.tasks import SequenceClassification
+
+    with mock.patch.object(SequenceClassification, "on_train_start", side_effect=RuntimeError("crash")):
+        with pytest.raises(RuntimeError, match="crash"):
+            run_cli(capsys, "fit", "--ckpt_path", str(last), "--trainer.max_steps", "3")
+    assert files() == before
+    # The advice, followed: the run resumes with its own config.
+    code, err = run_cli(capsys, "fit", "--ckpt_path", str(last), "--trainer.max_steps", "3")
+    assert code == 0, err
+    assert _step(last) == 3

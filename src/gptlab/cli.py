@@ -173,14 +173,15 @@ def _print_config_flags(argv: list[str]) -> set[str] | None:
 
 
 def with_run_config(argv: list[str]) -> list[str]:
-    """Add `--config <run>/config.yaml` to an evaluation command that names a checkpoint but no config."""
-    if not argv or argv[0] not in EVAL_SUBCOMMANDS:
+    """Add `--config <run>/config.yaml` to a command that names a checkpoint file but no config
+    (`fit` then resumes the run with its own settings)."""
+    if not argv or argv[0] not in (*EVAL_SUBCOMMANDS, "fit"):
         return argv
     if any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
         return argv
     ckpt = _option(argv, "--ckpt_path")
     run = run_dir_of(ckpt)
-    if ckpt is None:
+    if ckpt is None or (argv[0] == "fit" and ckpt in ("last", "hpc", "registry")):
         return argv
     if ckpt in ("best", "last"):
         raise ConfigError(
@@ -283,7 +284,11 @@ class RunDirectory(SaveConfigCallback):
     `config.<n>.yaml` (n = 1, 2, ... in order, config.1.yaml being the first run's) and records its
     own; a resume that changes nothing but `ckpt_path` keeps the file as it is. The tokenizer is
     written once. Evaluation subcommands write nothing here; `test` writes its reports from the CLI.
+    A resume changes config.yaml only at its first training batch, once the checkpoint loaded into
+    the model and every check passed: a refused or failed resume leaves the run as it was.
     """
+
+    _rotate = False  # a resume's config.yaml is moved aside at its first training batch
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
@@ -295,7 +300,21 @@ class RunDirectory(SaveConfigCallback):
             ours = self.parser.dump(self.config, skip_none=False)
             action = "keep" if _recorded(path.read_text()) == _recorded(ours) else "rotate"
         action = trainer.strategy.broadcast(action)
-        if action == "rotate" and trainer.is_global_zero:
+        self._rotate = action == "rotate"
+        if action == "write":
+            super().setup(trainer, pl_module, stage)
+        tokenizer_dir = log_dir / "tokenizer"
+        datamodule = trainer.datamodule
+        if trainer.is_global_zero and datamodule is not None and not tokenizer_dir.exists():
+            datamodule.save_tokenizer(tokenizer_dir)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if not self._rotate:
+            return
+        self._rotate = False
+        log_dir = Path(trainer.log_dir)
+        path = log_dir / self.config_filename
+        if trainer.is_global_zero:
             n = 1
             while (log_dir / f"{path.stem}.{n}{path.suffix}").exists():
                 n += 1
@@ -303,12 +322,7 @@ class RunDirectory(SaveConfigCallback):
             rank_zero_info(
                 f"gptlab: {path} now records this resumed run; the previous one is {path.stem}.{n}.yaml"
             )
-        if action != "keep":
-            super().setup(trainer, pl_module, stage)
-        tokenizer_dir = log_dir / "tokenizer"
-        datamodule = trainer.datamodule
-        if trainer.is_global_zero and datamodule is not None and not tokenizer_dir.exists():
-            datamodule.save_tokenizer(tokenizer_dir)
+        super().setup(trainer, pl_module, "fit")
 
 
 class _BatchSeen(Callback):
@@ -501,14 +515,22 @@ class GPTLabCLI(LightningCLI):
         # undoes command-line options such as `test --ckpt_path X --model.init_args.max_new_tokens 64`.
         # The checkpoint of a gptlab run was written from that run's config.yaml: when it is the
         # config in use, the hyperparameters are already there and the command line must win.
-        run = run_dir_of(_option(self._argv, "--ckpt_path"))
-        configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
-        if run is not None and any(Path(c) == run / "config.yaml" for c in configs):
+        if self._uses_run_config(_option(self._argv, "--ckpt_path")):
+            if checkpoint is not None and self.config.subcommand == "fit":
+                # A resume restores the checkpoint's weights, optimizer and schedule: a model
+                # option changed on the command line would be ignored or fail to load.
+                self._refuse_overrides_of_checkpoint(ckpt, checkpoint.get("hyper_parameters") or {})
             return
         if checkpoint is not None:
             # Any other config would be overwritten by the checkpoint's values without a word.
             self._refuse_overrides_of_checkpoint(ckpt, checkpoint.get("hyper_parameters") or {})
         super()._parse_ckpt_path()
+
+    def _uses_run_config(self, ckpt: str | Path | None) -> bool:
+        """Whether a `--config` of this command is the config.yaml of the run of `ckpt`."""
+        run = run_dir_of(ckpt)
+        configs = [self._argv[i + 1] for i, a in enumerate(self._argv[:-1]) if a in ("-c", "--config")]
+        return run is not None and any(Path(c).resolve() == (run / "config.yaml").resolve() for c in configs)
 
     def _refuse_overrides_of_checkpoint(self, ckpt: str, hparams: dict[str, Any]) -> None:
         """Model values of the config / command line that differ from the checkpoint's, named."""
@@ -521,20 +543,28 @@ class GPTLabCLI(LightningCLI):
         differ = [
             (k, ours[k], theirs[k])
             for k in ours
-            if k in theirs and ours[k] is not None and ours[k] != theirs[k]
+            # init_from only initialises a new run: a resume says it is not used (a warning)
+            if k in theirs and ours[k] is not None and ours[k] != theirs[k] and k != "model.init_args.init_from"
         ]
         if not differ:
             return
         shown = "; ".join(f"{k}: {a!r} here, {b!r} in the checkpoint" for k, a, b in differ[:3])
         more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
         run = run_dir_of(ckpt)
-        hint = (
-            f"drop --config to use the run's own {run / 'config.yaml'} (command-line options then win)"
-            if run is not None and (run / "config.yaml").is_file()
-            else "give the values the checkpoint was trained with"
-        )
+        if run is None or not (run / "config.yaml").is_file():
+            hint = "give the values the checkpoint was trained with"
+        elif self.config.subcommand == "fit":
+            # A resume continues the checkpoint's optimizer and schedule as saved (a new lr would
+            # be overwritten by the restored optimizer state): other settings mean a new run.
+            hint = (
+                f"resume with the run's own settings: main.py fit --ckpt_path {ckpt} without --config "
+                f"and model options (its {run / 'config.yaml'} is used); to train on from its weights "
+                f"with other settings, start a new run with --model.init_args.init_from {ckpt}"
+            )
+        else:
+            hint = f"drop --config to use the run's own {run / 'config.yaml'} (command-line options then win)"
         raise ConfigError(
-            f"--ckpt_path {ckpt} was trained with other model settings than this config: {shown}{more}; "
+            f"--ckpt_path {ckpt} was trained with other model settings than this command's: {shown}{more}; "
             f"the checkpoint's would silently replace them: {hint}, or make them agree"
         )
 
@@ -699,6 +729,9 @@ class GPTLabCLI(LightningCLI):
             cfg.ckpt_path = ckpt = str(found) if found is not None else None
             if found is not None:
                 verify_checkpoint(found)  # resolved just now: not checked while parsing
+                # Not seen by _parse_ckpt_path (it ran on the word `last`): the same check here.
+                if not self._uses_run_config(found):
+                    self._refuse_overrides_of_checkpoint(ckpt, checkpoint_hparams(found))
         if ckpt == "":
             raise ConfigError(
                 "--ckpt_path is empty: give a checkpoint file, `last` (fit: resume the newest run), or "
