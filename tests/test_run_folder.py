@@ -175,3 +175,28 @@ def test_a_refused_or_failed_resume_leaves_the_run_folder_as_it_was(tiny_runs, t
     code, err = run_cli(capsys, "fit", "--ckpt_path", str(last), "--trainer.max_steps", "3")
     assert code == 0, err
     assert _step(last) == 3
+
+
+def test_a_resume_with_another_learning_rate_is_refused_and_the_advice_trains_with_it(
+    tiny_runs, tmp_path, capsys
+):
+    # Lightning restores the optimizer's state, lr included, and the scheduler's: a new lr on a
+    # resume would train on the old schedule while config.yaml recorded the new one.
+    run = _copy_run(tiny_runs, tmp_path, "classification")
+    last = run / "checkpoints" / "last.ckpt"
+    for option in ("--model.init_args.optimizer.init_args.lr", "--model.init_args.optimizer.init_args.weight_decay"):
+        code, err = run_cli(capsys, "fit", "--ckpt_path", str(last), option, "0.1", "--trainer.max_steps", "3")
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{option[2:]}: 0.1 here" in err and "in the checkpoint" in err, err
+    assert _step(last) == 2
+    # The advice: a new run from its weights, with the new learning rate.
+    config = yaml.safe_load(tiny_runs.configs["classification"].read_text())
+    config.update(logs=str(tmp_path / "logs"), experiment="lower_lr")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = run_cli(capsys, "fit", "--config", str(path), "--model.init_args.init_from", str(last),
+                        "--model.init_args.optimizer.init_args.lr", "0.1", "--trainer.max_steps", "1")  # fmt: skip
+    assert code == 0, err
+    new = tmp_path / "logs" / "lower_lr" / "version_0" / "checkpoints" / "last.ckpt"
+    groups = torch.load(new, map_location="cpu", weights_only=True)["optimizer_states"][0]["param_groups"]
+    assert {g["initial_lr"] if "initial_lr" in g else g["lr"] for g in groups} == {0.1}
