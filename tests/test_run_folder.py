@@ -67,11 +67,12 @@ def test_a_second_fit_of_the_same_run_is_refused_and_a_crashed_holders_lock_is_n
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     # Another process holds the run, as a fit training it does (gptlab.runs.hold_run).
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, time\nfrom pathlib import Path\nfrom gptlab.runs import hold_run\n"
-         f"with hold_run(Path({str(run)!r})):\n    print('held', flush=True)\n    time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-    )  # fmt: skip
+    script = (
+        "import time\nfrom pathlib import Path\nfrom gptlab.runs import hold_run\n"
+        f"with hold_run(Path({str(run)!r})):\n    print('held', flush=True)\n    time.sleep(600)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "held"
         before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -84,7 +85,8 @@ def test_a_second_fit_of_the_same_run_is_refused_and_a_crashed_holders_lock_is_n
         holder.kill()  # a crash: its lock file stays behind
         holder.wait()
     assert (run / ".fit.lock").exists()
-    code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last", "--trainer.max_steps", "3")
+    code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last",
+                        "--trainer.max_steps", "3")  # fmt: skip
     assert code == 0, err
     assert _step(run / "checkpoints" / "last.ckpt") == 3
     assert not (run / ".fit.lock").exists()
@@ -104,13 +106,15 @@ def test_export_overwrite_replaces_only_the_files_an_earlier_export_wrote(tiny_r
     (out / "model.safetensors").write_bytes(b"stale")
     code, err = run_cli(capsys, "export", "--ckpt_path", last, "--out", str(out), "--overwrite", "true")
     assert code == 0, err
-    assert (out / "NOTES.md").read_text() == "mine" and (out / "scripts" / "serve.sh").read_text() == "mine too"
+    assert (out / "NOTES.md").read_text() == "mine"
+    assert (out / "scripts" / "serve.sh").read_text() == "mine too"
     assert (out / "model.safetensors").read_bytes() != b"stale"
     AutoModelForCausalLM.from_pretrained(out)
 
     def refused(target: Path, needle: str) -> None:
         before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
-        code, err = run_cli(capsys, "export", "--ckpt_path", last, "--out", str(target), "--overwrite", "true")
+        code, err = run_cli(capsys, "export", "--ckpt_path", last, "--out", str(target),
+                            "--overwrite", "true")  # fmt: skip
         # (a clash is seen once the new files are written: transformers' progress lines come first)
         assert code == 2 and err.count("gptlab: error:") == 1 and needle in err.strip().splitlines()[-1], err
         assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
@@ -118,7 +122,7 @@ def test_export_overwrite_replaces_only_the_files_an_earlier_export_wrote(tiny_r
     # A save_pretrained directory that gptlab never wrote (no list of an export's files).
     theirs = tmp_path / "theirs"
     AutoModelForCausalLM.from_pretrained(out).save_pretrained(theirs)
-    refused(theirs, f"no gptlab_export.json listing the files an export wrote")
+    refused(theirs, "no gptlab_export.json listing the files an export wrote")
     # A file of the user's where this export would write one of its own.
     (out / "NOTES.md").unlink()
     info = json.loads((out / "gptlab_export.json").read_text())
@@ -184,8 +188,10 @@ def test_a_resume_with_another_learning_rate_is_refused_and_the_advice_trains_wi
     # resume would train on the old schedule while config.yaml recorded the new one.
     run = _copy_run(tiny_runs, tmp_path, "classification")
     last = run / "checkpoints" / "last.ckpt"
-    for option in ("--model.init_args.optimizer.init_args.lr", "--model.init_args.optimizer.init_args.weight_decay"):
-        code, err = run_cli(capsys, "fit", "--ckpt_path", str(last), option, "0.1", "--trainer.max_steps", "3")
+    for key in ("lr", "weight_decay"):
+        option = f"--model.init_args.optimizer.init_args.{key}"
+        code, err = run_cli(capsys, "fit", "--ckpt_path", str(last), option, "0.1",
+                            "--trainer.max_steps", "3")  # fmt: skip
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert f"{option[2:]}: 0.1 here" in err and "in the checkpoint" in err, err
     assert _step(last) == 2
@@ -194,8 +200,9 @@ def test_a_resume_with_another_learning_rate_is_refused_and_the_advice_trains_wi
     config.update(logs=str(tmp_path / "logs"), experiment="lower_lr")
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
+    lr = "--model.init_args.optimizer.init_args.lr"
     code, err = run_cli(capsys, "fit", "--config", str(path), "--model.init_args.init_from", str(last),
-                        "--model.init_args.optimizer.init_args.lr", "0.1", "--trainer.max_steps", "1")  # fmt: skip
+                        lr, "0.1", "--trainer.max_steps", "1")  # fmt: skip
     assert code == 0, err
     new = tmp_path / "logs" / "lower_lr" / "version_0" / "checkpoints" / "last.ckpt"
     groups = torch.load(new, map_location="cpu", weights_only=True)["optimizer_states"][0]["param_groups"]

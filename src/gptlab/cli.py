@@ -540,11 +540,12 @@ class GPTLabCLI(LightningCLI):
             return
         ours = _leaves(init_args.as_dict(), "model.init_args")
         theirs = _leaves({k: v for k, v in hparams.items() if not k.startswith("_")}, "model.init_args")
+        # init_from only initialises a new run: a resume says it is not used (a warning)
+        ours.pop("model.init_args.init_from", None)
         differ = [
             (k, ours[k], theirs[k])
             for k in ours
-            # init_from only initialises a new run: a resume says it is not used (a warning)
-            if k in theirs and ours[k] is not None and ours[k] != theirs[k] and k != "model.init_args.init_from"
+            if k in theirs and ours[k] is not None and ours[k] != theirs[k]
         ]
         if not differ:
             return
