@@ -69,6 +69,7 @@ from gptlab.reports import write_report
 from gptlab.resilience import NonFiniteLoss, Preemption
 from gptlab.runs import (
     CLAIMED_RUN_ENV,
+    backbone_tokenizer,
     check_init_from,
     check_writable_dir,
     checkpoint_hparams,
@@ -840,6 +841,17 @@ class GPTLabCLI(LightningCLI):
                 )
             data.tokenizer = str(tokenizer)
             rank_zero_info(f"gptlab: tokenizer {tokenizer} (from init_from)")
+        pretrained = backbone.get("init_args") if isinstance(backbone, Namespace) else None
+        name_or_path = pretrained.get("name_or_path") if isinstance(pretrained, Namespace) else None
+        if (
+            name_or_path
+            and not init_from
+            and not ckpt
+            and data is not None
+            and isinstance(data.get("tokenizer"), Namespace)  # a recipe (Char, BPE), as for init_from
+        ):
+            data.tokenizer = backbone_tokenizer(str(name_or_path))
+            rank_zero_info(f"gptlab: tokenizer {data.tokenizer} (from the backbone's name_or_path)")
         if (
             self.subcommand in EVAL_SUBCOMMANDS
             and ckpt

@@ -184,6 +184,22 @@ def pretrained_tokenizer(source: str | Path) -> Path | None:
     return run / "tokenizer" if run is not None and (run / "tokenizer").is_dir() else None
 
 
+def backbone_tokenizer(name_or_path: str) -> str:
+    """The tokenizer of a pretrained HFBackbone's `name_or_path`: the directory when it holds
+    tokenizer files, a hub name as it is; a ConfigError for a directory without them."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return name_or_path  # a hub name: transformers finds its tokenizer (or says why not)
+    tokenizer = pretrained_tokenizer(path) if path.is_dir() else None
+    if tokenizer is None:
+        raise ConfigError(
+            f"HFBackbone name_or_path={name_or_path}: no tokenizer files in it (tokenizer.json or "
+            f"tokenizer_config.json), and a tokenizer recipe would train a new vocabulary that the "
+            f"pretrained embeddings do not know: set data.init_args.tokenizer to the model's tokenizer"
+        )
+    return str(tokenizer)
+
+
 def is_run_config(path: str | Path) -> bool:
     """A config file that `fit` wrote into a run directory (beside `checkpoints/`): a record of a run."""
     path = Path(path)
