@@ -553,11 +553,13 @@ class GPTLabCLI(LightningCLI):
         shown = "; ".join(f"{k}: {a!r} here, {b!r} in the checkpoint" for k, a, b in differ[:3])
         more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
         run = run_dir_of(ckpt)
+        why = "the checkpoint's would silently replace them"
         if run is None or not (run / "config.yaml").is_file():
             hint = "give the values the checkpoint was trained with"
         elif self.config.subcommand == "fit":
             # A resume continues the checkpoint's optimizer and schedule as saved (a new lr would
             # be overwritten by the restored optimizer state): other settings mean a new run.
+            why = "a resume continues the checkpoint's model, optimizer and schedule as they were saved"
             hint = (
                 f"resume with the run's own settings: main.py fit --ckpt_path {ckpt} without --config "
                 f"and model options (its {run / 'config.yaml'} is used); to train on from its weights "
@@ -567,7 +569,7 @@ class GPTLabCLI(LightningCLI):
             hint = f"drop --config to use the run's own {run / 'config.yaml'} (command-line options then win)"
         raise ConfigError(
             f"--ckpt_path {ckpt} was trained with other model settings than this command's: {shown}{more}; "
-            f"the checkpoint's would silently replace them: {hint}, or make them agree"
+            f"{why}: {hint}, or make them agree"
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -732,7 +734,7 @@ class GPTLabCLI(LightningCLI):
             if found is not None:
                 verify_checkpoint(found)  # resolved just now: not checked while parsing
                 # Not seen by _parse_ckpt_path (it ran on the word `last`): the same check here.
-                if not self._uses_run_config(found):
+                if not self._uses_run_config(found) and not is_sharded_checkpoint(found):
                     self._refuse_overrides_of_checkpoint(ckpt, checkpoint_hparams(found))
         if ckpt == "":
             raise ConfigError(
