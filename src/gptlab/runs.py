@@ -11,8 +11,9 @@
 Also what a run (or a Hugging Face model directory) given as `init_from` records: its backbone
 config (`pretrained_backbone`), hyperparameters (`checkpoint_hparams`) and tokenizer; and a
 command's own run folder: `RunClaim` (version_N created, removed again when the command fails
-before its first batch; a resumed run held, `hold_run`), `RunDirectory` (config.yaml and tokenizer written when fit starts),
-`retarget_loggers` (a resumed or evaluated run's loggers write into it).
+before its first batch; a resumed run held, `hold_run`), `RunDirectory` (config.yaml and
+tokenizer written when fit starts), `retarget_loggers` (a resumed or evaluated run's loggers
+write into it).
 """
 
 from __future__ import annotations
