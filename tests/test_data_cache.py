@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from gptlab.data.cache import claim
 
@@ -70,3 +73,29 @@ def test_a_read_only_cache_needs_no_claim(tmp_path: Path):
         assert ran
     finally:
         cache.chmod(0o755)
+
+
+def test_a_claim_without_waiting_refuses_a_live_holder_and_takes_over_a_dead_or_copied_one(tmp_path: Path):
+    import shutil
+    import subprocess
+    import sys
+
+    from gptlab.data.cache import ClaimHeld
+
+    path = tmp_path / "x.claim"
+    with claim(path, what="x", wait=False):
+        with pytest.raises(ClaimHeld, match=f"process {os.getpid()} on "):
+            with claim(path, what="x", wait=False):
+                pass
+        shutil.copy(path, tmp_path / "copy.claim")  # a copied folder: nobody holds the copy
+        with claim(tmp_path / "copy.claim", what="x", wait=False):
+            pass
+    # A holder that died on this host: taken over at once, also by a waiting claim.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for wait in (False, True):
+        path.write_text(f"{socket.gethostname()} {dead.pid} {os.path.realpath(path)}\n")
+        start = time.monotonic()
+        with claim(path, what="x", wait=wait, stale_after=60):
+            assert str(os.getpid()) in path.read_text()
+        assert time.monotonic() - start < 5

@@ -281,3 +281,31 @@ def test_shipped_pretraining_config_instantiates(work, tmp_path, monkeypatch):
     built = cli("--config", config, *args, run=False)
     assert built.model.backbone.config.n_layer == 4 and built.model.backbone.config.n_embd == 256
     assert built.datamodule.block_size == built.model.backbone.block_size == 128
+
+
+def test_a_pretrained_hf_backbone_uses_its_own_tokenizer_not_a_recipe(tiny_runs, tmp_path, capsys):
+    # A recipe (BPE, Char) would train a new vocabulary whose ids the pretrained embeddings do not
+    # know; as with init_from, the model's own tokenizer is used, and a directory without one is refused.
+    from transformers import AutoTokenizer
+
+    from test_peft import save_llama
+
+    tokenizer = tiny_runs.runs["causal_lm"] / "tokenizer"
+    model_dir = save_llama(tmp_path / "llama", tokenizer)
+    config = finetune_config(tmp_path, "classification", tiny_runs.files["classification"])
+    config["logs"] = str(tmp_path / "logs")
+    config["model"]["init_args"]["backbone"] = {
+        "class_path": "gptlab.models.HFBackbone",
+        "init_args": {"name_or_path": str(model_dir)},
+    }
+    path = write_yaml(tmp_path / "c.yaml", config)
+    built = cli("--config", str(path), run=False)
+    built.datamodule.prepare_data()
+    built.datamodule.setup("fit")
+    assert built.datamodule.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    bare = tmp_path / "bare"
+    save_llama(bare)
+    config["model"]["init_args"]["backbone"]["init_args"]["name_or_path"] = str(bare)
+    code, err = run_cli(capsys, "fit", "--config", str(write_yaml(tmp_path / "b.yaml", config)))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"name_or_path={bare}: no tokenizer files in it" in err, err

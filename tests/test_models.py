@@ -507,3 +507,26 @@ def test_tasks_hand_the_mask_to_a_padding_free_backbone() -> None:
         assert seen == [torch.Size([1, 11]) if padding_free else ids.shape]
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
     assert GPT.padding_free is False  # our GPT keeps its unmasked is_causal path
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_hf_backbone_with_weights_missing_from_its_files_is_refused_unless_allowed(tmp_path, model_type):
+    from safetensors.torch import load_file, save_file
+
+    sizes = {
+        "llama": {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                  "num_attention_heads": 2, "num_key_value_heads": 2, "tie_word_embeddings": True},
+        "gpt2": {"vocab_size": 64, "n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 32},
+    }[model_type]  # fmt: skip
+    HFBackbone(model_type=model_type, config_overrides=sizes).model.save_pretrained(tmp_path)
+    HFBackbone(name_or_path=str(tmp_path))  # complete (tied weights stored once): loads
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = next(k for k in weights if ".1." in k and k.endswith("weight"))
+    del weights[dropped]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ConfigError, match=r"1 weight\(s\) are not in its files and start random .*allow_missing"
+    ):
+        HFBackbone(name_or_path=str(tmp_path))
+    with pytest.warns(UserWarning, match="start random"):
+        HFBackbone(name_or_path=str(tmp_path), allow_missing_weights=True)

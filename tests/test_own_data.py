@@ -12,6 +12,7 @@ import yaml
 from conftest import REPO
 from finetune_data import finetune_config, ner_sentences, write_conll, write_sentiment
 from gptlab.data import BPE, Char, ClassificationDataModule, DataError, TokenClassificationDataModule
+from gptlab.errors import ConfigError
 from tiny_runs import run_cli
 
 
@@ -298,3 +299,17 @@ def test_a_10_mb_field_in_a_tsv_or_csv_loads_and_an_unclosed_quote_is_named(tmp_
     broken.write_text('text,label\n"never closed,pos\n' + "more,neg\n" * 50_000)
     with pytest.raises(DataError, match=r"broken.csv line 2: 1 fields, but the header has 2"):
         list(read_table(broken, ["text", "label"]))
+
+
+def test_column_names_given_twice_or_without_columns_are_refused(tmp_path, tokenizer_dir):
+    # [sentence, sentence] would read each row as {sentence: <the label>}: leaked labels as text.
+    (tmp_path / "train.tsv").write_text("good movie\tpos\nbad plot\tneg\n")
+    common = {"train_files": str(tmp_path / "train.tsv"), "tokenizer": tokenizer_dir, "val_fraction": 0.0}
+    with pytest.raises(ConfigError, match=r"column_names=\['sentence', 'sentence'\]: 'sentence' given more"):
+        ClassificationDataModule(column_names=["sentence", "sentence"], text_column="sentence", **common)
+    with pytest.raises(DataError, match=r"2 fields, but .*column_names names 3 \(no column for 'extra'\)"):
+        ready(ClassificationDataModule(column_names=["text", "label", "extra"], **common))
+    # A header naming the text column twice.
+    (tmp_path / "dup.tsv").write_text("text\ttext\tlabel\ngood\tmovie\tpos\n")
+    with pytest.raises(DataError, match="line 1: the header names the column 'text' more than once"):
+        ready(ClassificationDataModule(**{**common, "train_files": str(tmp_path / "dup.tsv")}))

@@ -507,3 +507,47 @@ def test_generation_decodes_through_the_adapters_with_and_without_a_cache(kind):
     cached = generate_batch(task.backbone, prompts, **kwargs)
     assert cached == generate_batch(task.backbone, prompts, use_cache=False, **kwargs)
     assert cached != generate_batch(plain, prompts, **kwargs)
+
+
+@pytest.mark.parametrize("init", [True, "pissa", "pissa_niter_2", "olora"])
+def test_adapters_start_from_the_loaded_base(bases, init):
+    """Inits that read the base weights (PiSSA, OLoRA) run on the init_from weights, not on the
+    random ones the backbone was built with: at step 0 the adapted model is the base, and its
+    adapters and residual weights are those of peft on the loaded base."""
+    from gptlab.loading import load_backbone_weights
+    from gptlab.runs import pretrained_backbone
+
+    args = pretrained_backbone(bases.gpt)["init_args"]
+    base = GPT(**args).eval()
+    load_backbone_weights(base, bases.gpt)
+    task = CausalLM(GPT(**args), init_from=bases.gpt, peft=LoraConfig(r=4, init_lora_weights=init)).eval()
+    task.load_base()  # what setup does, in every stage
+    ids = torch.randint(0, args["vocab_size"], (2, 12))
+    with torch.no_grad():
+        ours, theirs = task.backbone.logits(task.backbone(ids)), base.logits(base(ids))
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    if init == "pissa_niter_2":
+        # A randomised SVD: every load of the base (resume, evaluation) rebuilds the same weights.
+        reference = CausalLM(GPT(**args), init_from=bases.gpt, peft=LoraConfig(r=4, init_lora_weights=init))
+        reference.load_base()
+        reference = reference.backbone
+    else:
+        # peft on the loaded base, as it would be applied to the pretrained model directly
+        reference = GPT(**args)
+        load_backbone_weights(reference, bases.gpt)
+        adapters.add_adapters(reference, LoraConfig(r=4, init_lora_weights=init))
+    ours, theirs = task.backbone.state_dict(), reference.state_dict()
+    if init is True:  # A is random (its own draw), B = 0: only B and the base are the same
+        ours = {k: v for k, v in ours.items() if "lora_A" not in k}
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], msg=key)
+
+
+def test_an_init_from_more_than_the_base_weights_is_refused_with_init_from(bases):
+    from gptlab.errors import ConfigError
+    from gptlab.runs import pretrained_backbone
+
+    args = pretrained_backbone(bases.gpt)["init_args"]
+    task = CausalLM(GPT(**args), init_from=bases.gpt, peft=LoraConfig(r=4, init_lora_weights="eva"))
+    with pytest.raises(ConfigError, match="init_lora_weights='eva' initialises the adapters from more than"):
+        task.load_base()

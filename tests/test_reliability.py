@@ -171,7 +171,9 @@ def test_export_overwrite_replaces_only_an_earlier_export(tiny_runs, tmp_path, c
     # An earlier export is replaced, and its files are readable by others as normal files are.
     out = tmp_path / "export"
     assert run_cli(capsys, "export", "--ckpt_path", str(last), "--out", str(out))[0] == 0
-    (out / "stale.txt").write_text("old")
+    info = out / "gptlab_export.json"
+    info.write_text(info.read_text().replace('"files": [', '"files": [\n    "stale.txt",'))
+    (out / "stale.txt").write_text("old")  # a file of the earlier export that this one does not write
     code, err = run_cli(capsys, "export", "--ckpt_path", str(last), "--out", str(out), "--overwrite", "true")
     assert code == 0, err
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()

@@ -76,6 +76,21 @@ def test_4_init_from_with_a_tokenizer_recipe_takes_the_pretraining_tokenizer():
         resolve("fit", {"backbone": GPT, "init_from": "pre.ckpt"}, {"tokenizer": RECIPE}, None, lost, NOBODY)
 
 
+def test_4_a_pretrained_backbone_with_a_tokenizer_recipe_takes_its_own_tokenizer():
+    hf = {"class_path": "gptlab.models.HFBackbone", "init_args": {"name_or_path": "smol"}}
+    out = resolve(
+        "fit", {"backbone": hf}, {"tokenizer": RECIPE}, None, None, NOBODY, backbone_tokenizer="smol"
+    )
+    assert out.tokenizer == "smol" and "name_or_path smol" in out.reasons["tokenizer"]
+    with pytest.raises(ConfigError, match="name_or_path=smol: no tokenizer files in it"):
+        resolve("fit", {"backbone": hf}, {"tokenizer": RECIPE}, None, None, NOBODY, backbone_tokenizer=None)
+    # a tokenizer given, or a checkpoint's run (rule 7): not replaced
+    assert resolve("fit", {"backbone": hf}, {"tokenizer": "tok"}, None, None, NOBODY).tokenizer is None
+    assert resolve("test", {"backbone": hf}, {"tokenizer": RECIPE}, CKPT, None, NOBODY).tokenizer == str(
+        CKPT.run_tokenizer
+    )
+
+
 def test_5_evaluating_a_checkpoint_keeps_its_label_names():
     data = {"label_names": None}
     assert resolve("test", {"backbone": GPT}, data, CKPT, None, NOBODY).label_names == ["O", "B-PER"]
@@ -140,3 +155,7 @@ def test_overrides_that_conflict_with_the_checkpoint_are_named():
     with pytest.raises(ConfigError, match=r"model.init_args.label_names: \['A'\] here, \['O', 'B-PER'\]"):
         check_overrides(CKPT, {"label_names": ["A"], "backbone": GPT})
     check_overrides(CKPT, {"label_names": None, "backbone": GPT})  # unset: the checkpoint's
+    # init_from only initialises a new run (rule 1 warns); a resume advises a new run from its weights
+    check_overrides(CKPT, {"init_from": "other.ckpt"}, "fit")
+    with pytest.raises(ConfigError, match=r"a resume continues .* --model.init_args.init_from logs/pre"):
+        check_overrides(CKPT, {"label_names": ["A"]}, "fit")

@@ -132,6 +132,46 @@ def add_adapters(backbone: nn.Module, config: Any) -> Any:
     return tuner
 
 
+# LoRA initialisations that compute the adapters (and PiSSA / OLoRA / MiCA a residual base
+# weight) from the base weights; peft's LoraLayer.update_layer runs them on whatever the base
+# holds when the adapters are injected. With init_from the pretrained weights arrive later.
+_RERUN_FROM_BASE = {"olora": "olora_init", "mica": "mica_init"}
+# Those that need more than the weights (data, quantisation, gradients): not run again.
+_NOT_RERUN = ("corda", "loftq", "eva", "lora_ga")
+
+
+def init_from_base(backbone: nn.Module, config: Any) -> None:
+    """Run again the adapter initialisation of `config` that reads the base weights, now that the
+    pretrained base is loaded (docs/design.md, known traps: PiSSA / OLoRA on random weights).
+
+    Default LoRA (B = 0) reads nothing and is left as it is. The randomised SVD of
+    `pissa_niter_<k>` draws from a fixed seed, so that every load of the same base (fit, resume,
+    evaluation of an adapter checkpoint) rebuilds the same residual base weights.
+    """
+    init = getattr(config, "init_lora_weights", True)
+    if not isinstance(init, str):
+        return
+    kind = "pissa" if init.startswith("pissa") else init.lower()
+    if kind.startswith(_NOT_RERUN):
+        raise ConfigError(
+            f"model.init_args.peft.init_args.init_lora_weights={init!r} initialises the adapters from "
+            f"more than the base weights, which gptlab cannot redo once init_from has loaded them: "
+            f"use pissa, olora or the default (true)"
+        )
+    if kind != "pissa" and kind not in _RERUN_FROM_BASE:
+        return
+    from peft.tuners.lora import LoraLayer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for module in backbone.modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                if kind == "pissa":
+                    module.pissa_init("default", init)
+                else:
+                    getattr(module, _RERUN_FROM_BASE[kind])("default")
+
+
 def is_adapted(module: nn.Module) -> bool:
     """True when `module` holds peft adapter layers."""
     try:

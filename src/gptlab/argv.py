@@ -1,6 +1,6 @@
 """The command line before and beside parsing: what a command's argv says, and how it is rewritten.
 
-`with_run_config` adds a checkpoint's run config to an evaluation command (before parsing);
+`with_run_config` adds a checkpoint's run config to a command without one (before parsing);
 `quote_text_value` quotes a text value that YAML would read as a mapping (a retried parse);
 `user_asks_for_remote_code` and `tokenizer_option` tell what the user's own options ask for
 (gptlab.resolve reads them, never a run's record).
@@ -69,14 +69,15 @@ def print_config_flags(argv: list[str]) -> set[str] | None:
 
 
 def with_run_config(argv: list[str]) -> list[str]:
-    """Add `--config <run>/config.yaml` to an evaluation command that names a checkpoint but no config."""
-    if not argv or argv[0] not in EVAL_SUBCOMMANDS:
+    """Add `--config <run>/config.yaml` to a command that names a checkpoint file but no config
+    (`fit` then resumes the run with its own settings)."""
+    if not argv or argv[0] not in (*EVAL_SUBCOMMANDS, "fit"):
         return argv
     if any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
         return argv
     ckpt = option(argv, "--ckpt_path")
     run = run_dir_of(ckpt)
-    if ckpt is None:
+    if ckpt is None or (argv[0] == "fit" and ckpt in ("last", "hpc", "registry")):
         return argv
     if ckpt in ("best", "last"):
         raise ConfigError(
@@ -128,6 +129,14 @@ def user_asks_for_remote_code(argv: list[str]) -> bool:
 def config_files(argv: list[str]) -> list[str]:
     """The config files named by `-c` / `--config` options, in order."""
     return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
+
+
+def uses_run_config(argv: list[str], ckpt: str | Path | None) -> bool:
+    """Whether a `--config` of argv is the config.yaml of the run of the checkpoint `ckpt`
+    (however either path is spelled)."""
+    run = run_dir_of(ckpt)
+    own = (run / "config.yaml").resolve() if run is not None else None
+    return own is not None and any(Path(c).resolve() == own for c in config_files(argv))
 
 
 def tokenizer_option(argv: list[str]) -> str | None:

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 
 from gptlab._lightning import progress_bar_settings, save_final_checkpoint, should_update_logs
+from gptlab.checkpointing import repoint_checkpoint_state
 from gptlab.decoding import generate
 from gptlab.errors import CheckpointError, ConfigError
 
@@ -558,6 +559,11 @@ class Checkpoint(ModelCheckpoint):
             # The README's next commands read best.ckpt: without a monitored metric it is the
             # final state (Lightning would write none at all).
             save_final_checkpoint(self, trainer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # A resume of the run's own files under another spelling of its folder (relative vs
+        # absolute, moved, copied) continues last.ckpt / best.ckpt instead of writing -v1 files.
+        super().load_state_dict(repoint_checkpoint_state(state_dict, self.dirpath))
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         try:

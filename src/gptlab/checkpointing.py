@@ -56,6 +56,7 @@ __all__ = [
     "checkpoint_problem",
     "install_atomic_checkpoints",
     "remove_stale",
+    "repoint_checkpoint_state",
     "require_complete",
     "resume_checkpoint",
 ]
@@ -249,6 +250,38 @@ def install_atomic_checkpoints(trainer: Trainer) -> None:
         strategy.checkpoint_io = AtomicCheckpointIO()
     if not any(isinstance(cb, StaleCheckpointCleanup) for cb in trainer.callbacks):
         trainer.callbacks.append(StaleCheckpointCleanup())
+
+
+# ------------------------------------------------------------------- ModelCheckpoint's state
+def repoint_checkpoint_state(state: dict[str, Any], dirpath: str | Path) -> dict[str, Any]:
+    """ModelCheckpoint's saved state, its file names moved from the recorded folder to `dirpath`.
+
+    ModelCheckpoint records its folder as a string and keeps its state (best score, best /
+    last file names) only when that string equals today's (lightning's
+    `ModelCheckpoint.load_state_dict`): a run resumed through a relative instead of an absolute
+    path, or moved or copied, counts as a new folder, and the version counter then writes
+    `last-v1.ckpt` / `best-v1.ckpt` beside the run's own, stale, files (docs/design.md 6.4).
+    A recorded file that exists under its name in `dirpath` is the run's own file there: the
+    state is re-pointed to it. When none of them is there (a new folder), the state is returned
+    as it is, and Lightning starts its ranking afresh.
+    """
+    recorded = state.get("dirpath")
+    if recorded is None or str(recorded) == str(dirpath):
+        return state
+    folder = Path(dirpath)
+
+    def moved(path: str | None) -> str:
+        if not path or Path(path).parent != Path(recorded):
+            return ""
+        here = folder / Path(path).name
+        return str(here) if here.exists() or here.is_symlink() else ""
+
+    best_k = {moved(p): score for p, score in (state.get("best_k_models") or {}).items()}
+    best_k.pop("", None)
+    paths = {k: moved(state.get(k)) for k in ("best_model_path", "kth_best_model_path", "last_model_path")}
+    if not best_k and not any(paths.values()):
+        return state
+    return {**state, **paths, "best_k_models": best_k, "dirpath": str(dirpath)}
 
 
 # --------------------------------------------------------------------------- complete or not

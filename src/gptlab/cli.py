@@ -5,7 +5,8 @@ Wiring of the pieces that make a command (docs/design.md §5.1):
     argv --gptlab.argv (run config of a checkpoint, quoting)--> check_config_files --> parse
          --> _parse_ckpt_path: the checkpoint read once (gptlab.resolve.read_checkpoint), its task
              and conflicting overrides refused, its hyperparameters applied
-         --> before_instantiate_classes: check_settings, loggers pointed at the run folder,
+         --> before_instantiate_classes: check_settings, a resumed run folder held (one fit at a
+             time, gptlab.runs.hold_run), loggers pointed at the run folder,
              gptlab.resolve.resolve (backbone, tokenizer, label names, block_size, remote-code
              consent), a new run's version_N claimed (gptlab.runs.RunClaim)
          --> instantiate --> run (a failure before the first batch removes what it wrote)
@@ -38,15 +39,15 @@ from gptlab.argv import (
     option,
     print_config_flags,
     quote_text_value,
-    tokenizer_option,
     user_asks_for_remote_code,
+    uses_run_config,
     with_run_config,
 )
 from gptlab.callbacks import Checkpoint, LearningRate, ProgressBar, ProgressLog, Throughput, quiet_lightning
 from gptlab.checkpointing import install_atomic_checkpoints
 from gptlab.config_check import OneLineParser, check_config_files, check_settings
 from gptlab.data import DataModule
-from gptlab.errors import ConfigError, GPTLabError
+from gptlab.errors import ConfigError, GPTLabError, user_error
 from gptlab.loading import consolidated_copy, is_sharded_checkpoint
 from gptlab.reports import publish_report
 from gptlab.resilience import NonFiniteLoss, Preemption
@@ -55,6 +56,7 @@ from gptlab.resolve import (
     UserInput,
     check_overrides,
     check_task,
+    checkpoint_model,
     read_checkpoint,
     read_init_from,
     resolve,
@@ -62,8 +64,8 @@ from gptlab.resolve import (
 from gptlab.runs import (
     RunClaim,
     RunDirectory,
+    backbone_tokenizer,
     configure_loggers,
-    is_run_config,
     latest_checkpoint,
     remove_traces,
     run_dir_of,
@@ -90,6 +92,12 @@ EXPORT_HELP = (
 def _label_names_of(datamodule: Any) -> list[str] | None:
     # Data modules of labelled data (classification, token classification) expose `label_names`.
     return getattr(datamodule, "label_names", None)
+
+
+def _model_args(cfg: Namespace) -> dict[str, Any]:
+    """The parsed `model.init_args` as plain values ({} without a model class)."""
+    init_args = cfg.model.get("init_args") if isinstance(cfg.get("model"), Namespace) else None
+    return init_args.as_dict() if isinstance(init_args, Namespace) else {}
 
 
 class GPTLabCLI(LightningCLI):
@@ -209,9 +217,7 @@ class GPTLabCLI(LightningCLI):
         except (ValueError, TypeError) as err:
             # jsonargparse re-raises a constructor's error as "Does not validate against any of the
             # Union subtypes" with the original as __cause__: give the user our one-line error.
-            cause = err
-            while cause is not None and not isinstance(cause, GPTLabError):
-                cause = cause.__cause__ or cause.__context__
+            cause = user_error(err)
             if cause is None:
                 raise
             raise cause from None
@@ -237,16 +243,12 @@ class GPTLabCLI(LightningCLI):
         # command-line options such as `test --ckpt_path X --model.init_args.max_new_tokens 64`.
         # The checkpoint of a gptlab run was written from that run's config.yaml: when it is the
         # config in use, the hyperparameters are already there and the command line must win.
-        run = run_dir_of(option(self._argv, "--ckpt_path"))
-        if run is not None and any(Path(c) == run / "config.yaml" for c in config_files(self._argv)):
+        own_config = uses_run_config(self._argv, option(self._argv, "--ckpt_path"))
+        if not own_config or self.config.subcommand == "fit":  # a resume: checked whatever the config
+            check_overrides(record, _model_args(cfg), self.config.subcommand)  # not replaced silently
+        if own_config:
             return
-        init_args = model.get("init_args") if isinstance(model, Namespace) else None
-        if isinstance(init_args, Namespace):
-            check_overrides(record, init_args.as_dict())  # not replaced without a word
-        # What LightningCLI._parse_ckpt_path does, from the record instead of a second read.
-        hparams = {k: v for k, v in record.hparams.items() if k != "_instantiator"}
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        hparams = checkpoint_model(record)
         if hparams:
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
@@ -342,8 +344,8 @@ class GPTLabCLI(LightningCLI):
             found = latest_checkpoint(logs, cfg.experiment)
             # Nothing to resume is not an error: the first run of a preemptible job starts fresh.
             cfg.ckpt_path = ckpt = str(found) if found is not None else None
-            if found is not None:
-                self._record(str(found))  # resolved just now: not checked while parsing
+            if found is not None and not (record := self._record(str(found))).sharded:
+                check_overrides(record, _model_args(cfg), "fit")  # resolved now: not checked in parsing
         # Lightning passes weights_only=None to torch.load, which an environment variable
         # (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) can turn into full unpickling: ask for safe loading.
         if "weights_only" in cfg and cfg.weights_only is None:
@@ -352,6 +354,8 @@ class GPTLabCLI(LightningCLI):
         run = run_dir_of(ckpt)
         # (a remote URL, s3://..., is left to Lightning's fsspec loading, with weights_only)
         local = ckpt and "://" not in ckpt and ckpt not in ("best", "last", "hpc", "registry")
+        if self.subcommand == "fit" and run is not None:
+            self._claim.hold(run)  # one fit per run folder at a time
         configure_loggers(cfg, run)
         self._resolve(cfg, ckpt if local else None, printing=False)
         self._claim.claim(cfg.trainer)
@@ -370,13 +374,12 @@ class GPTLabCLI(LightningCLI):
             need = "backbone" in model and backbone is None and (record is None or record.sharded)
             trust = bool(backbone_args and backbone_args.get("trust_remote_code"))
             init_from = read_init_from(model.init_from, self.subcommand, need, trust)
-        user = UserInput(
-            tokenizer_option=tokenizer_option(self._argv),
-            asks_remote_code=user_asks_for_remote_code(self._argv),
-            run_configs=tuple(c for c in config_files(self._argv) if is_run_config(c)),
+        user, plain = UserInput.of(self._argv), data.as_dict() if data is not None else None
+        name = backbone_args.get("name_or_path") if backbone_args else None
+        hf_tokenizer = backbone_tokenizer(str(name)) if name else None
+        out = resolve(
+            self.subcommand, model.as_dict(), plain, record, init_from, user, printing, hf_tokenizer
         )
-        plain = data.as_dict() if data is not None else None
-        out = resolve(self.subcommand, model.as_dict(), plain, record, init_from, user, printing=printing)
         for line in out.warnings:
             rank_zero_warn(line)
         for line in out.announce:
@@ -394,12 +397,8 @@ class GPTLabCLI(LightningCLI):
     def _ckpt_for_strategy(self) -> None:
         """Give a sharded FSDP checkpoint to a strategy that cannot read folders as one consolidated file."""
         kwargs = self.config_init[self.subcommand]
-        ckpt = kwargs.get("ckpt_path")
-        if (
-            ckpt
-            and is_sharded_checkpoint(ckpt)
-            and not isinstance(self.trainer.strategy, ModelParallelStrategy)
-        ):
+        ckpt, strategy = kwargs.get("ckpt_path"), self.trainer.strategy
+        if ckpt and is_sharded_checkpoint(ckpt) and not isinstance(strategy, ModelParallelStrategy):
             self._consolidated_dir, path = consolidated_copy(ckpt, resuming=self.subcommand == "fit")
             self._ckpt_source, kwargs["ckpt_path"] = str(ckpt), str(path)
 

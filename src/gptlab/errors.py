@@ -6,6 +6,8 @@ subclass of `GPTLabError` whose message names what is wrong, where (file, line, 
 its traceback.
 """
 
+from __future__ import annotations
+
 
 class GPTLabError(Exception):
     """Base class of the errors shown to the user as a single message."""
@@ -21,3 +23,12 @@ class CheckpointError(GPTLabError, ValueError):
 
 class DataError(GPTLabError, ValueError):
     """Input data is missing, malformed or too small; the message names the file, line or key."""
+
+
+def user_error(err: BaseException) -> GPTLabError | None:
+    """The GPTLabError that `err` is or was raised from (its `__cause__` / `__context__` chain),
+    None without one: jsonargparse re-raises a constructor's error as another one."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, GPTLabError):
+        cause = cause.__cause__ or cause.__context__
+    return cause

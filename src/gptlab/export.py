@@ -19,7 +19,10 @@ adapter in peft's own format (`adapter_config.json`, `adapter_model.safetensors`
 `--merged true` any peft fine-tune (classifiers too) is exported as a plain model, its adapters
 merged into the base weights. Both are checked against gptlab's logits like a plain export.
 It is written into a temporary directory and renamed into place, so a failed export leaves
-nothing behind and an existing OUT is never touched without `--overwrite true`.
+nothing behind and an existing OUT is never touched without `--overwrite true`. `gptlab_export.json`
+lists the files the export wrote: `--overwrite true` replaces those and nothing else (a user's
+own files beside them stay), only in a directory that holds such a list, and never in a directory
+that a run under the same logs root starts from (`init_from`, `name_or_path`: a peft run's base).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from gptlab.errors import CheckpointError, ConfigError
 from gptlab.loading import load_checkpoint
 from gptlab.models import GPT, HFBackbone
 from gptlab.models.convert import gpt2_config, gpt_to_gpt2_state_dict
-from gptlab.runs import run_dir_of
+from gptlab.runs import bases_of_runs, run_dir_of
 
 # Written beside the model: where it came from (ignored by transformers).
 EXPORT_INFO = "gptlab_export.json"
@@ -70,20 +73,24 @@ def export(
         out: the directory to write; it must not exist (or be empty) unless overwrite is true.
         tokenizer: the tokenizer directory or hub name to ship with the model; default: the run's
             own `<run>/tokenizer`, saved beside the checkpoints by `fit`.
-        overwrite: replace an existing non-empty `out` that holds an earlier export (a flat model
-            directory with config.json); never a run folder, a logs root or the checkpoint's folder.
+        overwrite: replace the files of an earlier export in `out` (those its gptlab_export.json
+            lists; other files stay); never a run folder, a logs root, the checkpoint's folder, or
+            the base model of a run under the checkpoint's logs root.
         merged: for a peft checkpoint, write the plain model with the adapters merged into the base
             weights instead of the adapter alone (peft's format). Other checkpoints: no effect.
     """
     out_dir = Path(out)
+    earlier: list[str] | None = None  # the files of the earlier export that this one replaces
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         if not overwrite:
             raise ConfigError(
                 f"--out {out_dir} already exists and is not empty: give --out a new directory, or pass "
                 f"--overwrite true to replace an earlier export there"
             )
-        check_overwritable(out_dir, Path(ckpt_path))
+        earlier = check_overwritable(out_dir, Path(ckpt_path))
     task = _load_task(Path(ckpt_path))
+    if earlier is not None:
+        check_not_a_base(out_dir, Path(ckpt_path), task)
     source = tokenizer
     if source is None:
         run = run_dir_of(ckpt_path)
@@ -144,6 +151,8 @@ def export(
         }
         if peft:
             info["peft"] = {"base": task.base_source(), "merged": merged}
+        # What a later --overwrite may replace (this list included), and nothing else.
+        info["files"] = sorted([*(p.name for p in tmp.iterdir()), EXPORT_INFO])
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         if adapter:
             diff = check_adapter_export(task, tok, tmp)
@@ -153,9 +162,12 @@ def export(
             diff = check_export(backbone, tmp)
         for path in tmp.iterdir():  # safetensors' writer leaves 0600; files of an export are shared
             path.chmod(0o666 & ~umask)
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        tmp.rename(out_dir)
+        if earlier is not None:
+            replace_export(tmp, out_dir, earlier)
+        else:
+            if out_dir.exists():
+                out_dir.rmdir()  # empty (checked above)
+            tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     what = "the adapter of " if adapter else "merged " if peft else ""
@@ -164,9 +176,10 @@ def export(
     return out_dir
 
 
-def check_overwritable(out_dir: Path, ckpt_path: Path) -> None:
+def check_overwritable(out_dir: Path, ckpt_path: Path) -> list[str]:
     """`--overwrite` replaces an earlier export, nothing else: never the checkpoint being exported,
-    a run folder or a logs root (`--out logs` would otherwise delete every run)."""
+    a run folder or a logs root (`--out logs` would otherwise delete every run), and only the files
+    the earlier export's gptlab_export.json lists. Returns those file names."""
     out = out_dir.resolve()
     what = "delete it: give --out a new directory (or remove the old one yourself)"
     if out == ckpt_path.resolve() or out in ckpt_path.resolve().parents:
@@ -180,14 +193,62 @@ def check_overwritable(out_dir: Path, ckpt_path: Path) -> None:
         raise ConfigError(
             f"--out {out_dir} contains a run folder or checkpoints ({runs[0]}); --overwrite would {what}"
         )
-    entries = list(out_dir.iterdir())
-    folders = [p.name for p in entries if p.is_dir()]
-    if not any((out_dir / name).is_file() for name in (EXPORT_INFO, "config.json")) or folders:
-        reason = f"it holds folders ({', '.join(sorted(folders)[:3])})" if folders else "no config.json"
+    marker = out_dir / EXPORT_INFO
+    try:
+        files = json.loads(marker.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):  # missing, not JSON, not a mapping
+        files = None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        reason = (
+            f"its {EXPORT_INFO} lists no files (an export of an older gptlab)"
+            if marker.is_file()
+            else f"no {EXPORT_INFO} listing the files an export wrote"
+        )
         raise ConfigError(
             f"--out {out_dir} does not look like a model directory written by export ({reason}); "
-            f"--overwrite only replaces an earlier export, and would {what}"
+            f"--overwrite only replaces the files of an earlier export, and would otherwise {what}"
         )
+    # Plain names only: a list naming ../x or /x is not something export wrote.
+    return [f for f in files if f not in ("", ".", "..") and Path(f).name == f]
+
+
+def check_not_a_base(out_dir: Path, ckpt_path: Path, task) -> None:
+    """`--out` must not be the base model of a recorded run: the exported checkpoint's own
+    (`init_from`, `name_or_path`) or any run's under the same logs root (gptlab.runs.bases_of_runs)."""
+    run = run_dir_of(ckpt_path)
+    bases = bases_of_runs(run.parent.parent) if run is not None else {}
+    for source in (getattr(task, "init_from", None), getattr(task.backbone, "name_or_path", None)):
+        if source:
+            bases[Path(source).expanduser().resolve()] = ckpt_path
+    named_in = bases.get(out_dir.resolve())
+    if named_in is not None:
+        raise ConfigError(
+            f"--out {out_dir} is the base model of a run ({named_in} starts from it); --overwrite "
+            f"would change the weights under that run's checkpoints (its adapters, its init_from): "
+            f"give --out a new directory"
+        )
+
+
+def replace_export(new: Path, out_dir: Path, earlier: list[str]) -> None:
+    """Move the export in `new` into `out_dir` over the earlier export's files `earlier`; any other
+    file of `out_dir` stays, and one that this export would write over is refused first."""
+    names = [p.name for p in new.iterdir()]
+    clash = [n for n in names if n not in earlier and (out_dir / n).exists()]
+    if clash:
+        raise ConfigError(
+            f"--out {out_dir}: {clash[0]} is not a file of the earlier export there, and this export "
+            f"would write over it: move it away, or give --out a new directory"
+        )
+    for name in earlier:
+        if name not in names:
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    # The list of files last: until it is replaced, it still names every earlier file.
+    for name in sorted(names, key=lambda n: n == EXPORT_INFO):
+        target = out_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(new / name, target)
 
 
 def to_hf_model(backbone: torch.nn.Module, tokenizer) -> PreTrainedModel:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptlab.argv import EVAL_SUBCOMMANDS
+from gptlab.argv import EVAL_SUBCOMMANDS, config_files, tokenizer_option, user_asks_for_remote_code
 from gptlab.checkpointing import require_complete
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.loading import (
@@ -28,7 +28,14 @@ from gptlab.loading import (
     require_lightning_checkpoint,
     verify_checkpoint,
 )
-from gptlab.runs import check_init_from, pretrained_backbone, pretrained_tokenizer, run_dir_of, task_class_of
+from gptlab.runs import (
+    check_init_from,
+    is_run_config,
+    pretrained_backbone,
+    pretrained_tokenizer,
+    run_dir_of,
+    task_class_of,
+)
 
 
 # --------------------------------------------------------------------------- records
@@ -117,6 +124,15 @@ class UserInput:
     run_configs: tuple[str, ...] = ()
     """Config files given that are a run folder's config.yaml (records, not the user's choice)."""
 
+    @classmethod
+    def of(cls, argv: list[str]) -> UserInput:
+        """What the command line `argv` (and the config files it names) asks for."""
+        return cls(
+            tokenizer_option=tokenizer_option(argv),
+            asks_remote_code=user_asks_for_remote_code(argv),
+            run_configs=tuple(c for c in config_files(argv) if is_run_config(c)),
+        )
+
 
 # --------------------------------------------------------------------------- checks on a checkpoint
 def check_task(ckpt: CheckpointRecord, configured: str | None) -> None:
@@ -136,6 +152,15 @@ def check_task(ckpt: CheckpointRecord, configured: str | None) -> None:
         )
 
 
+def checkpoint_model(ckpt: CheckpointRecord) -> dict[str, Any]:
+    """The model config that LightningCLI puts over the parsed one (its `_parse_ckpt_path`): the
+    checkpoint's hyperparameters, from the record instead of a second read."""
+    hparams = {k: v for k, v in ckpt.hparams.items() if k != "_instantiator"}
+    if "_class_path" in hparams:
+        hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+    return hparams
+
+
 def _leaves(value: Any, prefix: str) -> dict[str, Any]:
     """{dotted key: value} of the plain values in nested dicts (lists compared whole)."""
     if not isinstance(value, dict):
@@ -146,14 +171,17 @@ def _leaves(value: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-def check_overrides(ckpt: CheckpointRecord, model: dict[str, Any]) -> None:
+def check_overrides(ckpt: CheckpointRecord, model: dict[str, Any], subcommand: str | None = None) -> None:
     """Model values of the config / command line that differ from the checkpoint's, named.
 
     LightningCLI puts the checkpoint's hyperparameters over the parsed config: a config other than
-    the run's own would be overwritten without a word.
+    the run's own would be overwritten without a word. A resume (`fit`) restores the checkpoint's
+    weights, optimizer and schedule, so it is checked whatever the config, the run's own included:
+    a changed model option (a new lr) would be ignored or fail to load.
     """
     ours = _leaves(model, "model.init_args")
     theirs = _leaves({k: v for k, v in ckpt.hparams.items() if not k.startswith("_")}, "model.init_args")
+    ours.pop("model.init_args.init_from", None)  # only initialises a new run: a resume warns (rule 1)
     differ = [
         (k, ours[k], theirs[k]) for k in ours if k in theirs and ours[k] is not None and ours[k] != theirs[k]
     ]
@@ -161,14 +189,22 @@ def check_overrides(ckpt: CheckpointRecord, model: dict[str, Any]) -> None:
         return
     shown = "; ".join(f"{k}: {a!r} here, {b!r} in the checkpoint" for k, a, b in differ[:3])
     more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
-    hint = (
-        f"drop --config to use the run's own {ckpt.run / 'config.yaml'} (command-line options then win)"
-        if ckpt.run_config is not None
-        else "give the values the checkpoint was trained with"
-    )
+    why = "the checkpoint's would silently replace them"
+    if ckpt.run_config is None:
+        hint = "give the values the checkpoint was trained with"
+    elif subcommand == "fit":
+        # A new lr would be overwritten by the restored optimizer state: other settings mean a new run.
+        why = "a resume continues the checkpoint's model, optimizer and schedule as they were saved"
+        hint = (
+            f"resume with the run's own settings: main.py fit --ckpt_path {ckpt.path} without --config "
+            f"and model options (its {ckpt.run_config} is used); to train on from its weights "
+            f"with other settings, start a new run with --model.init_args.init_from {ckpt.path}"
+        )
+    else:
+        hint = f"drop --config to use the run's own {ckpt.run_config} (command-line options then win)"
     raise ConfigError(
-        f"--ckpt_path {ckpt.path} was trained with other model settings than this config: {shown}{more}; "
-        f"the checkpoint's would silently replace them: {hint}, or make them agree"
+        f"--ckpt_path {ckpt.path} was trained with other model settings than this command's: {shown}{more}; "
+        f"{why}: {hint}, or make them agree"
     )
 
 
@@ -201,6 +237,7 @@ def resolve(
     init_from: InitFromRecord | None,
     user: UserInput,
     printing: bool = False,
+    backbone_tokenizer: str | None = None,
 ) -> Resolution:
     """Decide backbone, block_size, tokenizer and label names of a command, and check remote-code consent.
 
@@ -213,6 +250,9 @@ def resolve(
         user: what the user's own command line and config files ask for.
         printing: for `--print_config`: what the config implies (rules 1-5); the run folder's
             choices (6, 7) are the command's.
+        backbone_tokenizer: the tokenizer of the configured HFBackbone's `name_or_path`
+            (`runs.backbone_tokenizer`: its directory or hub name, None for a directory without
+            tokenizer files); read only when the config names one.
     """
     out = Resolution()
     fit, evaluate = subcommand == "fit", subcommand in EVAL_SUBCOMMANDS
@@ -254,6 +294,22 @@ def resolve(
         tokenizer = out.tokenizer = str(init_from.tokenizer)
         out.reasons["tokenizer"] = f"init_from {init_from.source}"
         out.announce.append(f"gptlab: tokenizer {tokenizer} (from init_from)")
+    # 4 (continued). A new run of a pretrained backbone (`name_or_path`) with a tokenizer recipe:
+    # the model's own tokenizer, for the same reason (a checkpoint's run has its own, rule 7).
+    configured = model.get("backbone")
+    name_or_path = (
+        (configured.get("init_args") or {}).get("name_or_path") if isinstance(configured, dict) else None
+    )
+    if name_or_path and not init_from and ckpt is None and data is not None and isinstance(tokenizer, dict):
+        if backbone_tokenizer is None:
+            raise ConfigError(
+                f"HFBackbone name_or_path={name_or_path}: no tokenizer files in it (tokenizer.json or "
+                f"tokenizer_config.json), and a tokenizer recipe would train a new vocabulary that the "
+                f"pretrained embeddings do not know: set data.init_args.tokenizer to the model's tokenizer"
+            )
+        tokenizer = out.tokenizer = backbone_tokenizer
+        out.reasons["tokenizer"] = f"the backbone's name_or_path {name_or_path}"
+        out.announce.append(f"gptlab: tokenizer {tokenizer} (from the backbone's name_or_path)")
     # 5. Evaluating a checkpoint with no label names given: the checkpoint's (its output ids).
     if evaluate and recorded and data is not None and "label_names" in data and data["label_names"] is None:
         names = recorded.hparams.get("label_names")

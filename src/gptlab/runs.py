@@ -2,6 +2,7 @@
 
     logs/<experiment>/version_N/       claimed atomically by `claim_version`
         config.yaml                    the run's config (`is_run_config`)
+        .fit.lock                      held while a `fit` trains the run (`hold_run`)
         checkpoints/*.ckpt             `run_dir_of(ckpt)` is the run; `latest_checkpoint` resumes
         tokenizer/                     `pretrained_tokenizer`
         reports/                       test reports
@@ -10,17 +11,20 @@
 Also what a run (or a Hugging Face model directory) given as `init_from` records: its backbone
 config (`pretrained_backbone`), hyperparameters (`checkpoint_hparams`) and tokenizer; and a
 command's own run folder: `RunClaim` (version_N created, removed again when the command fails
-before its first batch), `RunDirectory` (config.yaml and tokenizer written when fit starts),
-`retarget_loggers` (a resumed or evaluated run's loggers write into it).
+before its first batch; a resumed run held, `hold_run`), `RunDirectory` (config.yaml and
+tokenizer written when fit starts), `retarget_loggers` (a resumed or evaluated run's loggers
+write into it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from gptlab.checkpointing import resume_checkpoint
+from gptlab.data.cache import ClaimHeld, claim
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.loading import is_sharded_checkpoint, load_checkpoint, verify_checkpoint
 
@@ -149,6 +154,37 @@ def check_init_from(source: str | Path, trust_remote_code: bool = False) -> None
     verify_checkpoint(path)
 
 
+# Keys of a run's config that name the weights it starts from (a peft run's base among them).
+_BASE_KEYS = ("init_from", "name_or_path")
+
+
+def bases_of_runs(logs: Path) -> dict[Path, Path]:
+    """{resolved base path: the run config naming it} for every run under the logs root `logs`.
+
+    What a run reads its weights from (`init_from`, an HFBackbone's `name_or_path`, hence a peft
+    run's base): replacing it would silently change what those runs' checkpoints mean. Relative
+    paths are taken from the working directory, as `fit` took them.
+    """
+    found: dict[Path, Path] = {}
+
+    def walk(node: Any, config: Path) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _BASE_KEYS and isinstance(value, str) and value:
+                    found.setdefault(Path(value).expanduser().resolve(), config)
+                walk(value, config)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, config)
+
+    for config in sorted(Path(logs).glob("*/version_*/config*.yaml")):
+        try:
+            walk(yaml.safe_load(config.read_text()), config)
+        except (OSError, yaml.YAMLError):
+            continue  # an unreadable record names no base
+    return found
+
+
 def pretrained_tokenizer(source: str | Path) -> Path | None:
     """The tokenizer that goes with a gptlab checkpoint (`<run>/tokenizer`) or a Hugging Face directory."""
     source = Path(source)
@@ -157,6 +193,16 @@ def pretrained_tokenizer(source: str | Path) -> Path | None:
         return source if found else None
     run = run_dir_of(source)
     return run / "tokenizer" if run is not None and (run / "tokenizer").is_dir() else None
+
+
+def backbone_tokenizer(name_or_path: str) -> str | None:
+    """The tokenizer of a pretrained HFBackbone's `name_or_path`: the directory when it holds
+    tokenizer files, a hub name as it is, None for a local path without tokenizer files."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return name_or_path  # a hub name: transformers finds its tokenizer (or says why not)
+    tokenizer = pretrained_tokenizer(path) if path.is_dir() else None
+    return str(tokenizer) if tokenizer is not None else None
 
 
 def is_run_config(path: str | Path) -> bool:
@@ -205,6 +251,29 @@ def claim_version(root: Path) -> int:
             return version
         except FileExistsError:
             version += 1
+
+
+RUN_LOCK = ".fit.lock"
+
+
+@contextlib.contextmanager
+def hold_run(run: Path) -> Iterator[None]:
+    """Hold `run` for one `fit` while the body runs; a second `fit` of the same run is refused.
+
+    Two resumes of one run would both write its `last.ckpt`, each over the other's steps. The
+    lock is the data cache's claim file (gptlab.data.cache.claim, not waiting): a holder that
+    crashed leaves it behind, and it is taken over when its pid is dead on this host (or, from
+    another host, when its heartbeat stopped), or when it was copied with the run folder.
+    """
+    try:
+        with claim(run / RUN_LOCK, what=f"the run {run}", wait=False):
+            yield
+    except ClaimHeld as held:
+        raise ConfigError(
+            f"--ckpt_path: the run {run} is being trained by {held.holder} (lock {held.path}); "
+            f"two fits of one run would overwrite each other's checkpoints: wait for it to finish, "
+            f"or start a new run (without --ckpt_path)"
+        ) from None
 
 
 def remove_empty_parents(directory: Path, stop: Path) -> None:
@@ -323,7 +392,11 @@ class RunDirectory(SaveConfigCallback):
     `config.<n>.yaml` (n = 1, 2, ... in order, config.1.yaml being the first run's) and records its
     own; a resume that changes nothing but `ckpt_path` keeps the file as it is. The tokenizer is
     written once. Evaluation subcommands write nothing here; `test` writes its reports from the CLI.
+    A resume changes config.yaml only at its first training batch, once the checkpoint loaded into
+    the model and every check passed: a refused or failed resume leaves the run as it was.
     """
+
+    _rotate = False  # a resume's config.yaml is moved aside at its first training batch
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
@@ -335,7 +408,21 @@ class RunDirectory(SaveConfigCallback):
             ours = self.parser.dump(self.config, skip_none=False)
             action = "keep" if recorded_config(path.read_text()) == recorded_config(ours) else "rotate"
         action = trainer.strategy.broadcast(action)
-        if action == "rotate" and trainer.is_global_zero:
+        self._rotate = action == "rotate"
+        if action == "write":
+            super().setup(trainer, pl_module, stage)
+        tokenizer_dir = log_dir / "tokenizer"
+        datamodule = trainer.datamodule
+        if trainer.is_global_zero and datamodule is not None and not tokenizer_dir.exists():
+            datamodule.save_tokenizer(tokenizer_dir)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if not self._rotate:
+            return
+        self._rotate = False
+        log_dir = Path(trainer.log_dir)
+        path = log_dir / self.config_filename
+        if trainer.is_global_zero:
             n = 1
             while (log_dir / f"{path.stem}.{n}{path.suffix}").exists():
                 n += 1
@@ -343,12 +430,7 @@ class RunDirectory(SaveConfigCallback):
             rank_zero_info(
                 f"gptlab: {path} now records this resumed run; the previous one is {path.stem}.{n}.yaml"
             )
-        if action != "keep":
-            super().setup(trainer, pl_module, stage)
-        tokenizer_dir = log_dir / "tokenizer"
-        datamodule = trainer.datamodule
-        if trainer.is_global_zero and datamodule is not None and not tokenizer_dir.exists():
-            datamodule.save_tokenizer(tokenizer_dir)
+        super().setup(trainer, pl_module, "fit")
 
 
 class BatchSeen(Callback):
@@ -386,6 +468,8 @@ class RunClaim:
         """Logger init_args given a claimed version."""
         self.batches = BatchSeen()
         """Whether any batch ran (then the run keeps its files)."""
+        self.held = contextlib.ExitStack()
+        """The run folder a resume holds (`hold_run`) until `release`."""
 
     def claim(self, trainer_cfg: Namespace) -> None:
         """Give every TensorBoard / CSV logger of a new run a version_N this process created itself."""
@@ -424,6 +508,11 @@ class RunClaim:
             args.version = f"version_{claimed[root]}"
             self.versioned.append(args)
 
+    def hold(self, run: Path) -> None:
+        """Hold the run folder that this `fit` resumes (`hold_run`, rank 0: one process per run)."""
+        if rank_zero_only.rank == 0:
+            self.held.enter_context(hold_run(run))
+
     def remove_if_untrained(self) -> None:
         """Remove the run directory this command claimed (and the empty folders it created above
         it), unless the run trained: a failure before the first batch leaves nothing behind."""
@@ -440,6 +529,8 @@ class RunClaim:
             args.version = None
 
     def release(self) -> None:
-        """Stop handing the claimed directory to processes started from now on."""
+        """Stop handing the claimed directory to processes started from now on; let go of the
+        run folder held."""
         if self.claimed is not None and os.environ.get(CLAIMED_RUN_ENV) == str(self.claimed):
             del os.environ[CLAIMED_RUN_ENV]
+        self.held.close()

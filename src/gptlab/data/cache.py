@@ -13,6 +13,11 @@ touches the file every `heartbeat` seconds; a claim whose modification time has 
 a killed process and is taken over. Entries are still written under temporary names and renamed
 into place, so a filesystem without atomic exclusive create falls back to "built twice, one
 atomic winner", never to a half-written entry.
+
+The claim file says who holds it (`<host> <pid> <its own path>`): on the holder's host a dead pid
+is taken over at once, and a claim file whose recorded path is not its own is a copy (a copied
+run folder) that nobody holds. `claim(..., wait=False)` does not wait: a live holder raises
+`ClaimHeld` (how a second `fit` of the same run folder is refused, gptlab.runs.hold_run).
 """
 
 from __future__ import annotations
@@ -27,12 +32,20 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["claim"]
+__all__ = ["ClaimHeld", "claim"]
 
 HEARTBEAT = 5.0  # seconds between the holder's touches of its claim
 # Seconds without a touch after which a claim is taken over: above NFS's longest default
 # attribute caching (acregmax, 60 s), during which a waiter may see an old modification time.
 STALE_AFTER = 120.0
+
+
+class ClaimHeld(Exception):
+    """A claim asked for without waiting is held by a live process (`holder`: its host and pid)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
 
 
 def _try_create(path: Path) -> bool:
@@ -41,8 +54,41 @@ def _try_create(path: Path) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as file:
-        file.write(f"{socket.gethostname()} {os.getpid()}\n")  # who holds it, for a curious reader
+        # Who holds it, and where: a copy of the file (a copied folder) is nobody's claim.
+        file.write(f"{socket.gethostname()} {os.getpid()} {os.path.realpath(path)}\n")
     return True
+
+
+def _holder(path: Path) -> tuple[str, int, str] | None:
+    """(host, pid, recorded path) of a claim file; None when it is gone or not in that format."""
+    try:
+        fields = path.read_text().split(maxsplit=2)
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError):
+        return None
+    if len(fields) < 2 or not fields[1].isdigit():
+        return None
+    return fields[0], int(fields[1]), fields[2].strip() if len(fields) > 2 else ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _holder_gone(path: Path) -> bool:
+    """Known to be held by nobody: a copy of a claim file, or its holder's pid is dead on this host."""
+    holder = _holder(path)
+    if holder is None:
+        return False
+    host, pid, recorded = holder
+    if recorded and recorded != os.path.realpath(path):
+        return True
+    return host == socket.gethostname() and not _pid_alive(pid)
 
 
 def _mtime(path: Path) -> float | None:
@@ -76,12 +122,14 @@ def claim(
     heartbeat: float = HEARTBEAT,
     stale_after: float = STALE_AFTER,
     poll: float = 0.2,
+    wait: bool = True,
 ) -> Iterator[None]:
     """Hold the claim file `path` while the body runs; wait while another process holds it.
 
     The body runs in every process, one at a time: the first builds the entry, the next ones find
     it built (their own cache check) and return at once. `what` names the entry in the message a
-    waiting process prints.
+    waiting process prints. With `wait=False` a claim held by a live process raises `ClaimHeld`
+    at once; on another host "live" means touched within `stale_after` seconds by this host's clock.
     """
     path = Path(path)
     try:
@@ -97,6 +145,16 @@ def claim(
     seen, since = None, time.monotonic()
     while not _try_create(path):
         mtime = _mtime(path)
+        if mtime is not None and _holder_gone(path):
+            _take_over(path, mtime)
+            continue
+        if not wait:
+            if mtime is not None and time.time() - mtime <= stale_after:
+                holder = _holder(path)
+                raise ClaimHeld(path, f"process {holder[1]} on {holder[0]}" if holder else "another process")
+            if mtime is not None:
+                _take_over(path, mtime)
+            continue
         if mtime != seen:  # released, or the holder's heartbeat: it is alive
             seen, since = mtime, time.monotonic()
         elif mtime is not None and time.monotonic() - since > stale_after:

@@ -138,6 +138,14 @@ class ClassificationDataModule(DataModule):
         self.label_column = str(label_column)
         # None: the first line of a csv / tsv file is its header; a list: the files have none.
         self.column_names = list(column_names) if column_names is not None else (None if header else [])
+        twice = sorted({str(c) for c in self.column_names or [] if self.column_names.count(c) > 1})
+        if twice:
+            # A row becomes {name: field}: a repeated name keeps its last field only, e.g. the label
+            # fed to the model as the text (a perfect-looking classifier on leaked labels).
+            raise ConfigError(
+                f"data.init_args.column_names={self.column_names}: {', '.join(map(repr, twice))} given "
+                f"more than once; give each column of the files its own name, in order"
+            )
         self.multi_label = multi_label
         self.label_separator = label_separator
         self.text_separator = text_separator
@@ -159,7 +167,9 @@ class ClassificationDataModule(DataModule):
         columns = [*self.text_columns, self.label_column] if with_labels else list(self.text_columns)
         if files is not None:
             for path in expand_files(files, f"{role}_files"):
-                yield from read_table(path, columns, self.column_names)
+                # A file to predict may lack its label column (the last name).
+                optional = [] if with_labels else [self.label_column]
+                yield from read_table(path, columns, self.column_names, optional)
             return
         split = self.dataset_splits().get(role)
         if split is None:

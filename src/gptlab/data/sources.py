@@ -304,15 +304,17 @@ def check_text_files(files: list[Path], text_column: str, what: str) -> list[Pat
 
 # ----------------------------------------------------------------------------- tables
 def read_table(
-    path: Path, columns: Sequence[str], names: Sequence[str] | None = None
+    path: Path, columns: Sequence[str], names: Sequence[str] | None = None, optional: Sequence[str] = ()
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for every row of a csv / tsv / jsonl / json / parquet file.
 
     `where` is "<path> line N" (text formats) or "<path> row N" (parquet), for error messages.
     A csv / tsv file's first line is its header, which must hold every name in `columns`; with
     `names`, the file has no header and `names` name its columns in order (an empty list: by
-    position, "0", "1", ...). `.tsv` is read without quoting (GLUE's convention: sentences contain
-    quote characters), `.csv` with standard quoting.
+    position, "0", "1", ...); a file may lack only those of `names` that are `optional` (a predict
+    file's label column). A header that names a column of `columns` twice is refused (a row would
+    keep the last field of that name). `.tsv` is read without quoting (GLUE's convention: sentences
+    contain quote characters), `.csv` with standard quoting.
     """
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
@@ -321,7 +323,7 @@ def read_table(
         if suffix == ".parquet":
             yield from _read_parquet(path, columns)
         elif suffix in (".csv", ".tsv"):
-            yield from _read_delimited(path, columns, suffix, names)
+            yield from _read_delimited(path, columns, suffix, names, optional)
         else:
             yield from _read_json(path, columns)
     except UnicodeDecodeError as err:
@@ -356,7 +358,7 @@ def looks_like_data(header: Sequence[str]) -> bool:
 
 
 def _read_delimited(
-    path: Path, columns: Sequence[str], suffix: str, names: Sequence[str] | None
+    path: Path, columns: Sequence[str], suffix: str, names: Sequence[str] | None, optional: Sequence[str]
 ) -> Iterator[tuple[str, dict]]:
     options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ","}
     # The csv module refuses fields over 128 KiB (`_csv.Error: field larger than field limit`), a
@@ -377,6 +379,12 @@ def _read_delimited(
             header = [h.strip() for h in header]
             line = reader.line_num
             what = "the header has"
+            twice = sorted({h for h in header if header.count(h) > 1 and h in columns})
+            if twice:
+                raise DataError(
+                    f"{path} line {line}: the header names the column {twice[0]!r} more than once; "
+                    f"rename one of them (a row would keep only the last field of that name)"
+                )
         else:
             header, what = None, "data.init_args.column_names names"
         checked = False
@@ -388,6 +396,12 @@ def _read_delimited(
                 # Without a header, the first row decides how many columns there are; fewer
                 # than `names` (a predict file without its label column) drops the last names.
                 header = list(names)[: len(row)] if names else [str(i) for i in range(len(row))]
+                unused = [n for n in list(names or [])[len(row) :] if n not in optional]
+                if unused:
+                    raise DataError(
+                        f"{path} line {start}: {len(row)} fields, but {what} {len(names)} (no column for "
+                        f"{', '.join(map(repr, unused))}): give one name per column"
+                    )
                 if len(row) > len(header):
                     raise DataError(
                         f"{path} line {start}: {len(row)} fields, but {what} {len(header)}: give one "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,20 +34,31 @@ if TYPE_CHECKING:
 
 
 def _build(
-    name_or_path: str | None, model_type: str | None, overrides: dict[str, Any], trust_remote_code: bool
+    name_or_path: str | None,
+    model_type: str | None,
+    overrides: dict[str, Any],
+    trust_remote_code: bool,
+    allow_missing_weights: bool = False,
 ) -> PreTrainedModel:
     """The transformers model: pretrained from `name_or_path`, or random from `model_type`'s config."""
     # Imported here: transformers' modeling code (with accelerate) is a second of every start-up.
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     if name_or_path is not None:
         name_or_path = os.path.expanduser(name_or_path)  # "~/.cache/gptlab/models/..." in YAML
         # dtype=float32: transformers 5 defaults to dtype="auto" (the checkpoint's, often bf16),
         # but Lightning's precision plugins expect fp32 master weights and cast for compute;
         # training bf16 weights directly with AdamW loses small updates.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report: said below in one line, or refused
         try:
-            return AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code, **overrides
+            model, info = AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                dtype=torch.float32,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                **overrides,
             )
         except (OSError, ValueError) as err:
             # A missing directory, no network, no config.json or weights: a user error. (A model
@@ -54,6 +66,23 @@ def _build(
             if isinstance(err, ValueError) and "custom code" in str(err):
                 raise
             raise ConfigError(_load_failure(name_or_path, err)) from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        # Weights the files lack start random ("newly initialized"): a partly random base that
+        # trains as if pretrained. Refused unless asked for, as init_from refuses it.
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            message = (
+                f"HFBackbone name_or_path={name_or_path}: {len(missing)} weight(s) are not in its files "
+                f"and start random (e.g. {', '.join(missing[:3])})"
+            )
+            if not allow_missing_weights:
+                raise ConfigError(
+                    f"{message}: give the model's complete directory, or set allow_missing_weights: true "
+                    f"to train them from random values"
+                )
+            warnings.warn(f"gptlab: {message} (allow_missing_weights: true)", stacklevel=2)
+        return model
     try:
         config = AutoConfig.for_model(model_type, **overrides)
     except ValueError as err:
@@ -123,6 +152,9 @@ class HFBackbone(Backbone):
             no layer computes or stores anything for padding: the same hidden states at real
             tokens (to float rounding), less time and memory the more a batch is padded.
             Checked at build time on a probe; families whose masks do not support it run padded.
+        allow_missing_weights: Accept a ``name_or_path`` whose files lack some of the model's
+            weights (transformers initialises them randomly): by default that is refused, since
+            the model would train as pretrained on a partly random base.
     """
 
     def __init__(
@@ -133,6 +165,7 @@ class HFBackbone(Backbone):
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         padding_free: bool = True,
+        allow_missing_weights: bool = False,
     ) -> None:
         super().__init__()
         if (name_or_path is None) == (model_type is None):
@@ -145,7 +178,9 @@ class HFBackbone(Backbone):
         self.name_or_path = name_or_path  # where pretrained weights come back from (peft checkpoints)
         self.trust_remote_code = trust_remote_code
         try:
-            self.model: PreTrainedModel = _build(name_or_path, model_type, overrides, trust_remote_code)
+            self.model: PreTrainedModel = _build(
+                name_or_path, model_type, overrides, trust_remote_code, allow_missing_weights
+            )
         except ValueError as err:
             if "custom code" not in str(err):
                 raise

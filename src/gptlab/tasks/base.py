@@ -444,6 +444,9 @@ class TaskModule(L.LightningModule):
         """Under peft: load the base weights from `init_from` once, and fingerprint them."""
         if not self._base_loaded:
             load_backbone_weights(self.backbone, self.init_from)
+            # Adapters were injected on the random weights of __init__: inits that read the base
+            # (PiSSA, OLoRA) run again on the loaded one.
+            adapters.init_from_base(self.backbone, self.peft_config)
             self._base_loaded = True
         if self._base_fingerprint is None:
             self._base_fingerprint = adapters.base_fingerprint(self.backbone)
