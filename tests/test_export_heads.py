@@ -189,3 +189,48 @@ def test_lora_classifier_exports_merged(kind, tokenizer, tmp_path):
                 module.enable_adapters(False)
         assert not torch.allclose(task({"input_ids": ids, "attention_mask": ids > 0}), adapted, atol=1e-3)
         torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=0)
+
+
+def test_exported_classifier_truncates_at_the_block_size_it_was_trained_at(tmp_path, capsys):
+    """Data block_size 8 on a model of 32: `pipeline(truncation=True)` reads the first 8 tokens of a
+    long text, as gptlab's own test / predict do, not 32."""
+    import yaml
+
+    from finetune_data import finetune_config, write_sentiment
+
+    config = finetune_config(tmp_path, "classification", write_sentiment(tmp_path))
+    config["data"]["init_args"]["block_size"] = 8
+    config["trainer"].update(max_steps=2, val_check_interval=1)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    code, err = run_cli(capsys, "fit", "--config", str(tmp_path / "c.yaml"))
+    assert code == 0, err
+    ckpt = tmp_path / "logs" / "classification" / "version_0" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(out))
+    assert code == 0, err
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.model_max_length == 8
+    text = " ".join(["great movie, awful plot, good acting"] * 4)
+    ids = tok(text)["input_ids"]
+    assert len(ids) > 8  # longer than the block_size: truncation decides the answer
+    task = SequenceClassification.load_from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        ours = task({"input_ids": torch.tensor([ids[:8]]), "attention_mask": torch.ones(1, 8, dtype=torch.long)}).softmax(-1)[0]
+    result = pipeline("text-classification", model=str(out), device="cpu")(text, top_k=None, truncation=True)
+    scores = {r["label"]: r["score"] for r in result}
+    assert scores == pytest.approx({"negative": ours[0].item(), "positive": ours[1].item()}, abs=1e-5)
+
+
+def test_export_with_a_tokenizer_of_another_vocabulary_is_refused(tiny_runs, tmp_path, capsys):
+    """--tokenizer whose vocabulary differs from the run's own: one line, nothing written."""
+    ckpt = tiny_runs.runs["classification"] / "checkpoints" / "last.ckpt"
+    other = tiny_runs.runs["ner"] / "tokenizer"  # a BPE of the same size, trained on other texts
+    out = tmp_path / "out"
+    code, err = run_cli(
+        capsys, "export", "--ckpt_path", str(ckpt), "--out", str(out), "--tokenizer", str(other)
+    )
+    one_line_error(code, err, f"--tokenizer {other} is not the tokenizer the model was trained with")
+    assert not out.exists()
+    own = tiny_runs.runs["classification"] / "tokenizer"
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(out), "--tokenizer", str(own))
+    assert code == 0, err
