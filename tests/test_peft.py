@@ -112,6 +112,17 @@ def test_target_modules_override_and_ia3_defaults():
     assert trainable and all(".ia3_l." in n for n in trainable), trainable
 
 
+def test_all_linear_on_our_gpt_leaves_the_lm_head_out():
+    """The docs: all-linear adapts every linear layer of the blocks, not the output layer."""
+    task = CausalLM(tiny_gpt(), init_from="base", peft=LoraConfig(r=2, target_modules="all-linear"))
+    adapted = {n.split(".lora_")[0] for n, p in task.named_parameters() if p.requires_grad}
+    assert adapted == {
+        f"backbone.transformer.h.{i}.{name}"
+        for i in range(2)
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+
+
 # ----------------------------------------------------------------- the CLI: config, fit, checkpoint, test
 def test_peft_config_from_yaml_and_command_line_is_recorded_as_plain_data(bases, tmp_path):
     from gptlab.cli import GPTLabCLI
@@ -186,6 +197,16 @@ def test_peft_target_modules_that_match_nothing(bases, tmp_path, capsys):
     code, err = run_cli(capsys, "fit", "--config", str(path))
     line = one_line_error(code, err, "target_modules=['query', 'value'] matches no module")
     assert "c_attn (Linear)" in line and "lm_head (Linear)" in line  # the backbone's own names
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_misspelled_target_module_beside_one_that_matches_is_refused(bases, tmp_path, capsys):
+    """peft adapts what 'c_attn' matches and drops 'c_prj' silently: refused, naming the typo."""
+    lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["c_attn", "c_prj"]}}
+    path = fit_config(bases, tmp_path, "gpt", peft=lora)
+    code, err = run_cli(capsys, "fit", "--config", str(path))
+    line = one_line_error(code, err, "target_modules: ['c_prj'] match no module", "check the spelling")
+    assert "c_proj (Linear)" in line
     assert not (tmp_path / "logs").exists()
 
 
