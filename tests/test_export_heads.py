@@ -215,7 +215,9 @@ def test_exported_classifier_truncates_at_the_block_size_it_was_trained_at(tmp_p
     assert len(ids) > 8  # longer than the block_size: truncation decides the answer
     task = SequenceClassification.load_from_checkpoint(ckpt).eval()
     with torch.no_grad():
-        ours = task({"input_ids": torch.tensor([ids[:8]]), "attention_mask": torch.ones(1, 8, dtype=torch.long)}).softmax(-1)[0]
+        ours = task(
+            {"input_ids": torch.tensor([ids[:8]]), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+        ).softmax(-1)[0]
     result = pipeline("text-classification", model=str(out), device="cpu")(text, top_k=None, truncation=True)
     scores = {r["label"]: r["score"] for r in result}
     assert scores == pytest.approx({"negative": ours[0].item(), "positive": ours[1].item()}, abs=1e-5)
@@ -232,5 +234,7 @@ def test_export_with_a_tokenizer_of_another_vocabulary_is_refused(tiny_runs, tmp
     one_line_error(code, err, f"--tokenizer {other} is not the tokenizer the model was trained with")
     assert not out.exists()
     own = tiny_runs.runs["classification"] / "tokenizer"
-    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(out), "--tokenizer", str(own))
+    code, err = run_cli(
+        capsys, "export", "--ckpt_path", str(ckpt), "--out", str(out), "--tokenizer", str(own)
+    )
     assert code == 0, err
