@@ -210,6 +210,26 @@ def test_a_misspelled_target_module_beside_one_that_matches_is_refused(bases, tm
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.parametrize(
+    "schedule, needles",
+    [
+        ({}, ["total_step=None", "set it to the number of optimizer steps (trainer.max_steps=2)"]),
+        (
+            {"total_step": 5, "tinit": 8},
+            ["tinit=8 + tfinal=0 leave no step of total_step=5", "raise total_step"],
+        ),
+    ],
+    ids=["no_total_step", "tinit_past_total_step"],
+)
+def test_adalora_schedule_that_peft_refuses_is_one_line(schedule, needles, bases, tmp_path, capsys):
+    """peft's AdaLoraConfig raises in __post_init__ while jsonargparse builds the model: was a
+    116-line trace."""
+    adalora = {"class_path": "peft.AdaLoraConfig", "init_args": {"init_r": 4, "target_r": 1, **schedule}}
+    path = fit_config(bases, tmp_path, "gpt", peft=adalora)
+    one_line_error(*run_cli(capsys, "fit", "--config", str(path)), *needles)
+    assert not (tmp_path / "logs").exists()
+
+
 @pytest.mark.slow
 def test_adapter_checkpoint_on_another_base(bases, lora_run, tmp_path, capsys):
     other = save_llama(tmp_path / "other_llama", bases.tokenizer, seed=1)

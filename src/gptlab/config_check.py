@@ -255,6 +255,7 @@ def check_settings(subcommand: str | None, cfg: Any, ckpt: str | None) -> None:
             "trainer.max_steps=0 trains nothing: give the number of optimizer steps, or -1 to "
             "train for trainer.max_epochs"
         )
+    check_peft_config(cfg)
     data = cfg.data.get("init_args") if hasattr(cfg.get("data"), "get") else None
     cache = data.get("cache_dir") if data is not None else None
     if isinstance(cache, str) and cache:
@@ -274,6 +275,50 @@ def check_settings(subcommand: str | None, cfg: Any, ckpt: str | None) -> None:
             f"(that name means the {ckpt} of a fit in the same process); give the file, e.g. "
             f"--ckpt_path {example} (its run's config.yaml is found beside it)"
         )
+
+
+def check_peft_config(cfg: Any) -> None:
+    """A peft config that its own class refuses (`__post_init__` raises ValueError when the model
+    is built: a 100-line trace through jsonargparse), refused first in one line naming its keys."""
+    model = cfg.get("model")
+    model_args = model.get("init_args") if hasattr(model, "get") else None
+    peft = model_args.get("peft") if hasattr(model_args, "get") else None
+    if not hasattr(peft, "get") or not isinstance(peft.get("class_path"), str):
+        return
+    import importlib
+    import warnings
+
+    module, _, name = peft["class_path"].rpartition(".")
+    try:
+        peft_class = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return  # the parser has said so already
+    # Plain values only: nested configs (loftq_config, ...) are built by jsonargparse, and peft
+    # checks none of them in __post_init__ against the others.
+    args = {k: v for k, v in vars(peft.get("init_args") or {}).items() if not hasattr(v, "get")}
+    key = "model.init_args.peft.init_args"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. AdaLoRA's "r is not used": said when it is built
+            peft_class(**args)
+    except (TypeError, ValueError) as err:
+        said = f"model.init_args.peft ({name}): " + " ".join(str(err).split())
+        if name == "AdaLoraConfig":
+            total, tinit, tfinal = args.get("total_step"), args.get("tinit", 0), args.get("tfinal", 0)
+            steps = cfg.trainer.get("max_steps") if cfg.get("trainer") is not None else None
+            hint = f" (trainer.max_steps={steps})" if steps and steps > 0 else ""
+            if total is None or total <= 0:
+                said = (
+                    f"{key}.total_step={total}: AdaLoRA plans its rank budget over the fit's steps and needs "
+                    f"their number: set it to the number of optimizer steps{hint}"
+                )
+            elif tinit >= total - tfinal:
+                said = (
+                    f"{key}: tinit={tinit} + tfinal={tfinal} leave no step of total_step={total} for AdaLoRA "
+                    f"to allocate its rank budget in: lower tinit / tfinal or raise total_step (tinit < "
+                    f"total_step - tfinal)"
+                )
+        raise ConfigError(said) from None
 
 
 class OneLineParser(LightningArgumentParser):
