@@ -210,6 +210,14 @@ def test_a_misspelled_target_module_beside_one_that_matches_is_refused(bases, tm
     assert not (tmp_path / "logs").exists()
 
 
+def test_layers_to_transform_beyond_the_model_is_named_not_target_modules(bases, tmp_path, capsys):
+    """Was: target_modules=['c_attn', ...] matches no module (the layers were the cause)."""
+    lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "layers_to_transform": [0, 5]}}
+    code, err = run_cli(capsys, "fit", "--config", str(fit_config(bases, tmp_path, "gpt", peft=lora)))
+    line = one_line_error(code, err, "layers_to_transform=[0, 5]: the backbone has 1 layers (0..0), so [5]")
+    assert "target_modules" not in line
+
+
 @pytest.mark.parametrize(
     "schedule, needles",
     [

@@ -120,6 +120,14 @@ def add_adapters(backbone: nn.Module, config: Any) -> Any:
     target = adapter_target(backbone)
     config = with_default_targets(backbone, config)
     resolve_targets(target, config)
+    layers = getattr(config, "layers_to_transform", None)
+    layers = [layers] if isinstance(layers, int) else list(layers or [])
+    outside = [i for i in layers if not 0 <= i < backbone.num_layers]
+    if outside:  # peft would say the target_modules match nothing
+        raise ConfigError(
+            f"model.init_args.peft.init_args.layers_to_transform={layers}: the backbone has "
+            f"{backbone.num_layers} layers (0..{backbone.num_layers - 1}), so {outside} name none of them"
+        )
     try:
         tuner = tuner_class(target, config, adapter_name="default")
     except (NoMatchingPeftModuleError, ValueError) as err:
