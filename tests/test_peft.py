@@ -218,6 +218,16 @@ def test_layers_to_transform_beyond_the_model_is_named_not_target_modules(bases,
     assert "target_modules" not in line
 
 
+def test_modules_to_save_is_refused_by_name_not_as_a_backbone_mismatch(bases, tmp_path, capsys):
+    """Was: init_from=...: backbone does not match the checkpoint (missing [...modules_to_save...])."""
+    lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "modules_to_save": ["lm_head"]}}
+    code, err = run_cli(capsys, "fit", "--config", str(fit_config(bases, tmp_path, "gpt", peft=lora)))
+    line = one_line_error(
+        code, err, "modules_to_save=['lm_head']: gptlab does not support it", "leave it out"
+    )
+    assert "does not match" not in line
+
+
 @pytest.mark.parametrize(
     "schedule, needles",
     [

@@ -120,6 +120,14 @@ def add_adapters(backbone: nn.Module, config: Any) -> Any:
     target = adapter_target(backbone)
     config = with_default_targets(backbone, config)
     resolve_targets(target, config)
+    if getattr(config, "modules_to_save", None):
+        # peft would wrap them in copies whose weights load under other names (seen as a backbone
+        # that does not match its checkpoint); gptlab's task heads are outside the backbone anyway.
+        raise ConfigError(
+            f"model.init_args.peft.init_args.modules_to_save={list(config.modules_to_save)}: gptlab does not "
+            f"support it (task heads sit outside the backbone and always train fully; backbone modules "
+            f"under peft train through adapters only): leave it out, or fine-tune without peft"
+        )
     layers = getattr(config, "layers_to_transform", None)
     layers = [layers] if isinstance(layers, int) else list(layers or [])
     outside = [i for i in layers if not 0 <= i < backbone.num_layers]
