@@ -473,10 +473,18 @@ class TaskModule(L.LightningModule):
         problems = []
         vocab = getattr(datamodule, "vocab_size", None)
         if vocab is not None and vocab > self.backbone.vocab_size:
+            pretrained = getattr(self.backbone, "name_or_path", None)
+            if pretrained:  # its embeddings are its vocabulary
+                fix = f"use the model's own tokenizer (data.init_args.tokenizer: {pretrained})"
+            elif isinstance(self.backbone, HFBackbone):  # HFBackbone takes its sizes in config_overrides
+                fix = (
+                    f"set model.init_args.backbone.init_args.config_overrides.vocab_size to at least {vocab}"
+                )
+            else:
+                fix = f"set model.init_args.backbone.init_args.vocab_size to at least {vocab}"
             problems.append(
                 f"the tokenizer has {vocab} tokens but the model's vocab_size is {self.backbone.vocab_size}: "
-                f"set model.init_args.backbone.init_args.vocab_size to at least {vocab} "
-                f"(or use a smaller tokenizer)"
+                f"{fix} (or use a smaller tokenizer)"
             )
         block = getattr(datamodule, "block_size", None)
         model_block = getattr(self.backbone, "block_size", None)
