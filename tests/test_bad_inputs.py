@@ -183,9 +183,9 @@ def test_unwritable_log_directory(causal, tmp_path, capsys):
     one_line_error(
         code,
         err,
-        f"--logs {blocker / 'logs'}",
+        f"--logs_root {blocker / 'logs'}",
         f"{blocker} is a file",
-        "set --logs to a directory you can write to",
+        "set --logs_root to a directory you can write to",
     )
     # A read-only directory: only meaningful when the permission bits bind this user (not root).
     readonly = tmp_path / "readonly"
@@ -197,7 +197,8 @@ def test_unwritable_log_directory(causal, tmp_path, capsys):
             )
         config = write_config(tmp_path / "c.yaml", causal[0], logs=str(readonly / "logs"))
         code, err = run_cli(capsys, "fit", "--config", str(config))
-        one_line_error(code, err, f"{readonly} is not writable", "set --logs to a directory you can write to")
+        fix = "set --logs_root to a directory you can write to"
+        one_line_error(code, err, f"{readonly} is not writable", fix)
     finally:
         readonly.chmod(0o755)
 
@@ -755,7 +756,7 @@ def _early_rows(tmp: Path) -> dict[str, tuple[list[str], dict, list[str], list[s
             ["fit"],
             {},
             ["--experiment", "../elsewhere"],
-            ["--experiment '../elsewhere': give a plain name", "set --logs"],
+            ["--experiment '../elsewhere': give a plain name", "set --logs_root"],
         ),
         "experiment_name_too_long": (
             ["fit"],
@@ -768,6 +769,12 @@ def _early_rows(tmp: Path) -> dict[str, tuple[list[str], dict, list[str], list[s
             {},
             ["--checkpoint.monitor", "val/acc"],
             ["checkpoint.monitor='val/acc' is never logged by this run", "val/loss"],
+        ),
+        "logs_root_and_logs_disagree": (
+            ["fit"],
+            {},
+            ["--logs_root", str(tmp / "a"), "--logs", str(tmp / "b")],
+            [f"--logs_root {tmp / 'a'} and --logs {tmp / 'b'} both set the root of all runs", "give one"],
         ),
     }
 
@@ -794,6 +801,7 @@ EARLY_ROWS = [
     "experiment_with_a_path",
     "experiment_name_too_long",
     "monitor_never_logged",
+    "logs_root_and_logs_disagree",
 ]
 
 

@@ -573,7 +573,7 @@ class Checkpoint(ModelCheckpoint):
                 raise
             raise CheckpointError(
                 f"disk full while writing checkpoint {filepath} ({err.strerror}); the checkpoints saved "
-                f"before are unchanged: free space in {Path(filepath).parent} (or set --logs to another "
+                f"before are unchanged: free space in {Path(filepath).parent} (or set --logs_root to another "
                 f"disk) and resume with --ckpt_path last"
             ) from None
 

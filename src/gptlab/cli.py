@@ -435,7 +435,7 @@ def main(args: ArgsType = None) -> None:
         where = f" {err.filename}" if err.filename else ""
         print(
             f"gptlab: error: disk full while writing{where} ({err.strerror}); nothing of this run was "
-            f"kept: free space (or set --logs / data.init_args.cache_dir to another disk) and run again",
+            f"kept: free space (or set --logs_root / data.init_args.cache_dir to another disk) and run again",
             file=sys.stderr,
         )
         raise SystemExit(2) from None

@@ -77,6 +77,13 @@ def check_config_files(argv: list[str]) -> None:
     An inline YAML string (`--config '{trainer: {max_steps: 5}}'`, which jsonargparse accepts) is
     checked the same way; a value that is neither a file nor YAML text is a missing file.
     """
+    # Two spellings of one option: argparse would keep the last one given without a word.
+    root, logs = _option_value(argv, "--logs_root"), _option_value(argv, "--logs")
+    if root is not None and logs is not None and root != logs:
+        raise ConfigError(
+            f"--logs_root {root} and --logs {logs} both set the root of all runs, to different directories: "
+            f"give one (--logs_root, the spelling launchers such as torchrun leave alone)"
+        )
     for value in _config_args(argv):
         path = Path(value)
         if path.is_dir():
@@ -214,7 +221,7 @@ def check_settings(subcommand: str | None, cfg: Any, ckpt: str | None) -> None:
         raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
     run = run_dir_of(ckpt)
     if run is None:
-        check_writable_dir(Path(cfg.logs), "--logs", "set --logs to a directory you can write to")
+        check_writable_dir(Path(cfg.logs), "--logs_root", "set --logs_root to a directory you can write to")
     else:
         check_writable_dir(
             run, "run directory", "copy the run to a writable place and give --ckpt_path from there"
@@ -228,7 +235,7 @@ def check_settings(subcommand: str | None, cfg: Any, ckpt: str | None) -> None:
     ):
         raise ConfigError(
             f"--experiment {experiment!r}: give a plain name (no '/', '\\' or '..'): runs land in "
-            f"{cfg.logs}/<experiment>/version_N; to write them elsewhere, set --logs"
+            f"{cfg.logs}/<experiment>/version_N; to write them elsewhere, set --logs_root"
         )
     # It becomes a folder name: longer than the filesystem allows, the logger's mkdir fails deep
     # inside Lightning ("File name too long"). 255 bytes is the limit of ext4, XFS, btrfs, APFS.
