@@ -228,6 +228,13 @@ def test_modules_to_save_is_refused_by_name_not_as_a_backbone_mismatch(bases, tm
     assert "does not match" not in line
 
 
+def test_inference_mode_adapters_are_refused_not_reported_as_trained(bases, tmp_path, capsys):
+    """peft freezes inference_mode adapters: the fit trained the head alone and said 'LoRA adapters'."""
+    lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "inference_mode": True}}
+    code, err = run_cli(capsys, "fit", "--config", str(fit_config(bases, tmp_path, "gpt", peft=lora)))
+    one_line_error(code, err, "inference_mode=true freezes the adapters", "leave it out")
+
+
 @pytest.mark.parametrize(
     "schedule, needles",
     [

@@ -120,6 +120,12 @@ def add_adapters(backbone: nn.Module, config: Any) -> Any:
     target = adapter_target(backbone)
     config = with_default_targets(backbone, config)
     resolve_targets(target, config)
+    if getattr(config, "inference_mode", False):
+        # peft would freeze the adapters: a fit would train the head alone while reporting adapters.
+        raise ConfigError(
+            "model.init_args.peft.init_args.inference_mode=true freezes the adapters, so `fit` would train "
+            "only the task head: leave it out (test / predict / export never train anyway)"
+        )
     if getattr(config, "modules_to_save", None):
         # peft would wrap them in copies whose weights load under other names (seen as a backbone
         # that does not match its checkpoint); gptlab's task heads are outside the backbone anyway.
