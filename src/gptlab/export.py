@@ -88,7 +88,7 @@ def export(
                 f"--overwrite true to replace an earlier export there"
             )
         earlier = check_overwritable(out_dir, Path(ckpt_path))
-    task, info = _load_task(Path(ckpt_path))
+    task, recorded = _load_task(Path(ckpt_path))
     if earlier is not None:
         check_not_a_base(out_dir, Path(ckpt_path), task)
     run = run_dir_of(ckpt_path)
@@ -137,10 +137,9 @@ def export(
     tmp.chmod(0o777 & ~umask)
     try:
         model.save_pretrained(tmp)  # safetensors; tied lm_head stored once
-        # The context length travels with the tokenizer: a pipeline then truncates long inputs
-        # instead of indexing past the position table.
-        # Pipelines truncate where the data did in training and evaluation (its block_size).
-        save_tokenizer(tok, tmp, model_max_length=info.get("block_size", backbone.block_size))
+        # The context length travels with the tokenizer: a pipeline then truncates long inputs where
+        # the data did in training and evaluation (its block_size; older checkpoints: the model's).
+        save_tokenizer(tok, tmp, model_max_length=recorded.get("block_size", backbone.block_size))
         info = {
             "checkpoint": str(ckpt_path),
             "task": type(task).__name__,
