@@ -145,6 +145,18 @@ def test_llama_head_with_a_bias_or_mean_pooling_is_refused(tokenizer):
         to_hf_classifier(mean.eval(), tokenizer)
 
 
+def test_a_head_bias_with_more_labels_than_hidden_units_names_the_cause(tokenizer):
+    """Was only 'logits differ by ...': the bias cannot move into a final norm of n_embd values."""
+    gpt = GPT(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    task = SequenceClassification(gpt, [f"c{i}" for i in range(40)], head_bias=True)
+    with torch.no_grad():
+        task.head[1].bias.uniform_(-1, 1)
+    with pytest.raises(
+        CheckpointError, match=r"a bias and 40 labels on 32 hidden units: .*model.init_args.head_bias: false"
+    ):
+        to_hf_classifier(task.eval(), tokenizer)
+
+
 def test_export_of_a_mean_pooled_classifier_is_refused(tiny_runs, tmp_path, capsys):
     """Mean pooling has no transformers counterpart: one line, exit 2, nothing written."""
     run = tmp_path / "run"

@@ -420,6 +420,15 @@ def _bias_into_final_norm(model: PreTrainedModel, weight: torch.Tensor, bias: to
             f"model.init_args.head_bias: false to export it to transformers"
         )
     shift = torch.linalg.pinv(weight.double()) @ bias.double()  # (H,): minimum-norm d with W d = b
+    off = (weight.double() @ shift - bias.double()).abs().max().item()
+    if off > LOGITS_ATOL / 10:  # no such d: more labels than hidden units (W lacks full row rank)
+        labels, hidden = weight.shape
+        raise CheckpointError(
+            f"the classifier's head has a bias and {labels} labels on {hidden} hidden units: "
+            f"{type(model).__name__}'s score layer has no bias, and the final norm's bias can carry the "
+            f"head's only for at most {hidden} labels (here it would be off by {off:.1e}); fine-tune with "
+            f"model.init_args.head_bias: false to export it to transformers"
+        )
     norm.bias.add_(shift.to(norm.bias.dtype))
 
 
