@@ -300,9 +300,10 @@ def check_peft_config(cfg: Any) -> None:
         peft_class = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return  # the parser has said so already
-    # Plain values only: nested configs (loftq_config, ...) are built by jsonargparse, and peft
-    # checks none of them in __post_init__ against the others.
-    args = {k: v for k, v in vars(peft.get("init_args") or {}).items() if not hasattr(v, "get")}
+    # Nested configs (loftq_config, ...) as plain dicts, which peft's __post_init__ also accepts.
+    args = {
+        k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in vars(peft.get("init_args") or {}).items()
+    }
     key = "model.init_args.peft.init_args"
     try:
         with warnings.catch_warnings():
