@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -182,9 +183,9 @@ def test_unwritable_log_directory(causal, tmp_path, capsys):
     one_line_error(
         code,
         err,
-        f"--logs {blocker / 'logs'}",
+        f"--logs_root {blocker / 'logs'}",
         f"{blocker} is a file",
-        "set --logs to a directory you can write to",
+        "set --logs_root to a directory you can write to",
     )
     # A read-only directory: only meaningful when the permission bits bind this user (not root).
     readonly = tmp_path / "readonly"
@@ -196,7 +197,8 @@ def test_unwritable_log_directory(causal, tmp_path, capsys):
             )
         config = write_config(tmp_path / "c.yaml", causal[0], logs=str(readonly / "logs"))
         code, err = run_cli(capsys, "fit", "--config", str(config))
-        one_line_error(code, err, f"{readonly} is not writable", "set --logs to a directory you can write to")
+        fix = "set --logs_root to a directory you can write to"
+        one_line_error(code, err, f"{readonly} is not writable", fix)
     finally:
         readonly.chmod(0o755)
 
@@ -444,6 +446,30 @@ def test_decoding_options_that_exclude_each_other(causal, capsys):
     many = ["--model.init_args.num_return_sequences", "3"]
     code, err = run_cli(capsys, "predict", "--ckpt_path", ckpt, *many)
     one_line_error(code, err, "num_return_sequences=3 needs num_beams >= 3", "temperature > 0")
+    more = ["--model.init_args.min_new_tokens", "9", "--model.init_args.max_new_tokens", "4"]
+    code, err = run_cli(capsys, "predict", "--ckpt_path", ckpt, *more)
+    one_line_error(code, err, "min_new_tokens=9 exceeds max_new_tokens=4")
+
+
+def test_sampling_options_under_greedy_decoding_warn_once(causal, tmp_path, capsys):
+    """top_k / top_p with temperature 0 change nothing: one warning naming them; with sampling none."""
+    run = tmp_path / "logs" / "causal_lm" / "version_0"  # predict writes into the run: a copy
+    shutil.copytree(causal[1], run)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n")
+    args = ["predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    args += ["--data.init_args.predict_files", str(prompts)]
+    sampling = ["--model.init_args.top_k", "5", "--model.init_args.top_p", "0.9"]
+    with pytest.warns(UserWarning) as record:
+        code, err = run_cli(capsys, *args, *sampling)
+    assert code == 0, err
+    said = [str(w.message) for w in record if "only apply to sampling" in str(w.message)]
+    assert len(said) == 1 and "top_k=5, top_p=0.9" in said[0] and "greedily" in said[0], said
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        code, err = run_cli(capsys, *args, *sampling, "--model.init_args.temperature", "0.8")
+    assert code == 0, err
+    assert not [w for w in record if "only apply to sampling" in str(w.message)]
 
 
 def test_causal_lm_predict_without_prompts(causal, tmp_path, capsys):
@@ -730,7 +756,7 @@ def _early_rows(tmp: Path) -> dict[str, tuple[list[str], dict, list[str], list[s
             ["fit"],
             {},
             ["--experiment", "../elsewhere"],
-            ["--experiment '../elsewhere': give a plain name", "set --logs"],
+            ["--experiment '../elsewhere': give a plain name", "set --logs_root"],
         ),
         "experiment_name_too_long": (
             ["fit"],
@@ -743,6 +769,12 @@ def _early_rows(tmp: Path) -> dict[str, tuple[list[str], dict, list[str], list[s
             {},
             ["--checkpoint.monitor", "val/acc"],
             ["checkpoint.monitor='val/acc' is never logged by this run", "val/loss"],
+        ),
+        "logs_root_and_logs_disagree": (
+            ["fit"],
+            {},
+            ["--logs_root", str(tmp / "a"), "--logs", str(tmp / "b")],
+            [f"--logs_root {tmp / 'a'} and --logs {tmp / 'b'} both set the root of all runs", "give one"],
         ),
     }
 
@@ -769,6 +801,7 @@ EARLY_ROWS = [
     "experiment_with_a_path",
     "experiment_name_too_long",
     "monitor_never_logged",
+    "logs_root_and_logs_disagree",
 ]
 
 

@@ -321,3 +321,15 @@ def test_label_names_the_training_data_never_uses_warn(tmp_path, tokenizer_dir):
     with pytest.warns(UserWarning, match=r"label_names: 'neutral', 'mixed' never occur in the training data"):
         dm.setup("fit")
     assert dm.label_names == ["negative", "positive", "neutral", "mixed"]  # still a warning, not an error
+
+
+def test_labels_that_differ_only_by_whitespace_are_merged_with_a_warning(tmp_path):
+    """'pos' and 'pos ' (a stray space in a csv) become one class, as before, but no longer silently."""
+
+    train = tmp_path / "train.csv"
+    train.write_text('text,label\ngood,pos\nfine,"pos "\nbad,neg\n')
+    dm = ClassificationDataModule(train_files=str(train), text_column="text", tokenizer=None)
+    with pytest.warns(
+        UserWarning, match=r"differ only by surrounding whitespace are one label: 'pos' and 'pos ' as 'pos'"
+    ):
+        assert dm.label_names == ["neg", "pos"]

@@ -99,3 +99,20 @@ def test_a_claim_without_waiting_refuses_a_live_holder_and_takes_over_a_dead_or_
         with claim(path, what="x", wait=wait, stale_after=60):
             assert str(os.getpid()) in path.read_text()
         assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_a_directory_where_a_claim_file_should_be_is_one_line(tmp_path: Path, wait: bool):
+    """It was a wait of 120 s then IsADirectoryError (wait=True), or 'held by another process'."""
+    from gptlab.errors import ConfigError
+
+    path = tmp_path / "claims" / "x.claim"
+    (path / "inside").mkdir(parents=True)
+    start = time.monotonic()
+    with pytest.raises(
+        ConfigError, match=rf"{path} is a directory, where gptlab keeps the claim file .* move it away"
+    ):
+        with claim(path, what="the data of X", stale_after=0.5, poll=0.01, wait=wait):
+            pass
+    assert time.monotonic() - start < 0.5  # at once, not after a take-over
+    assert (path / "inside").is_dir()  # nothing removed

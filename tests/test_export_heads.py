@@ -145,6 +145,18 @@ def test_llama_head_with_a_bias_or_mean_pooling_is_refused(tokenizer):
         to_hf_classifier(mean.eval(), tokenizer)
 
 
+def test_a_head_bias_with_more_labels_than_hidden_units_names_the_cause(tokenizer):
+    """Was only 'logits differ by ...': the bias cannot move into a final norm of n_embd values."""
+    gpt = GPT(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    task = SequenceClassification(gpt, [f"c{i}" for i in range(40)], head_bias=True)
+    with torch.no_grad():
+        task.head[1].bias.uniform_(-1, 1)
+    with pytest.raises(
+        CheckpointError, match=r"a bias and 40 labels on 32 hidden units: .*model.init_args.head_bias: false"
+    ):
+        to_hf_classifier(task.eval(), tokenizer)
+
+
 def test_export_of_a_mean_pooled_classifier_is_refused(tiny_runs, tmp_path, capsys):
     """Mean pooling has no transformers counterpart: one line, exit 2, nothing written."""
     run = tmp_path / "run"
@@ -189,3 +201,52 @@ def test_lora_classifier_exports_merged(kind, tokenizer, tmp_path):
                 module.enable_adapters(False)
         assert not torch.allclose(task({"input_ids": ids, "attention_mask": ids > 0}), adapted, atol=1e-3)
         torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=0)
+
+
+def test_exported_classifier_truncates_at_the_block_size_it_was_trained_at(tmp_path, capsys):
+    """Data block_size 8 on a model of 32: `pipeline(truncation=True)` reads the first 8 tokens of a
+    long text, as gptlab's own test / predict do, not 32."""
+    import yaml
+
+    from finetune_data import finetune_config, write_sentiment
+
+    config = finetune_config(tmp_path, "classification", write_sentiment(tmp_path))
+    config["data"]["init_args"]["block_size"] = 8
+    config["trainer"].update(max_steps=2, val_check_interval=1)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    code, err = run_cli(capsys, "fit", "--config", str(tmp_path / "c.yaml"))
+    assert code == 0, err
+    ckpt = tmp_path / "logs" / "classification" / "version_0" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(out))
+    assert code == 0, err
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.model_max_length == 8
+    text = " ".join(["great movie, awful plot, good acting"] * 4)
+    ids = tok(text)["input_ids"]
+    assert len(ids) > 8  # longer than the block_size: truncation decides the answer
+    task = SequenceClassification.load_from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        ours = task(
+            {"input_ids": torch.tensor([ids[:8]]), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+        ).softmax(-1)[0]
+    result = pipeline("text-classification", model=str(out), device="cpu")(text, top_k=None, truncation=True)
+    scores = {r["label"]: r["score"] for r in result}
+    assert scores == pytest.approx({"negative": ours[0].item(), "positive": ours[1].item()}, abs=1e-5)
+
+
+def test_export_with_a_tokenizer_of_another_vocabulary_is_refused(tiny_runs, tmp_path, capsys):
+    """--tokenizer whose vocabulary differs from the run's own: one line, nothing written."""
+    ckpt = tiny_runs.runs["classification"] / "checkpoints" / "last.ckpt"
+    other = tiny_runs.runs["ner"] / "tokenizer"  # a BPE of the same size, trained on other texts
+    out = tmp_path / "out"
+    code, err = run_cli(
+        capsys, "export", "--ckpt_path", str(ckpt), "--out", str(out), "--tokenizer", str(other)
+    )
+    one_line_error(code, err, f"--tokenizer {other} is not the tokenizer the model was trained with")
+    assert not out.exists()
+    own = tiny_runs.runs["classification"] / "tokenizer"
+    code, err = run_cli(
+        capsys, "export", "--ckpt_path", str(ckpt), "--out", str(out), "--tokenizer", str(own)
+    )
+    assert code == 0, err

@@ -530,3 +530,29 @@ def test_hf_backbone_with_weights_missing_from_its_files_is_refused_unless_allow
         HFBackbone(name_or_path=str(tmp_path))
     with pytest.warns(UserWarning, match="start random"):
         HFBackbone(name_or_path=str(tmp_path), allow_missing_weights=True)
+
+
+def test_a_tokenizer_larger_than_an_hf_backbone_advises_what_it_accepts():
+    """HFBackbone takes no `vocab_size` key: its sizes are config_overrides (random weights), and a
+    pretrained one's vocabulary is its tokenizer's."""
+    from types import SimpleNamespace
+
+    from gptlab.tasks import SequenceClassification
+
+    llama = dict(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    task = SequenceClassification(
+        HFBackbone(model_type="llama", config_overrides=llama), ["a", "b"], head_bias=False
+    )
+    data = SimpleNamespace(vocab_size=400, block_size=None)
+    with pytest.raises(
+        ConfigError,
+        match=r"set model.init_args.backbone.init_args.config_overrides.vocab_size to at least 400",
+    ):
+        task.check_data(data)
+    task.backbone.name_or_path = "some/model"  # as a pretrained one records it
+    with pytest.raises(
+        ConfigError, match=r"use the model's own tokenizer \(data.init_args.tokenizer: some/model\)"
+    ):
+        task.check_data(data)

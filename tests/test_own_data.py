@@ -4,6 +4,7 @@ integer label names, a run without validation, files checked at `fit`."""
 from __future__ import annotations
 
 import json
+import time
 import warnings
 
 import pytest
@@ -249,6 +250,68 @@ def test_a_broken_jinja_template_is_a_config_error(tmp_path, tokenizer_dir):
 
     with pytest.raises(ConfigError, match="not a valid Jinja template"):
         sft(tmp_path, tokenizer_dir, INSTRUCTIONS, prompt_template="{% if instruction %}{{ instruction }}")
+
+
+@pytest.mark.parametrize(
+    ("template", "needles"),
+    [
+        ("{{ 'a' * 10**13 }}", ["'a' * 10000000000000 would make 10000000000000 items"]),
+        ("{% for i in range(10**9) %}x{% endfor %}", ["ranges larger than MAX_RANGE"]),
+        (
+            "{% for i in range(99999) %}{{ instruction * 50 }}{% endfor %}",
+            ["renders more than 1000000 characters"],
+        ),
+        (
+            "{% set r = range(99999)|list %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
+            ["took more"],
+        ),
+    ],
+    ids=["string_times_huge", "huge_range", "huge_output", "nested_loops"],
+)
+def test_a_jinja_template_is_bounded_in_size_and_time(
+    tmp_path, tokenizer_dir, monkeypatch, template, needles
+):
+    """Was a hang, a MemoryError or an OverflowError trace: one line naming the record."""
+    from gptlab.data import templates
+
+    monkeypatch.setattr(templates, "RENDER_SECONDS", 0.3)
+    start = time.monotonic()
+    with pytest.raises(DataError) as err:
+        sft(
+            tmp_path,
+            tokenizer_dir,
+            INSTRUCTIONS,
+            prompt_template=template,
+            completion_field="instances.0.output",
+        )
+    assert time.monotonic() - start < 30
+    assert "records.jsonl line 1: prompt_template" in str(err.value), str(err.value)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "tag", ["{% include 'other.j2' %}", "{% import 'macros.j2' as m %}", "{% extends 'base.j2' %}"]
+)
+def test_a_jinja_template_that_reads_other_template_files_is_refused(tag):
+    from gptlab.data import SFTDataModule
+    from gptlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"reads another template file, which a prompt template may not"):
+        SFTDataModule(train_files="x.jsonl", prompt_template="{{ instruction }}" + tag)
+
+
+def test_a_jinja_template_with_str_format_fields_warns():
+    """`{q}` in a Jinja template is text: every prompt would hold '{q}' instead of the question."""
+    from gptlab.data import SFTDataModule
+
+    with pytest.warns(
+        UserWarning, match=r"where \{q\} stays as written in every prompt .*: write \{\{ q \}\}"
+    ):
+        SFTDataModule(train_files="x.jsonl", prompt_template="{{ instruction }}\nQ: {q}\nA: ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SFTDataModule(train_files="x.jsonl", prompt_template="{{ instruction }}\nQ: {{q}}\nA: ")
 
 
 def test_the_readme_data_examples_run_as_written(tmp_path, monkeypatch):

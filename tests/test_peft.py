@@ -112,6 +112,17 @@ def test_target_modules_override_and_ia3_defaults():
     assert trainable and all(".ia3_l." in n for n in trainable), trainable
 
 
+def test_all_linear_on_our_gpt_leaves_the_lm_head_out():
+    """The docs: all-linear adapts every linear layer of the blocks, not the output layer."""
+    task = CausalLM(tiny_gpt(), init_from="base", peft=LoraConfig(r=2, target_modules="all-linear"))
+    adapted = {n.split(".lora_")[0] for n, p in task.named_parameters() if p.requires_grad}
+    assert adapted == {
+        f"backbone.transformer.h.{i}.{name}"
+        for i in range(2)
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+
+
 # ----------------------------------------------------------------- the CLI: config, fit, checkpoint, test
 def test_peft_config_from_yaml_and_command_line_is_recorded_as_plain_data(bases, tmp_path):
     from gptlab.cli import GPTLabCLI
@@ -186,6 +197,61 @@ def test_peft_target_modules_that_match_nothing(bases, tmp_path, capsys):
     code, err = run_cli(capsys, "fit", "--config", str(path))
     line = one_line_error(code, err, "target_modules=['query', 'value'] matches no module")
     assert "c_attn (Linear)" in line and "lm_head (Linear)" in line  # the backbone's own names
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_misspelled_target_module_beside_one_that_matches_is_refused(bases, tmp_path, capsys):
+    """peft adapts what 'c_attn' matches and drops 'c_prj' silently: refused, naming the typo."""
+    lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["c_attn", "c_prj"]}}
+    path = fit_config(bases, tmp_path, "gpt", peft=lora)
+    code, err = run_cli(capsys, "fit", "--config", str(path))
+    line = one_line_error(code, err, "target_modules: ['c_prj'] match no module", "check the spelling")
+    assert "c_proj (Linear)" in line
+    assert not (tmp_path / "logs").exists()
+
+
+def test_layers_to_transform_beyond_the_model_is_named_not_target_modules(bases, tmp_path, capsys):
+    """Was: target_modules=['c_attn', ...] matches no module (the layers were the cause)."""
+    lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "layers_to_transform": [0, 5]}}
+    code, err = run_cli(capsys, "fit", "--config", str(fit_config(bases, tmp_path, "gpt", peft=lora)))
+    line = one_line_error(code, err, "layers_to_transform=[0, 5]: the backbone has 1 layers (0..0), so [5]")
+    assert "target_modules" not in line
+
+
+def test_modules_to_save_is_refused_by_name_not_as_a_backbone_mismatch(bases, tmp_path, capsys):
+    """Was: init_from=...: backbone does not match the checkpoint (missing [...modules_to_save...])."""
+    lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "modules_to_save": ["lm_head"]}}
+    code, err = run_cli(capsys, "fit", "--config", str(fit_config(bases, tmp_path, "gpt", peft=lora)))
+    line = one_line_error(
+        code, err, "modules_to_save=['lm_head']: gptlab does not support it", "leave it out"
+    )
+    assert "does not match" not in line
+
+
+def test_inference_mode_adapters_are_refused_not_reported_as_trained(bases, tmp_path, capsys):
+    """peft freezes inference_mode adapters: the fit trained the head alone and said 'LoRA adapters'."""
+    lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "inference_mode": True}}
+    code, err = run_cli(capsys, "fit", "--config", str(fit_config(bases, tmp_path, "gpt", peft=lora)))
+    one_line_error(code, err, "inference_mode=true freezes the adapters", "leave it out")
+
+
+@pytest.mark.parametrize(
+    "schedule, needles",
+    [
+        ({}, ["total_step=None", "set it to the number of optimizer steps (trainer.max_steps=2)"]),
+        (
+            {"total_step": 5, "tinit": 8},
+            ["tinit=8 + tfinal=0 leave no step of total_step=5", "raise total_step"],
+        ),
+    ],
+    ids=["no_total_step", "tinit_past_total_step"],
+)
+def test_adalora_schedule_that_peft_refuses_is_one_line(schedule, needles, bases, tmp_path, capsys):
+    """peft's AdaLoraConfig raises in __post_init__ while jsonargparse builds the model: was a
+    116-line trace."""
+    adalora = {"class_path": "peft.AdaLoraConfig", "init_args": {"init_r": 4, "target_r": 1, **schedule}}
+    path = fit_config(bases, tmp_path, "gpt", peft=adalora)
+    one_line_error(*run_cli(capsys, "fit", "--config", str(path)), *needles)
     assert not (tmp_path / "logs").exists()
 
 

@@ -213,3 +213,20 @@ def test_a_resume_with_another_learning_rate_is_refused_and_the_advice_trains_wi
     new = tmp_path / "logs" / "lower_lr" / "version_0" / "checkpoints" / "last.ckpt"
     groups = torch.load(new, map_location="cpu", weights_only=True)["optimizer_states"][0]["param_groups"]
     assert {g["initial_lr"] if "initial_lr" in g else g["lr"] for g in groups} == {0.1}
+
+
+def test_fit_ckpt_path_last_without_a_run_says_it_starts_from_scratch(tiny_runs, tmp_path, capsys, caplog):
+    """Not an error (a preemptible job's first launch), but said: a mistyped experiment shows."""
+    config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+    config["logs"] = str(tmp_path / "logs")
+    config["experiment"] = "never_run"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level("INFO"):
+        code, err = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last",
+                            "--trainer.max_steps", "1")  # fmt: skip
+    assert code == 0, err
+    said = f"--ckpt_path last: experiment 'never_run' has no checkpoint under {tmp_path / 'logs'} yet"
+    assert said in caplog.text + err
+    assert "starting from scratch" in caplog.text + err
+    assert (tmp_path / "logs" / "never_run" / "version_0" / "checkpoints" / "last.ckpt").exists()

@@ -24,6 +24,7 @@ from conftest import REPO
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.runs import checkpoint_hparams, pretrained_backbone
 from gptlab.tasks import CausalLM, TaskModule
+from test_bad_inputs import one_line_error
 from tiny_runs import TASKS, run_cli
 
 
@@ -360,3 +361,64 @@ def test_the_trainer_loads_checkpoints_weights_only(tiny_runs, tmp_path):
         with mock.patch.object(sys, "argv", sys.argv[:1]), load as spy:
             GPTLabCLI(args=["validate", "--ckpt_path", last, *extra])
         assert spy.call_args.kwargs["weights_only"] is expected
+
+
+def _hf_dir(tiny_runs, directory: Path) -> Path:
+    """A tiny Llama directory (save_pretrained) with the classifier run's tokenizer beside it."""
+    from gptlab.models import HFBackbone
+
+    llama = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    HFBackbone(model_type="llama", config_overrides=dict(llama, num_attention_heads=2)).model.save_pretrained(
+        directory
+    )
+    for file in (tiny_runs.runs["classification"] / "tokenizer").iterdir():
+        shutil.copy(file, directory / file.name)
+    return directory
+
+
+def _fit_on(tiny_runs, tmp_path: Path, directory: Path, how: str) -> Path:
+    """The classifier config, its base taken from `directory` by `how` (name_or_path / init_from)."""
+    config = yaml.safe_load(tiny_runs.configs["classification"].read_text())
+    config["logs"] = str(tmp_path / "logs")
+    model = config["model"]["init_args"]
+    if how == "name_or_path":
+        model["backbone"] = {
+            "class_path": "gptlab.models.HFBackbone",
+            "init_args": {"name_or_path": str(directory)},
+        }
+        config["data"]["init_args"]["tokenizer"] = str(directory)
+    else:
+        model.pop("backbone")
+        model["init_from"] = str(directory)
+        config["data"]["init_args"].pop("tokenizer")
+    path = tmp_path / f"{how}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("how", ["name_or_path", "init_from"])
+def test_a_crafted_pickle_or_a_wrong_config_json_under_a_model_directory_is_one_line(
+    how, tiny_runs, tmp_path, capsys
+):
+    """A pytorch_model.bin pickle with a payload (was a 64-148-line trace; nothing ran), and a
+    config.json whose sizes are not its weights' (was transformers' RuntimeError and report)."""
+    crafted = _hf_dir(tiny_runs, tmp_path / "crafted")
+    (crafted / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+    torch.save(
+        {"model.embed_tokens.weight": torch.zeros(1), "payload": _Marker(marker)},
+        crafted / "pytorch_model.bin",
+    )
+    code, err = run_cli(capsys, "fit", "--config", str(_fit_on(tiny_runs, tmp_path, crafted, how)))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{how}={crafted}: pytorch_model.bin is a pickle that the weights-only loader refuses" in err, err
+    assert "posix.mknod" in err and "safetensors" in err, err
+    assert not marker.exists(), "the crafted pickle ran"
+    wrong = _hf_dir(tiny_runs, tmp_path / "wrong")
+    config = json.loads((wrong / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (wrong / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(capsys, "fit", "--config", str(_fit_on(tiny_runs, tmp_path, wrong, how)))
+    line = one_line_error(code, err, f"{how}={wrong}: config.json does not describe its weights (3 tensors")
+    assert "(64, 32) in the weights, (48, 32) by config.json" in line or "(32, 48) by config.json" in line
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.ckpt"))

@@ -260,6 +260,26 @@ def test_throughput_counts_from_shapes_only(monkeypatch):
     assert module.logged["train/mfu"] == pytest.approx(2 * 4 * 8 * 80 / 2.0 / 1e9)
 
 
+def test_throughput_reports_no_mfu_for_a_frozen_backbone(monkeypatch):
+    """A LoRA fit's FLOPs are not 6 N per token (frozen weights get no gradient): was 220 % MFU."""
+    lines: list[str] = []
+    monkeypatch.setattr(gcallbacks, "rank_zero_info", lines.append)
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr(gcallbacks.time, "perf_counter", lambda: next(clock))
+    callback = Throughput(peak_flops=1e9)
+    trainer = SimpleNamespace(precision="32-true", world_size=1, log_every_n_steps=1, global_step=0)
+    module = FakeModule(flops_per_token=10)
+    module.backbone = torch.nn.Linear(2, 2).requires_grad_(False)  # the frozen base under adapters
+    module.backbone.num_flops_per_token = lambda seq_len: 10 * seq_len
+    callback.on_train_start(trainer, module)
+    batch = {"input_ids": torch.empty(4, 8, dtype=torch.long, device="meta")}
+    callback.on_train_batch_start(trainer, module, batch, 0)
+    trainer.global_step = 1
+    callback.on_train_batch_end(trainer, module, None, batch, 0)
+    assert "train/mfu" not in module.logged and module.logged["train/tokens_per_sec"] == 16.0
+    assert any("train/mfu is not logged for this fit" in line for line in lines), lines
+
+
 def test_throughput_leaves_validation_out(monkeypatch):
     clock = iter([0.0, 50.0, 51.0, 99.0])
     monkeypatch.setattr(gcallbacks.time, "perf_counter", lambda: next(clock))

@@ -379,3 +379,18 @@ def test_same_seed_same_batches_and_order_depends_on_epoch(corpus, tmp_path):
     next_epoch = first_batches(7, epoch=1)
     assert not all(torch.equal(a, b) for a, b in zip(reference, next_epoch, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(next_epoch, first_batches(7, epoch=1), strict=True))
+
+
+def test_predict_prompts_with_unseen_characters_warn_as_training_text_does(corpus, tmp_path):
+    """A prompt character the tokenizer never saw becomes <unk>: one counted warning naming it."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Speak, citizen\nSpeak \u00e9\u00e9 now\n")  # 'é' is in no document
+    dm = ready(
+        train_files=str(corpus / "*.txt"), cache_dir=str(tmp_path / "cache"), predict_files=str(prompts)
+    )
+    with pytest.warns(UserWarning, match=r"predict data: 1 of 2 examples hold text") as record:
+        loader = dm.predict_dataloader()
+    said = [str(w.message) for w in record if "no token for" in str(w.message)]
+    assert len(said) == 1 and f"{prompts} line 2: '\u00e9'" in said[0], said
+    ids = next(iter(loader))["input_ids"]
+    assert (ids == dm.tokenizer.unk_token_id).sum() == 2

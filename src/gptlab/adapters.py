@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from gptlab.errors import ConfigError
 from gptlab.models.hf import HFBackbone
@@ -118,6 +119,29 @@ def add_adapters(backbone: nn.Module, config: Any) -> Any:
         )
     target = adapter_target(backbone)
     config = with_default_targets(backbone, config)
+    resolve_targets(target, config)
+    if getattr(config, "inference_mode", False):
+        # peft would freeze the adapters: a fit would train the head alone while reporting adapters.
+        raise ConfigError(
+            "model.init_args.peft.init_args.inference_mode=true freezes the adapters, so `fit` would train "
+            "only the task head: leave it out (test / predict / export never train anyway)"
+        )
+    if getattr(config, "modules_to_save", None):
+        # peft would wrap them in copies whose weights load under other names (seen as a backbone
+        # that does not match its checkpoint); gptlab's task heads are outside the backbone anyway.
+        raise ConfigError(
+            f"model.init_args.peft.init_args.modules_to_save={list(config.modules_to_save)}: gptlab does not "
+            f"support it (task heads sit outside the backbone and always train fully; backbone modules "
+            f"under peft train through adapters only): leave it out, or fine-tune without peft"
+        )
+    layers = getattr(config, "layers_to_transform", None)
+    layers = [layers] if isinstance(layers, int) else list(layers or [])
+    outside = [i for i in layers if not 0 <= i < backbone.num_layers]
+    if outside:  # peft would say the target_modules match nothing
+        raise ConfigError(
+            f"model.init_args.peft.init_args.layers_to_transform={layers}: the backbone has "
+            f"{backbone.num_layers} layers (0..{backbone.num_layers - 1}), so {outside} name none of them"
+        )
     try:
         tuner = tuner_class(target, config, adapter_name="default")
     except (NoMatchingPeftModuleError, ValueError) as err:
@@ -130,6 +154,34 @@ def add_adapters(backbone: nn.Module, config: Any) -> Any:
             ) from None
         raise ConfigError(f"model.init_args.peft ({kind}): {' '.join(str(err).split())}") from None
     return tuner
+
+
+def resolve_targets(target: nn.Module, config: Any) -> None:
+    """Make `config.target_modules` mean what the docs say, in place, before peft reads it.
+
+    "all-linear" on our GPT (not a transformers PreTrainedModel, so peft cannot find its output
+    layer) becomes every Linear but `lm_head`, as on a Hugging Face model. A list entry that matches
+    no module is refused by name: peft adapts what the other entries match and drops it silently.
+    """
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear" and not isinstance(target, PreTrainedModel):
+            head = getattr(target, "lm_head", None)
+            config.target_modules = [
+                name for name, m in target.named_modules() if isinstance(m, nn.Linear) and m is not head
+            ]
+        return  # otherwise a regular expression over the full names: peft matches it
+    if not targets:
+        return
+    names = [name for name, _ in target.named_modules() if name]
+    # peft's rule (peft.tuners.tuners_utils.check_target_module_exists): the name or its last parts
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched and len(unmatched) < len(targets):  # none matching: peft's own error, named below
+        raise ConfigError(
+            f"model.init_args.peft.init_args.target_modules: {sorted(unmatched)!r} match no module of the "
+            f"backbone ({type(target).__name__}), while the others do: check the spelling, or remove "
+            f"them; its layers are: {module_names(target)}"
+        )
 
 
 # LoRA initialisations that compute the adapters (and PiSSA / OLoRA / MiCA a residual base

@@ -222,7 +222,17 @@ class Throughput(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = pl_module.device
-        if self.peak_flops is not None:
+        parameters = getattr(pl_module.backbone, "parameters", None)
+        if parameters is not None and any(not p.requires_grad for p in parameters()):
+            # 6 N FLOPs per token count the weight gradients of every weight; a frozen backbone
+            # (peft adapters, freeze_backbone) skips most of them, so that MFU would be overstated.
+            self.device_peak = None
+            if self.peak_flops != 0:
+                rank_zero_info(
+                    "Throughput: train/mfu is not logged for this fit: its FLOP count (6 N per token) "
+                    "assumes every backbone weight trains, and some are frozen (peft, freeze_backbone)"
+                )
+        elif self.peak_flops is not None:
             self.device_peak = self.peak_flops or None
         else:
             dtype = compute_dtype(trainer.precision, device)
@@ -573,7 +583,7 @@ class Checkpoint(ModelCheckpoint):
                 raise
             raise CheckpointError(
                 f"disk full while writing checkpoint {filepath} ({err.strerror}); the checkpoints saved "
-                f"before are unchanged: free space in {Path(filepath).parent} (or set --logs to another "
+                f"before are unchanged: free space in {Path(filepath).parent} (or set --logs_root to another "
                 f"disk) and resume with --ckpt_path last"
             ) from None
 

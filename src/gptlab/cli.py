@@ -65,8 +65,8 @@ from gptlab.runs import (
     RunClaim,
     RunDirectory,
     backbone_tokenizer,
+    checkpoint_to_resume,
     configure_loggers,
-    latest_checkpoint,
     remove_traces,
     run_dir_of,
 )
@@ -341,8 +341,7 @@ class GPTLabCLI(LightningCLI):
         logs = Path(cfg.logs)
         ckpt = cfg.get("ckpt_path")
         if self.subcommand == "fit" and ckpt == "last":
-            found = latest_checkpoint(logs, cfg.experiment)
-            # Nothing to resume is not an error: the first run of a preemptible job starts fresh.
+            found = checkpoint_to_resume(logs, cfg.experiment)  # None: the first run (said)
             cfg.ckpt_path = ckpt = str(found) if found is not None else None
             if found is not None and not (record := self._record(str(found))).sharded:
                 check_overrides(record, _model_args(cfg), "fit")  # resolved now: not checked in parsing
@@ -436,7 +435,7 @@ def main(args: ArgsType = None) -> None:
         where = f" {err.filename}" if err.filename else ""
         print(
             f"gptlab: error: disk full while writing{where} ({err.strerror}); nothing of this run was "
-            f"kept: free space (or set --logs / data.init_args.cache_dir to another disk) and run again",
+            f"kept: free space (or set --logs_root / data.init_args.cache_dir to another disk) and run again",
             file=sys.stderr,
         )
         raise SystemExit(2) from None

@@ -77,6 +77,13 @@ def check_config_files(argv: list[str]) -> None:
     An inline YAML string (`--config '{trainer: {max_steps: 5}}'`, which jsonargparse accepts) is
     checked the same way; a value that is neither a file nor YAML text is a missing file.
     """
+    # Two spellings of one option: argparse would keep the last one given without a word.
+    root, logs = _option_value(argv, "--logs_root"), _option_value(argv, "--logs")
+    if root is not None and logs is not None and root != logs:
+        raise ConfigError(
+            f"--logs_root {root} and --logs {logs} both set the root of all runs, to different directories: "
+            f"give one (--logs_root, the spelling launchers such as torchrun leave alone)"
+        )
     for value in _config_args(argv):
         path = Path(value)
         if path.is_dir():
@@ -214,7 +221,7 @@ def check_settings(subcommand: str | None, cfg: Any, ckpt: str | None) -> None:
         raise CheckpointError(f"--ckpt_path {ckpt} does not exist: check the path")
     run = run_dir_of(ckpt)
     if run is None:
-        check_writable_dir(Path(cfg.logs), "--logs", "set --logs to a directory you can write to")
+        check_writable_dir(Path(cfg.logs), "--logs_root", "set --logs_root to a directory you can write to")
     else:
         check_writable_dir(
             run, "run directory", "copy the run to a writable place and give --ckpt_path from there"
@@ -228,7 +235,7 @@ def check_settings(subcommand: str | None, cfg: Any, ckpt: str | None) -> None:
     ):
         raise ConfigError(
             f"--experiment {experiment!r}: give a plain name (no '/', '\\' or '..'): runs land in "
-            f"{cfg.logs}/<experiment>/version_N; to write them elsewhere, set --logs"
+            f"{cfg.logs}/<experiment>/version_N; to write them elsewhere, set --logs_root"
         )
     # It becomes a folder name: longer than the filesystem allows, the logger's mkdir fails deep
     # inside Lightning ("File name too long"). 255 bytes is the limit of ext4, XFS, btrfs, APFS.
@@ -255,6 +262,7 @@ def check_settings(subcommand: str | None, cfg: Any, ckpt: str | None) -> None:
             "trainer.max_steps=0 trains nothing: give the number of optimizer steps, or -1 to "
             "train for trainer.max_epochs"
         )
+    check_peft_config(cfg)
     data = cfg.data.get("init_args") if hasattr(cfg.get("data"), "get") else None
     cache = data.get("cache_dir") if data is not None else None
     if isinstance(cache, str) and cache:
@@ -274,6 +282,51 @@ def check_settings(subcommand: str | None, cfg: Any, ckpt: str | None) -> None:
             f"(that name means the {ckpt} of a fit in the same process); give the file, e.g. "
             f"--ckpt_path {example} (its run's config.yaml is found beside it)"
         )
+
+
+def check_peft_config(cfg: Any) -> None:
+    """A peft config that its own class refuses (`__post_init__` raises ValueError when the model
+    is built: a 100-line trace through jsonargparse), refused first in one line naming its keys."""
+    model = cfg.get("model")
+    model_args = model.get("init_args") if hasattr(model, "get") else None
+    peft = model_args.get("peft") if hasattr(model_args, "get") else None
+    if not hasattr(peft, "get") or not isinstance(peft.get("class_path"), str):
+        return
+    import importlib
+    import warnings
+
+    module, _, name = peft["class_path"].rpartition(".")
+    try:
+        peft_class = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return  # the parser has said so already
+    # Nested configs (loftq_config, ...) as plain dicts, which peft's __post_init__ also accepts.
+    args = {
+        k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in vars(peft.get("init_args") or {}).items()
+    }
+    key = "model.init_args.peft.init_args"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. AdaLoRA's "r is not used": said when it is built
+            peft_class(**args)
+    except (TypeError, ValueError) as err:
+        said = f"model.init_args.peft ({name}): " + " ".join(str(err).split())
+        if name == "AdaLoraConfig":
+            total, tinit, tfinal = args.get("total_step"), args.get("tinit", 0), args.get("tfinal", 0)
+            steps = cfg.trainer.get("max_steps") if cfg.get("trainer") is not None else None
+            hint = f" (trainer.max_steps={steps})" if steps and steps > 0 else ""
+            if total is None or total <= 0:
+                said = (
+                    f"{key}.total_step={total}: AdaLoRA plans its rank budget over the fit's steps and needs "
+                    f"their number: set it to the number of optimizer steps{hint}"
+                )
+            elif tinit >= total - tfinal:
+                said = (
+                    f"{key}: tinit={tinit} + tfinal={tfinal} leave no step of total_step={total} for AdaLoRA "
+                    f"to allocate its rank budget in: lower tinit / tfinal or raise total_step (tinit < "
+                    f"total_step - tfinal)"
+                )
+        raise ConfigError(said) from None
 
 
 class OneLineParser(LightningArgumentParser):

@@ -54,6 +54,7 @@ __all__ = [
     "generate",
     "generate_batch",
     "generate_text",
+    "unused_sampling_options",
 ]
 
 
@@ -684,9 +685,22 @@ def decoding_problems(
         )
     if min_new_tokens < 0:
         problems.append(f"min_new_tokens={min_new_tokens} must be >= 0")
+    elif min_new_tokens > max_new_tokens >= 1:
+        problems.append(
+            f"min_new_tokens={min_new_tokens} exceeds max_new_tokens={max_new_tokens}: no completion could "
+            f"reach it; set min_new_tokens <= max_new_tokens"
+        )
     if no_repeat_ngram_size < 0:
         problems.append(f"no_repeat_ngram_size={no_repeat_ngram_size} must be >= 0 (0 = off)")
     return problems
+
+
+def unused_sampling_options(temperature: float, top_k: int | None, top_p: float | None) -> list[str]:
+    """The options given that only sampling reads (`top_k=5`), where temperature 0 decodes greedily
+    (or by beam search): they change nothing, which the caller says in one warning."""
+    if temperature != 0:
+        return []
+    return [f"{name}={value}" for name, value in (("top_k", top_k), ("top_p", top_p)) if value is not None]
 
 
 def _check_options(prompts, stop, tokenizer, problems: list[str]) -> None:

@@ -88,24 +88,19 @@ def export(
                 f"--overwrite true to replace an earlier export there"
             )
         earlier = check_overwritable(out_dir, Path(ckpt_path))
-    task = _load_task(Path(ckpt_path))
+    task, recorded = _load_task(Path(ckpt_path))
     if earlier is not None:
         check_not_a_base(out_dir, Path(ckpt_path), task)
-    source = tokenizer
+    run = run_dir_of(ckpt_path)
+    own = run / "tokenizer" if run is not None and (run / "tokenizer").is_dir() else None
+    source = tokenizer or (str(own) if own is not None else None)
     if source is None:
-        run = run_dir_of(ckpt_path)
-        candidate = run / "tokenizer" if run is not None else None
-        if candidate is None or not candidate.is_dir():
-            raise CheckpointError(
-                f"{ckpt_path}: no tokenizer beside this checkpoint (expected "
-                f"{candidate or '<run>/tokenizer'}); pass --tokenizer DIR with the tokenizer the model "
-                f"was trained with"
-            )
-        source = str(candidate)
-    try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"--tokenizer {source}: cannot load it ({err})") from None
+        raise CheckpointError(
+            f"{ckpt_path}: no tokenizer beside this checkpoint (expected "
+            f"{run / 'tokenizer' if run is not None else '<run>/tokenizer'}); pass --tokenizer DIR with the "
+            f"tokenizer the model was trained with"
+        )
+    tok = _load_tokenizer(source)
     task.eval()  # dropout off in the head too
     backbone = task.backbone
     if len(tok) > backbone.vocab_size:
@@ -113,6 +108,8 @@ def export(
             f"the tokenizer {source} has {len(tok)} tokens but the model only {backbone.vocab_size}: "
             f"pass the tokenizer the model was trained with (--tokenizer)"
         )
+    if tokenizer is not None and own is not None:
+        check_same_vocabulary(tok, source, _load_tokenizer(str(own)), own)
 
     head_task = _head_task(task)
     peft = getattr(task, "peft_config", None) is not None
@@ -140,9 +137,9 @@ def export(
     tmp.chmod(0o777 & ~umask)
     try:
         model.save_pretrained(tmp)  # safetensors; tied lm_head stored once
-        # The context length travels with the tokenizer: a pipeline then truncates long inputs
-        # instead of indexing past the position table.
-        save_tokenizer(tok, tmp, model_max_length=backbone.block_size)
+        # The context length travels with the tokenizer: a pipeline then truncates long inputs where
+        # the data did in training and evaluation (its block_size; older checkpoints: the model's).
+        save_tokenizer(tok, tmp, model_max_length=recorded.get("block_size", backbone.block_size))
         info = {
             "checkpoint": str(ckpt_path),
             "task": type(task).__name__,
@@ -423,6 +420,15 @@ def _bias_into_final_norm(model: PreTrainedModel, weight: torch.Tensor, bias: to
             f"model.init_args.head_bias: false to export it to transformers"
         )
     shift = torch.linalg.pinv(weight.double()) @ bias.double()  # (H,): minimum-norm d with W d = b
+    off = (weight.double() @ shift - bias.double()).abs().max().item()
+    if off > LOGITS_ATOL / 10:  # no such d: more labels than hidden units (W lacks full row rank)
+        labels, hidden = weight.shape
+        raise CheckpointError(
+            f"the classifier's head has a bias and {labels} labels on {hidden} hidden units: "
+            f"{type(model).__name__}'s score layer has no bias, and the final norm's bias can carry the "
+            f"head's only for at most {hidden} labels (here it would be off by {off:.1e}); fine-tune with "
+            f"model.init_args.head_bias: false to export it to transformers"
+        )
     norm.bias.add_(shift.to(norm.bias.dtype))
 
 
@@ -539,8 +545,35 @@ def check_adapter_export(task, tokenizer, directory: Path) -> float:
     return diff
 
 
-def _load_task(ckpt_path: Path):
+def _load_tokenizer(source: str):
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"--tokenizer {source}: cannot load it ({err})") from None
 
+
+def check_same_vocabulary(tok, source: str, own, own_dir: Path) -> None:
+    """`--tokenizer` must map text to the ids the model was trained on: the run's own tokenizer's."""
+    theirs, ours = tok.get_vocab(), own.get_vocab()
+    if theirs == ours:
+        return
+    moved = next(
+        ((t, i, theirs.get(t)) for t, i in sorted(ours.items(), key=lambda x: x[1]) if theirs.get(t) != i),
+        None,
+    )
+    example = (
+        f"{moved[0]!r} is id {moved[1]} there, {'absent' if moved[2] is None else f'id {moved[2]}'} here"
+        if moved is not None
+        else f"it has {len(theirs) - len(ours)} tokens more"
+    )
+    raise CheckpointError(
+        f"--tokenizer {source} is not the tokenizer the model was trained with: its vocabulary differs from "
+        f"the run's {own_dir} ({example}); leave --tokenizer out to ship the run's own"
+    )
+
+
+def _load_task(ckpt_path: Path):
+    """The task of a gptlab checkpoint, and what gptlab recorded beside it (task class, block_size)."""
     checkpoint = load_checkpoint(ckpt_path)  # safe load; clear errors for missing / broken files
     task_path = checkpoint.get("gptlab", {}).get("task")
     if task_path is None or "hyper_parameters" not in checkpoint:
@@ -553,7 +586,7 @@ def _load_task(ckpt_path: Path):
         task_class = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         raise CheckpointError(f"{ckpt_path}: its task {task_path} is not available in this gptlab") from None
-    return task_class.load_from_checkpoint(ckpt_path, map_location="cpu")
+    return task_class.load_from_checkpoint(ckpt_path, map_location="cpu"), checkpoint["gptlab"]
 
 
 def main(argv: list[str]) -> Path:

@@ -26,6 +26,7 @@ from gptlab._lightning import METADATA_FILENAME, load_distributed_checkpoint
 from gptlab.errors import CheckpointError
 from gptlab.models import GPT, Backbone, HFBackbone
 from gptlab.models.convert import from_gpt2_state_dict
+from gptlab.models.hf import weights_failure
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -280,8 +281,21 @@ def load_hf_weights(backbone: torch.nn.Module, directory: str | Path) -> None:
         raise CheckpointError(f"{directory} is not a Hugging Face model directory (no config.json)")
     # Custom model code in the directory runs only if the backbone itself was built trusting it.
     trust = bool(getattr(backbone, "trust_remote_code", False))
+
+    def load(**extra: Any) -> Any:
+        return AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, trust_remote_code=trust, **extra
+        )
+
     try:
-        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=trust)
+        hf = load()
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        said = weights_failure(
+            f"init_from={directory}", directory, err, lambda **k: load(output_loading_info=True, **k)[1]
+        )
+        if said is None:
+            raise
+        raise CheckpointError(said) from None
     except ValueError as err:
         if "custom code" not in str(err):
             raise

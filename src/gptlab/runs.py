@@ -54,6 +54,18 @@ def latest_checkpoint(logs: Path, experiment: str, name: str = "last.ckpt") -> P
     return resume_checkpoint(logs, experiment, name)
 
 
+def checkpoint_to_resume(logs: Path, experiment: str) -> Path | None:
+    """`fit --ckpt_path last`: the checkpoint to resume, or None (said in one line) where the
+    experiment has no run yet. Not an error: the first run of a preemptible job starts fresh."""
+    found = latest_checkpoint(logs, experiment)
+    if found is None:
+        rank_zero_info(
+            f"gptlab: --ckpt_path last: experiment {experiment!r} has no checkpoint under {logs} yet: "
+            f"starting from scratch (a new run)"
+        )
+    return found
+
+
 # config.json keys that describe the file, not the model (left out when rebuilding the config).
 _HF_META_KEYS = (
     "architectures",

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from gptlab.errors import ConfigError
+
 __all__ = ["ClaimHeld", "claim"]
 
 HEARTBEAT = 5.0  # seconds between the holder's touches of its claim
@@ -141,6 +143,13 @@ def claim(
         # A read-only cache (prepared beforehand) needs no turns; a build into it fails on its own.
         yield
         return
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        # No claim file could ever be made there: waiting would last forever (or until a take-over
+        # that cannot remove a directory).
+        raise ConfigError(
+            f"{path} is a {'directory' if path.is_dir() else 'special file'}, where gptlab keeps the claim "
+            f"file that lets one process at a time prepare {what}; nothing of gptlab's is in it: move it away"
+        )
     announced = False
     seen, since = None, time.monotonic()
     while not _try_create(path):

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from gptlab.data.base import IGNORE_INDEX, DataModule, Examples, encode_texts, warn_truncated
 from gptlab.data.labels import (
@@ -202,7 +203,6 @@ class ClassificationDataModule(DataModule):
             split = self.dataset_splits().get("train") if self.role_files["train"] is None else None
             names = class_label_names(split.features.get(self.label_column)) if split is not None else None
             if names is None:
-                values: set[str] = set()
                 if split is not None:
                     if self.label_column not in split.column_names:
                         raise DataError(
@@ -214,9 +214,21 @@ class ClassificationDataModule(DataModule):
                     )
                 else:
                     rows = self._label_rows("train")
+                spellings: dict[str, set[str]] = {}
                 for _, record in rows:
-                    values.update(str(v).strip() for v in self.label_values(record[self.label_column]))
+                    for v in self.label_values(record[self.label_column]):
+                        spellings.setdefault(str(v).strip(), set()).add(str(v))
+                values = set(spellings)
                 values.discard("")
+                merged = {k: sorted(v) for k, v in spellings.items() if k and len(v) > 1}
+                if merged:  # one class, as LabelMap.get strips: said, since they could be meant apart
+                    shown = "; ".join(
+                        f"{' and '.join(map(repr, v))} as {k!r}" for k, v in list(merged.items())[:3]
+                    )
+                    rank_zero_warn(
+                        f"gptlab: training labels that differ only by surrounding whitespace are one label: "
+                        f"{shown}; if they are different classes, name them apart"
+                    )
                 if not values:
                     raise DataError("the training data has no labels: check label_column")
                 names = sort_labels(values)

@@ -34,7 +34,6 @@ GSM8K's 7.5k examples); nothing but a trained tokenizer is cached.
 
 from __future__ import annotations
 
-import functools
 import json
 import string
 from collections.abc import Iterator
@@ -50,6 +49,7 @@ from transformers import PreTrainedTokenizerFast
 
 from gptlab.data.base import IGNORE_INDEX, ROLES, DataModule, Examples, encode_texts
 from gptlab.data.sources import Problems, files_fingerprint, held_out, read_records, splits_by_role
+from gptlab.data.templates import format_fields, is_jinja, jinja_template, render_jinja
 from gptlab.data.tokenizers import TokenizerRecipe
 from gptlab.errors import ConfigError, DataError
 
@@ -191,6 +191,16 @@ class SFTDataModule(DataModule):
                 jinja_template(prompt_template)
             except ValueError as err:
                 problems.append(f"prompt_template={prompt_template!r}: {err}")
+            plain = format_fields(prompt_template)
+            if plain:
+                fields, jinja = (
+                    ", ".join(f"{{{f}}}" for f in plain),
+                    ", ".join(f"{{{{ {f} }}}}" for f in plain),
+                )
+                rank_zero_warn(
+                    f"gptlab: SFTDataModule: prompt_template is a Jinja template (it holds {{{{ }}}} or "
+                    f"{{% %}}), where {fields} stays as written in every prompt (not a field): write {jinja}"
+                )
         elif prompt_template:
             try:
                 self.template_fields = template_fields(prompt_template)
@@ -633,47 +643,6 @@ def _describe_missing(record: dict, path: str) -> str:
             return f"{part!r} in {where!r} for {path!r} (there: {keys})"
         value = found
     return f"key {path!r}"
-
-
-# ----------------------------------------------------------------------------- Jinja prompt templates
-def is_jinja(template: str) -> bool:
-    """A template with Jinja markup ({{ }} or {% %}); others are str.format templates."""
-    return "{{" in template and "}}" in template or "{%" in template
-
-
-@functools.lru_cache(maxsize=8)
-def jinja_template(template: str) -> Any:
-    """Compile a prompt template with the environment transformers uses for chat templates.
-
-    Sandboxed (a template cannot reach Python internals), `trim_blocks` / `lstrip_blocks` (a line
-    with only a `{% %}` tag leaves nothing behind), the final newline kept, and an undefined
-    name is an error instead of an empty string (a misspelt column would otherwise vanish).
-    """
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
-    )
-    try:
-        return environment.from_string(template)
-    except jinja2.TemplateSyntaxError as err:
-        raise ValueError(f"not a valid Jinja template ({err.message}, template line {err.lineno})") from None
-
-
-def render_jinja(template: Any, record: dict, location: str) -> str:
-    import jinja2
-
-    try:
-        return template.render(**record)
-    except jinja2.UndefinedError as err:
-        keys = ", ".join(map(repr, record)) or "none"
-        raise DataError(
-            f"{location}: prompt_template uses a value the record does not have ({err.message}; keys: "
-            f"{keys}); fix the template (test optional values with `{{% if x is defined %}}`) or the data"
-        ) from None
-    except jinja2.TemplateError as err:
-        raise DataError(f"{location}: prompt_template cannot render this record ({err})") from None
 
 
 def _plain_chat(messages: list[dict], add_generation_prompt: bool) -> str:

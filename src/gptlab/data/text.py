@@ -39,7 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
-from gptlab.data.base import DataModule, Examples
+from gptlab.data.base import DataModule, Examples, encode_texts
 from gptlab.data.corpus import (
     MAX_CHARS,
     CorpusEncoder,
@@ -553,7 +553,7 @@ class TextDataModule(DataModule):
                 "no prompts to predict: set data.init_args.predict_files (a .txt file with one prompt per "
                 f"line, or .jsonl / .json / .parquet records with the prompt in {self.text_column!r})"
             )
-        items, problems = [], []
+        texts, wheres, problems = [], [], []
         for path in expand_files(self.predict_files, "predict_files"):
             for where, record in read_records(path):
                 text = record.get(self.text_column) if isinstance(record, dict) else record
@@ -562,12 +562,17 @@ class TextDataModule(DataModule):
                         f"{where}: no text in {self.text_column!r} (see data.init_args.text_column)"
                     )
                     continue
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                if not ids:
-                    problems.append(f"{where}: the prompt is empty; every prompt needs some text")
-                    continue
-                # The batch contract plus what generation reads (as SFTDataModule's prompts).
-                items.append({"input_ids": torch.tensor(ids), "prompt_length": len(ids), "prompt": text})
+                texts.append(text)
+                wheres.append(where)
+        # As training text is encoded: characters without a token are counted in one warning.
+        encoded = encode_texts(self.tokenizer, texts, wheres, "predict data", add_special_tokens=False)
+        items = []
+        for text, where, ids in zip(texts, wheres, encoded["input_ids"], strict=True):
+            if not ids:
+                problems.append(f"{where}: the prompt is empty; every prompt needs some text")
+                continue
+            # The batch contract plus what generation reads (as SFTDataModule's prompts).
+            items.append({"input_ids": torch.tensor(ids), "prompt_length": len(ids), "prompt": text})
         if problems:
             more = f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
             raise DataError("predict_files: " + "; ".join(problems[:5]) + more)

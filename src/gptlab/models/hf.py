@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -52,14 +53,26 @@ def _build(
         # training bf16 weights directly with AdamW loses small updates.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report: said below in one line, or refused
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(
+
+        def load(**extra: Any) -> tuple[PreTrainedModel, dict]:
+            return AutoModelForCausalLM.from_pretrained(
                 name_or_path,
                 dtype=torch.float32,
                 trust_remote_code=trust_remote_code,
                 output_loading_info=True,
                 **overrides,
+                **extra,
             )
+
+        try:
+            model, info = load()
+        except (pickle.UnpicklingError, RuntimeError) as err:
+            said = weights_failure(
+                f"HFBackbone name_or_path={name_or_path}", name_or_path, err, lambda **k: load(**k)[1]
+            )
+            if said is None:
+                raise
+            raise ConfigError(said) from None
         except (OSError, ValueError) as err:
             # A missing directory, no network, no config.json or weights: a user error. (A model
             # with its own code is a ValueError too, answered by the caller.)
@@ -93,6 +106,39 @@ def _build(
             f"(e.g. gpt2, llama, qwen2, mistral): check the spelling, or load a checkpoint with name_or_path"
         ) from None
     return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def weights_failure(what: str, directory: str | Path, err: Exception, retry: Any = None) -> str | None:
+    """One line for a `from_pretrained(directory)` that failed on the directory's weight files (None
+    for other failures): a pickle the weights-only loader refused, or weights whose shapes are not
+    config.json's. `retry(ignore_mismatched_sizes=True)` returns transformers' loading info, to name
+    the tensors that differ (only called for that failure).
+
+    Args:
+        what: how the user gave the directory, e.g. "HFBackbone name_or_path=DIR" or "init_from=DIR".
+        directory: the model directory.
+        err: what from_pretrained raised.
+        retry: loads again ignoring mismatched sizes, returning the loading info (a dict).
+    """
+    if isinstance(err, pickle.UnpicklingError):
+        pickles = sorted(p.name for p in Path(directory).glob("*.bin")) or ["its weights"]
+        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        return (
+            f"{what}: {', '.join(pickles)} is a pickle that the weights-only loader refuses "
+            f"({(lines or ['not tensors only'])[0][:160]}); it was not loaded, since unpickling it could "
+            f"run code: give the model's safetensors weights, or re-save it with save_pretrained where you "
+            f"trust it"
+        )
+    if isinstance(err, RuntimeError) and "ignore_mismatched_sizes" in str(err) and retry is not None:
+        mismatched = list(retry(ignore_mismatched_sizes=True).get("mismatched_keys") or [])
+        shown = "; ".join(
+            f"{k} {tuple(a)} in the weights, {tuple(b)} by config.json" for k, a, b in mismatched[:2]
+        )
+        return (
+            f"{what}: config.json does not describe its weights ({len(mismatched)} tensors differ in shape, "
+            f"e.g. {shown}): fix config.json, or give the directory the weights were saved with"
+        )
+    return None
 
 
 def _load_failure(name_or_path: str, err: Exception) -> str:

@@ -185,6 +185,8 @@ class TaskModule(L.LightningModule):
         self.no_decay = no_decay_names(self)
         # Set from the datamodule in `setup`; used for decoding samples and reports.
         self.tokenizer = None
+        # The data's block_size (texts are truncated to it): an export's tokenizer truncates there too.
+        self.data_block_size: int | None = None
         # Persistent so that a resumed run keeps counting from where it stopped.
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         # Loss averaged over the items it is computed on (tokens, examples), across batches and ranks.
@@ -403,6 +405,7 @@ class TaskModule(L.LightningModule):
         datamodule = self.trainer.datamodule if attached_trainer(self) is not None else None
         if datamodule is not None:
             self.tokenizer = getattr(datamodule, "tokenizer", None)
+            self.data_block_size = getattr(datamodule, "block_size", None)
             self.check_data(datamodule)
         if self.peft_config is not None:
             # Under peft the checkpoints do not hold the base weights: they come from init_from
@@ -470,10 +473,18 @@ class TaskModule(L.LightningModule):
         problems = []
         vocab = getattr(datamodule, "vocab_size", None)
         if vocab is not None and vocab > self.backbone.vocab_size:
+            pretrained = getattr(self.backbone, "name_or_path", None)
+            if pretrained:  # its embeddings are its vocabulary
+                fix = f"use the model's own tokenizer (data.init_args.tokenizer: {pretrained})"
+            elif isinstance(self.backbone, HFBackbone):  # HFBackbone takes its sizes in config_overrides
+                fix = (
+                    f"set model.init_args.backbone.init_args.config_overrides.vocab_size to at least {vocab}"
+                )
+            else:
+                fix = f"set model.init_args.backbone.init_args.vocab_size to at least {vocab}"
             problems.append(
                 f"the tokenizer has {vocab} tokens but the model's vocab_size is {self.backbone.vocab_size}: "
-                f"set model.init_args.backbone.init_args.vocab_size to at least {vocab} "
-                f"(or use a smaller tokenizer)"
+                f"{fix} (or use a smaller tokenizer)"
             )
         block = getattr(datamodule, "block_size", None)
         model_block = getattr(self.backbone, "block_size", None)
@@ -544,6 +555,8 @@ class TaskModule(L.LightningModule):
         # FSDP2 swaps the class for a generated `FSDP<Task>` subclass: record the task's own class.
         task = next(c for c in type(self).__mro__ if not c.__module__.startswith("torch."))
         checkpoint["gptlab"] = {"task": f"{task.__module__}.{task.__qualname__}"}
+        if self.data_block_size is not None:
+            checkpoint["gptlab"]["block_size"] = self.data_block_size
         if self.peft_config is not None:
             # Adapters and head only, plus what identifies the frozen base they were trained on.
             state = checkpoint["state_dict"]

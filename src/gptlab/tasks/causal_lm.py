@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from gptlab.decoding import decode_completion, decoding_problems, generate_batch
+from gptlab.decoding import decode_completion, decoding_problems, generate_batch, unused_sampling_options
 from gptlab.errors import ConfigError
 from gptlab.models import Backbone
 from gptlab.optim import WarmupCosine
@@ -128,6 +128,14 @@ class CausalLM(TaskModule):
         )  # fmt: skip
         if problems:
             raise ConfigError(f"{type(self).__name__}: " + "; ".join(problems))
+        unused = unused_sampling_options(temperature, top_k, top_p)
+        if unused:
+            how = "by beam search" if num_beams > 1 else "greedily"
+            rank_zero_warn(
+                f"gptlab: {type(self).__name__}: {', '.join(unused)} only apply to sampling, but "
+                f"temperature=0 decodes {how}: they are ignored; set model.init_args.temperature > 0 "
+                f"to sample, or leave them out"
+            )
         self.decoding = dict(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
