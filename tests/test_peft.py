@@ -617,3 +617,23 @@ def test_an_init_from_more_than_the_base_weights_is_refused_with_init_from(bases
     task = CausalLM(GPT(**args), init_from=bases.gpt, peft=LoraConfig(r=4, init_lora_weights="eva"))
     with pytest.raises(ConfigError, match="init_lora_weights='eva' initialises the adapters from more than"):
         task.load_base()
+
+
+def test_merged_export_of_an_adapter_on_a_tied_lm_head_names_the_cause(bases, tiny_runs, tmp_path, capsys):
+    """LoRA on our GPT's lm_head, which shares its tensor with the token embedding: merged, the
+    adapter moves the embedding too (was only "logits differ by ...")."""
+    config = yaml.safe_load(tiny_runs.configs["causal_lm"].read_text())
+    model = config["model"]["init_args"]
+    model.pop("backbone")
+    lora = {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["lm_head", "c_attn"]}}
+    model.update(init_from=bases.gpt, peft=lora)
+    config["data"]["init_args"]["cache_dir"] = str(bases.tmp / "cache")
+    config["trainer"].update(max_steps=2, val_check_interval=2)
+    ckpt = fit_run(bases, "tied_lm_head", config)
+    out = tmp_path / "merged"
+    code, err = run_cli(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(out), "--merged", "true")
+    one_line_error(
+        code, err, "logits differ", "adapter on lm_head changes a weight tied to transformer.wte",
+        "left out of model.init_args.peft.init_args.target_modules", "export the adapter alone",
+    )  # fmt: skip
+    assert not out.exists()

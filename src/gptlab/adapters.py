@@ -364,6 +364,26 @@ def without_adapters(backbone: nn.Module, merge: bool = False) -> nn.Module:
     return plain
 
 
+def tied_on_one_side(backbone: nn.Module) -> list[tuple[str, str]]:
+    """(adapted layer, module) pairs where a peft layer wraps a weight that the module shares
+    (tied: the token embedding and the LM head) and the module itself has no adapter. A merge
+    folds the adapter into the one shared tensor, so it changes the module too, which the
+    fine-tune never did: the merged model computes something else."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [name for name, m in backbone.named_modules() if isinstance(m, BaseTunerLayer)]
+    owners: dict[int, list[str]] = {}
+    for name, param in backbone.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rpartition(".")[0])
+    pairs = []
+    for layer in layers:
+        weight = backbone.get_submodule(layer).get_base_layer().weight
+        for owner in owners[id(weight)]:
+            if not any(owner == other or owner.startswith(f"{other}.") for other in layers):
+                pairs.append((layer, owner))
+    return pairs
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts of `module`, each shared tensor counted once."""
     seen: dict[int, nn.Parameter] = {id(p): p for p in module.parameters()}

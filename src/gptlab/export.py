@@ -151,12 +151,25 @@ def export(
         # What a later --overwrite may replace (this list included), and nothing else.
         info["files"] = sorted([*(p.name for p in tmp.iterdir()), EXPORT_INFO])
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if adapter:
-            diff = check_adapter_export(task, tok, tmp)
-        elif head_task:
-            diff = check_classifier_export(task, tmp, tok)
-        else:
-            diff = check_export(backbone, tmp)
+        try:
+            if adapter:
+                diff = check_adapter_export(task, tok, tmp)
+            elif head_task:
+                diff = check_classifier_export(task, tmp, tok)
+            else:
+                diff = check_export(backbone, tmp)
+        except CheckpointError as err:
+            tied = adapters.tied_on_one_side(task.backbone) if peft and merged else []
+            if not tied:
+                raise
+            layer, other = tied[0]
+            alone = "" if head_task else ", or export the adapter alone (leave out --merged true)"
+            raise CheckpointError(
+                f"{err}: the adapter on {layer} changes a weight tied to {other} (one tensor), where the "
+                f"fine-tune left {other} as it was; merged, it changes both; fine-tune again with {layer} "
+                f"left out of "
+                f"model.init_args.peft.init_args.target_modules{alone}"
+            ) from None
         for path in tmp.iterdir():  # safetensors' writer leaves 0600; files of an export are shared
             path.chmod(0o666 & ~umask)
         if earlier is not None:
