@@ -637,3 +637,44 @@ def test_merged_export_of_an_adapter_on_a_tied_lm_head_names_the_cause(bases, ti
         "left out of model.init_args.peft.init_args.target_modules", "export the adapter alone",
     )  # fmt: skip
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def own_base_run(bases) -> SimpleNamespace:
+    """A LoRA classifier fine-tune on a private copy of the GPT base (which tests change and restore)."""
+    base = bases.tmp / "own_base" / "checkpoints" / "base.ckpt"
+    base.parent.mkdir(parents=True)
+    shutil.copy(bases.gpt, base)
+    shutil.copytree(bases.tokenizer, base.parent.parent / "tokenizer")  # where init_from's is looked for
+    config = finetune_config(bases.tmp, "classification", bases.sentiment, init_from=str(base), peft=LORA)
+    config["trainer"].update(max_steps=2, val_check_interval=2)
+    return SimpleNamespace(base=base, ckpt=fit_run(bases, "own_base_run", config))
+
+
+def test_an_adapter_checkpoint_whose_base_weights_changed_in_place(own_base_run, tmp_path, capsys):
+    """Same path, other weights: was "trained on the base X ..., but this model's base is X"."""
+    base = own_base_run.base
+    shutil.copy(base, tmp_path / "original.ckpt")
+    checkpoint = torch.load(base, weights_only=True)
+    key = next(k for k in checkpoint["state_dict"] if k.endswith(".ln_1.weight"))  # not a tied one
+    checkpoint["state_dict"][key] = checkpoint["state_dict"][key] + 1
+    torch.save(checkpoint, base)
+    try:
+        code, err = run_cli(capsys, "test", "--ckpt_path", str(own_base_run.ckpt))
+    finally:
+        shutil.copy(tmp_path / "original.ckpt", base)
+    line = one_line_error(code, err, f"the weights at {base} changed since the adapters were trained")
+    assert "restore the base the adapters were trained on there, or point init_from at a copy" in line
+    assert "this model's base is" not in line
+
+
+def test_an_adapter_checkpoint_whose_base_was_deleted_names_it_as_the_base(own_base_run, tmp_path, capsys):
+    """Was "checkpoint <base> does not exist: check the path (runs live in logs/<experiment>/)"."""
+    base = own_base_run.base
+    shutil.move(base, tmp_path / "moved.ckpt")
+    try:
+        code, err = run_cli(capsys, "test", "--ckpt_path", str(own_base_run.ckpt))
+    finally:
+        shutil.move(tmp_path / "moved.ckpt", base)
+    line = one_line_error(code, err, f"init_from={base}, the base the peft adapters were trained on")
+    assert "restore it there, or point model.init_args.init_from at a copy of it" in line

@@ -446,6 +446,13 @@ class TaskModule(L.LightningModule):
     def load_base(self) -> None:
         """Under peft: load the base weights from `init_from` once, and fingerprint them."""
         if not self._base_loaded:
+            if not Path(self.init_from).expanduser().exists():
+                # The checkpoints hold adapters and head only: without their base they are nothing.
+                raise CheckpointError(
+                    f"init_from={self.init_from}, the base the peft adapters were trained on, no longer "
+                    f"exists (a peft checkpoint holds adapters and head only): restore it there, or "
+                    f"point model.init_args.init_from at a copy of it (the same weights)"
+                )
             load_backbone_weights(self.backbone, self.init_from)
             # Adapters were injected on the random weights of __init__: inits that read the base
             # (PiSSA, OLoRA) run again on the loaded one.
@@ -596,6 +603,13 @@ class TaskModule(L.LightningModule):
             )
         self.load_base()
         if info["base_fingerprint"] != self._base_fingerprint:
+            if Path(info["base"]).expanduser().resolve() == Path(self.base_source()).expanduser().resolve():
+                raise CheckpointError(
+                    f"the weights at {info['base']} changed since the adapters were trained on them "
+                    f"(fingerprint {info['base_fingerprint']} then, {self._base_fingerprint} now): "
+                    f"restore the base the adapters were trained on there, or point init_from at a copy "
+                    f"of it; adapters trained on other weights do not fit these (fine-tune again on them)"
+                )
             raise CheckpointError(
                 f"the adapter checkpoint was trained on the base {info['base']} (fingerprint "
                 f"{info['base_fingerprint']}), but this model's base is {self.base_source()} (fingerprint "
