@@ -167,8 +167,7 @@ def export(
             raise CheckpointError(
                 f"{err}: the adapter on {layer} changes a weight tied to {other} (one tensor), where the "
                 f"fine-tune left {other} as it was; merged, it changes both; fine-tune again with {layer} "
-                f"left out of "
-                f"model.init_args.peft.init_args.target_modules{alone}"
+                f"left out of model.init_args.peft.init_args.target_modules{alone}"
             ) from None
         for path in tmp.iterdir():  # safetensors' writer leaves 0600; files of an export are shared
             path.chmod(0o666 & ~umask)
