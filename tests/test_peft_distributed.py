@@ -161,7 +161,15 @@ def test_lora_kill_and_resume_is_exact(tmp_path):
     config = harness.experiment(tmp_path, "finetune")
     data = yaml.safe_load(config.read_text())
     model = data["model"]["init_args"]
-    llama = save_llama(tmp_path / "llama")
+    # The base is a pretrained model directory: it brings its own tokenizer (a recipe would train a
+    # new vocabulary over its embeddings, which gptlab refuses).
+    from gptlab.data import BPE
+
+    tokenizer = tmp_path / "tokenizer"
+    BPE(vocab_size=300).train([Path(data["data"]["init_args"]["train_files"]).read_text()]).save_pretrained(
+        str(tokenizer)
+    )
+    llama = save_llama(tmp_path / "llama", tokenizer)
     model["backbone"] = {"class_path": "gptlab.models.HFBackbone", "init_args": {"name_or_path": str(llama)}}
     model["peft"] = LORA  # lora_dropout and the head's dropout draw from the step's RNG
     config.write_text(yaml.safe_dump(data))
