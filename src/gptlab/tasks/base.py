@@ -46,6 +46,7 @@ from gptlab.tasks.context import (
     Context,
     bidirectional_layers,
     check_bidirectional,
+    describe_reading,
     last_copy,
     parse_context,
     repeat_rows,
@@ -420,27 +421,9 @@ class TaskModule(L.LightningModule):
             adapted = f", {method} adapters on a frozen base" if method else ""
             self.print(f"gptlab: {trainable:,} trainable parameters of {total:,} ({share:.2f}%){adapted}")
             if self.context.mode != "causal":
-                self.print(f"gptlab: context {self.context.describe()}: {self.describe_context(datamodule)}")
-
-    def describe_context(self, datamodule: L.LightningDataModule | None) -> str:
-        """What the context makes each position read, and what it cuts (printed at the start of fit)."""
-        if self.bidirectional is not None:
-            layers = self.bidirectional
-            which = (
-                "every layer"
-                if len(layers) == self.backbone.num_layers
-                else f"layers {layers.start}..{layers.stop - 1}"
-            )
-            return f"no causal mask in {which} of {self.backbone.num_layers}, padding masked"
-        copies = self.context.repeats + 1
-        block = getattr(datamodule, "block_size", None)
-        cut = (
-            f"rows of up to {copies} x {block} = {copies * block} tokens: a text is cut to its first "
-            f"{block} tokens (data.init_args.block_size) before it is repeated"
-            if block is not None
-            else "no block_size known to bound the rows"
-        )
-        return f"each text is read {copies} times in one row and labelled on the last copy; {cut}"
+                block = getattr(datamodule, "block_size", None)
+                reads = describe_reading(self.context, self.bidirectional, self.backbone.num_layers, block)
+                self.print(f"gptlab: context {self.context.describe()}: {reads}")
 
     # ----------------------------------------------------------------- peft: base weights
     def load_base(self) -> None:

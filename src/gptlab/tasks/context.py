@@ -137,6 +137,21 @@ def bidirectional_layers(context: Context, backbone: Backbone) -> range | None:
     return layers
 
 
+def describe_reading(context: Context, layers: range | None, num_layers: int, block_size: int | None) -> str:
+    """What the context makes each position read, and what it cuts (printed at the start of fit)."""
+    if layers is not None:
+        which = "every layer" if len(layers) == num_layers else f"layers {layers.start}..{layers.stop - 1}"
+        return f"no causal mask in {which} of {num_layers}, padding masked"
+    copies = context.repeats + 1
+    cut = (
+        f"rows of up to {copies} x {block_size} = {copies * block_size} tokens: a text is cut to its first "
+        f"{block_size} tokens (data.init_args.block_size) before it is repeated"
+        if block_size is not None
+        else "no block_size known to bound the rows"
+    )
+    return f"each text is read {copies} times in one row and labelled on the last copy; {cut}"
+
+
 # ----------------------------------------------------------------------------- repeat
 
 
