@@ -34,9 +34,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {
-    # task: (config, headline metric of its test report, label)
-    "sst2": ("configs/finetune/sst2_smollm2.yaml", "accuracy", "SST-2 test accuracy"),
-    "conll2003": ("configs/finetune/conll2003_smollm2.yaml", "entity_f1", "CoNLL-2003 eng.testb entity F1"),
+    # task: (config, headline metric of its test report, label, the config's checkpoint.monitor)
+    "sst2": ("configs/finetune/sst2_smollm2.yaml", "accuracy", "SST-2 test accuracy", "val/acc"),
+    "conll2003": (
+        "configs/finetune/conll2003_smollm2.yaml",
+        "entity_f1",
+        "CoNLL-2003 eng.testb entity F1",
+        "val/f1",
+    ),
 }
 SMOLLM2 = Path("~/.cache/gptlab/models/SmolLM2-135M-Instruct").expanduser()
 # Fields of SmolLM2's config.json that define the architecture (the random-init row builds it).
@@ -88,15 +93,9 @@ def run(command: list[str], log: Path) -> tuple[float, int]:
 
 def seconds_per_step(run_dir: Path, batch_size: int) -> float | None:
     """Mean training seconds per step from the TensorBoard scalars train/samples_per_sec."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    if "train/samples_per_sec" not in events.Tags()["scalars"]:
-        return None
-    points = events.Scalars("train/samples_per_sec")
+    points = scalars(run_dir, "train/samples_per_sec")
     # windows are log_every_n_steps long: a mean of per-window seconds per step
-    return sum(batch_size / p.value for p in points) / len(points)
+    return sum(batch_size / p.value for p in points) / len(points) if points else None
 
 
 def main() -> None:
@@ -111,7 +110,16 @@ def main() -> None:
         "--val-every", type=int, default=None, help="validate every K steps and test best.ckpt"
     )
     parser.add_argument("--work", default="logs/smollm2_results", help="runs, logs and results.json")
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="print one table of these results.json files; run nothing",
+    )
     args = parser.parse_args()
+    if args.table:
+        print_table([r for file in args.table for r in json.loads(Path(file).read_text()).values()])
+        return
     if not (SMOLLM2 / "config.json").is_file():
         raise SystemExit(f"{SMOLLM2} is missing: python scripts/get_smollm2.py")
     work = (REPO / args.work).resolve()
@@ -120,7 +128,7 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     every = args.val_every or args.steps
     for task, row, seed in [(t, r, s) for t in args.tasks for r in args.rows for s in args.seeds]:
-        config, metric, _ = TASKS[task]
+        config, metric, _, _ = TASKS[task]
         name = f"{task}_{row}" + (f"_seed{seed}" if seed is not None else "")
         logs = work / name
         if (logs / "done").is_file():
@@ -165,6 +173,26 @@ def main() -> None:
     print_table(results.values())
 
 
+def scalars(run_dir: Path, tag: str) -> list:
+    """The TensorBoard points (step, value) of one scalar of a run; [] when it was not logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return events.Scalars(tag) if tag in events.Tags()["scalars"] else []
+
+
+def best_step(result: dict) -> str:
+    """The validated step `best.ckpt` kept, "step (value)", from the run's logged validation metric."""
+    if result["checkpoint"] != "best.ckpt":
+        return "last"
+    points = scalars(Path(result["run"]), TASKS[result["task"]][3])
+    if not points:
+        return "?"
+    best = max(points, key=lambda p: (p.value, -p.step))  # ModelCheckpoint keeps the first of equals
+    return f"{best.step + 1} ({best.value:.3f})"  # Lightning logs the validation after step N at N - 1
+
+
 def print_table(results) -> None:
     """One Markdown row per (task, row, steps): the mean and sd of the score over its seeds."""
     import statistics
@@ -173,17 +201,19 @@ def print_table(results) -> None:
     for r in results:
         groups.setdefault((r["task"], r["row"], r["steps"]), []).append(r)
     columns = (
-        "task | row | score (mean ± sd) | seeds | trainable params | peak RSS | s/step | steps | examples"
+        "task | row | score (mean ± sd) | seeds | best step (val) | trainable params | peak RSS | s/step | "
+        "steps | examples"
     )
     print(f"\n| {columns} |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for (task, row, steps), rs in groups.items():
         scores = [r["score"] for r in rs]
         sd = f" ± {statistics.stdev(scores):.4f}" if len(scores) > 1 else ""
         each = ", ".join(f"{x:.4f}" for x in scores)
         sps = [r["s_per_step"] for r in rs if r["s_per_step"]]
+        best = ", ".join(best_step(r) for r in rs)
         print(
-            f"| {TASKS[task][2]} | {row} | {statistics.mean(scores):.4f}{sd} ({each}) | {len(rs)} | "
+            f"| {TASKS[task][2]} | {row} | {statistics.mean(scores):.4f}{sd} ({each}) | {len(rs)} | {best} | "
             f"{rs[0]['trainable_params']:,} | {max(r['peak_rss_gb'] for r in rs):.2f} GB | "
             f"{statistics.mean(sps) if sps else float('nan'):.2f} | {steps} | {rs[0]['examples_seen']:,} |"
         )
