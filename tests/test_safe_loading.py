@@ -336,7 +336,9 @@ def test_torch_requirement_excludes_known_weights_only_bypasses():
     )
     assert not torch_req.specifier.contains("2.9.1")
     # the floor is the oldest version tested (2.13: at or above 2.10, the first without them)
-    assert all(not torch_req.specifier.contains(v) or Version(v) >= Version("2.10") for v in ("2.9.1", "2.10.0"))
+    assert all(
+        not torch_req.specifier.contains(v) or Version(v) >= Version("2.10") for v in ("2.9.1", "2.10.0")
+    )
     assert torch_req.specifier.contains("3.0.0")  # a range, no upper cap
     assert Version(torch.__version__.split("+")[0]) >= Version("2.10")
 
