@@ -194,29 +194,37 @@ def best_step(result: dict) -> str:
 
 
 def print_table(results) -> None:
-    """One Markdown row per (task, row, steps): the mean and sd of the score over its seeds."""
+    """One Markdown row per (task, row, steps): the score's mean and sd over its seeds, then each
+    seed's value of every column (runs of one row may have shared the machine differently)."""
     import statistics
 
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["task"], r["row"], r["steps"]), []).append(r)
-    columns = (
-        "task | row | score (mean ± sd) | seeds | best step (val) | trainable params | peak RSS | s/step | "
-        "steps | examples"
+    print(
+        "\n| task | row | steps x 16 | score: mean ± sd (each seed) | seeds | best step (val) | "
+        "trainable params | peak RSS | s / step | fit (min) |"
     )
-    print(f"\n| {columns} |")
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
-    for (task, row, steps), rs in groups.items():
+    print("|---|---|---:|---|---|---|---:|---|---|---|")
+    for (task, row, steps), rs in sorted(
+        groups.items(), key=lambda g: (g[0][0], ROWS.index(g[0][1]), g[0][2])
+    ):
+        rs = sorted(rs, key=lambda r: r["seed"] or 0)
         scores = [r["score"] for r in rs]
         sd = f" ± {statistics.stdev(scores):.4f}" if len(scores) > 1 else ""
-        each = ", ".join(f"{x:.4f}" for x in scores)
-        sps = [r["s_per_step"] for r in rs if r["s_per_step"]]
-        best = ", ".join(best_step(r) for r in rs)
         print(
-            f"| {TASKS[task][2]} | {row} | {statistics.mean(scores):.4f}{sd} ({each}) | {len(rs)} | {best} | "
-            f"{rs[0]['trainable_params']:,} | {max(r['peak_rss_gb'] for r in rs):.2f} GB | "
-            f"{statistics.mean(sps) if sps else float('nan'):.2f} | {steps} | {rs[0]['examples_seen']:,} |"
+            f"| {TASKS[task][2]} | {row} | {steps} | **{statistics.mean(scores):.4f}{sd}** "
+            f"({per_seed(rs, 'score', '{:.4f}'.format)}) | {per_seed(rs, 'seed', str)} | "
+            f"{', '.join(map(best_step, rs))} | {rs[0]['trainable_params']:,} | "
+            f"{per_seed(rs, 'peak_rss_gb', '{:.2f} GB'.format)} | "
+            f"{per_seed(rs, 's_per_step', '{:.2f}'.format)} | "
+            f"{per_seed(rs, 'fit_wall_s', lambda s: f'{s / 60:.0f}')} |"
         )
+
+
+def per_seed(results: list[dict], key: str, fmt) -> str:
+    """One column's value of each run, formatted, "?" where it was not measured."""
+    return ", ".join(fmt(r[key]) if r.get(key) is not None else "?" for r in results)
 
 
 if __name__ == "__main__":
