@@ -10,6 +10,8 @@
              (with --val-every K: validation every K steps and `test` on best.ckpt, the step chosen
              on the validation split by the config's checkpoint.monitor; the test set is read once)
     seeds    --seeds S1 S2 ...: one fit per seed (seed_everything); the table gives mean and sd
+    table    --table A/results.json B/results.json ...: one table of runs made in several --work
+             folders (e.g. two at a time, one per core); runs nothing
 
 Every phase is a plain `python main.py ...` subprocess (printed before it runs). Measured per run:
 the test score (SST-2 test.tsv accuracy, CoNLL-2003 eng.testb entity F1, conlleval), trainable
