@@ -34,16 +34,13 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {
-    # task: (config, headline metric of its test report, label, the config's checkpoint.monitor)
-    "sst2": ("configs/finetune/sst2_smollm2.yaml", "accuracy", "SST-2 test accuracy", "val/acc"),
-    "conll2003": (
-        "configs/finetune/conll2003_smollm2.yaml",
-        "entity_f1",
-        "CoNLL-2003 eng.testb entity F1",
-        "val/f1",
-    ),
+    # task: (config, headline metric of its test report, label)
+    "sst2": ("configs/finetune/sst2_smollm2.yaml", "accuracy", "SST-2 test accuracy"),
+    "conll2003": ("configs/finetune/conll2003_smollm2.yaml", "entity_f1", "CoNLL-2003 eng.testb entity F1"),
 }
 SMOLLM2 = Path("~/.cache/gptlab/models/SmolLM2-135M-Instruct").expanduser()
 # Fields of SmolLM2's config.json that define the architecture (the random-init row builds it).
@@ -130,7 +127,7 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     every = args.val_every or args.steps
     for task, row, seed in [(t, r, s) for t in args.tasks for r in args.rows for s in args.seeds]:
-        config, metric, _, _ = TASKS[task]
+        config, metric, _ = TASKS[task]
         name = f"{task}_{row}" + (f"_seed{seed}" if seed is not None else "")
         logs = work / name
         if (logs / "done").is_file():
@@ -188,7 +185,9 @@ def best_step(result: dict) -> str:
     """The validated step `best.ckpt` kept, "step (value)", from the run's logged validation metric."""
     if result["checkpoint"] != "best.ckpt":
         return "last"
-    points = scalars(Path(result["run"]), TASKS[result["task"]][3])
+    run_dir = Path(result["run"])
+    monitor = yaml.safe_load((run_dir / "config.yaml").read_text())["checkpoint"]["monitor"]
+    points = scalars(run_dir, monitor)
     if not points:
         return "?"
     best = max(points, key=lambda p: (p.value, -p.step))  # ModelCheckpoint keeps the first of equals
